@@ -1,0 +1,370 @@
+"""Thought modes behind one interface.
+
+A mode answers three questions for the rollout engine, one decoding step at a time:
+  * what input embedding the step feeds the model next,
+  * what the *action* is and its log-probability under the policy (what RL differentiates),
+  * when thinking starts and stops.
+
+Every step records an `Action` code. The recompute path (`action_logprobs`) turns a code plus the
+logits/hidden state at that position back into the log-prob, with the same functions the sampler used,
+so the sampler's numbers and the learner's teacher-forced numbers agree by construction.
+
+Modes: `vocab` (N discrete thinking tokens the policy may emit anywhere), `single` (vocab with one
+shared token), `continuous` (Coconut: last hidden state fed back, Gaussian exploration),
+`soft` (Soft Thinking: probability-weighted embedding mixtures, Gumbel/Dirichlet noise, cold stop),
+`pause` (fixed insertion, no sampling).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Dirichlet, Normal, RelaxedOneHotCategorical
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from .vocab import ThinkingVocab
+
+MODES = ("vocab", "single", "continuous", "soft", "pause")
+
+
+class Action(IntEnum):
+    FORCED = 0  # inserted by rule (<bot>, <eot>, pause tokens): no choice, log-prob 0
+    TEXT = 1  # token sampled with the thinking tokens masked out
+    ANY = 2  # token sampled from text + thinking tokens (vocab mode under its thought budget)
+    VECTOR = 3  # continuous thought x ~ N(h, sigma^2 I)  (+ log P(continue) with a learned stop)
+    STOP = 4  # learned stop: <eot> chosen with probability P(<eot>)
+    SOFT = 5  # soft thought: mixture weights w over top-k token ids
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # for text tokens (and discrete thinking tokens)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_new_tokens: int = 32  # real (text) tokens per rollout
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class ThoughtConfig:
+    mode: str = "vocab"
+    num_thinking: int = 64  # vocab: distinct <think_i> tokens; pause: 1 = one shared embedding, k = k distinct
+    max_thought_tokens: int = 32  # budget per rollout (continuous without learned stop: exact count)
+    init: str = "mean"  # initialisation of the new rows: mean | norm
+    # continuous (Coconut)
+    sigma: float = 0.1  # Gaussian exploration around the fed-back hidden state; 0 = deterministic
+    learn_sigma: bool = False
+    learned_stop: bool = False  # stop when the policy samples <eot>; else exactly max_thought_tokens thoughts
+    # soft (Soft Thinking)
+    soft_top_k: int = 10  # 0 = the full text vocabulary
+    soft_temperature: float = 1.0
+    noise: str = "gumbel"  # none | gumbel | dirichlet
+    gumbel_tau: float = 0.5
+    dirichlet_alpha: float = 1.0
+    cold_stop_entropy: float = 0.01
+    cold_stop_steps: int = 256
+    # pause
+    num_pause: int = 4
+    pause_at: str = "prompt"  # prompt: k pauses after the prompt | every: k pauses before every text token
+
+    @property
+    def markers(self) -> bool:
+        return self.mode in ("continuous", "soft")
+
+    @property
+    def vocab_tokens(self) -> int:
+        """Thinking tokens this mode needs in the vocabulary."""
+        return {"vocab": self.num_thinking, "single": 1, "pause": self.num_thinking}.get(self.mode, 0)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown thought mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("num_thinking", "max_thought_tokens", "num_pause", "soft_top_k", "cold_stop_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mode in ("vocab", "pause") and self.num_thinking < 1:
+            raise ValueError(f"mode {self.mode} needs num_thinking >= 1, got {self.num_thinking}")
+        if self.mode == "single" and self.num_thinking not in (1, ThoughtConfig.num_thinking):
+            raise ValueError(f"mode single has exactly one thinking token (got num_thinking={self.num_thinking}); "
+                             "use mode vocab for k distinct tokens")
+        if self.noise not in ("none", "gumbel", "dirichlet"):
+            raise ValueError(f"unknown soft noise {self.noise!r}: expected none, gumbel or dirichlet")
+        if self.pause_at not in ("prompt", "every"):
+            raise ValueError(f"unknown pause_at {self.pause_at!r}: expected prompt or every")
+        if self.sigma < 0 or (self.sigma == 0 and self.learn_sigma):
+            raise ValueError(f"sigma must be > 0 (or 0 without learn_sigma), got {self.sigma}")
+        if self.gumbel_tau <= 0 or self.dirichlet_alpha <= 0 or self.soft_temperature <= 0:
+            raise ValueError("gumbel_tau, dirichlet_alpha and soft_temperature must be > 0")
+
+
+@dataclass
+class StepOut:
+    """One decoding step for a batch of B sequences."""
+
+    action: torch.Tensor  # (B,) Action codes
+    token: torch.Tensor  # (B,) token id, -1 for vector/soft steps
+    embeds: torch.Tensor  # (B, D) input embedding fed next
+    logprob: torch.Tensor  # (B,) log-prob of the action (0 for forced steps)
+    vector: torch.Tensor | None = None  # (B, D) continuous action x
+    soft_ids: torch.Tensor | None = None  # (B, k)
+    soft_w: torch.Tensor | None = None  # (B, k)
+
+
+@dataclass
+class State:
+    """Per-sequence counters the modes keep while sampling; all (B,) tensors."""
+
+    n_thought: torch.Tensor
+    phase: torch.Tensor  # continuous/soft: 0 before <bot>, 1 thinking, 2 text; pause: pauses left to insert
+    run: torch.Tensor  # soft: consecutive low-entropy steps; pause: index of the next pause slot
+    extra: dict = field(default_factory=dict)
+
+
+class ThoughtMode(nn.Module):
+    """Shared distributions (used by both `step` and `action_logprobs`) and the discrete text step."""
+
+    def __init__(self, cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig):
+        super().__init__()
+        cfg.validate()
+        sampling.validate()
+        self.cfg, self.vocab, self.sampling = cfg, vocab, sampling
+        cols = torch.arange(vocab.size)
+        # column masks over the expanded vocabulary, built once (the token step runs every decoding step)
+        self.register_buffer("think_cols", (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking), persistent=False)
+        self.register_buffer("marker_cols", cols >= vocab.real_size + vocab.num_thinking, persistent=False)
+        self.warpers = [w for w in (TopKLogitsWarper(sampling.top_k) if sampling.top_k else None,
+                                    TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None) if w]
+
+    # ---- distributions -------------------------------------------------------------------------
+    def token_logprobs(self, logits: torch.Tensor, allow_think: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits, (N,) bool -> (N, V) log-probs of the sampling distribution for a token step."""
+        logits = logits.float() / self.sampling.temperature
+        banned = self.marker_cols[None, :] | (self.think_cols[None, :] & ~allow_think[:, None])
+        logits = logits.masked_fill(banned, float("-inf"))
+        for warp in self.warpers:
+            logits = warp(None, logits)
+        return F.log_softmax(logits, dim=-1)
+
+    def stop_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learned stop: (log P(<eot>), log P(not <eot>)) under the full softmax, each (N,)."""
+        lse = torch.logsumexp(logits.float(), -1)
+        eot = self.vocab.eot_id
+        rest = torch.cat([logits[:, :eot], logits[:, eot + 1 :]], -1).float()
+        return logits[:, eot].float() - lse, torch.logsumexp(rest, -1) - lse
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def vector_logprob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gaussian density of continuous action x around hidden state h, summed over D: (N,)."""
+        if self.cfg.sigma == 0:
+            return torch.zeros(x.shape[0], device=x.device)
+        return Normal(h.float(), self.sigma).log_prob(x.float()).sum(-1)
+
+    def soft_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Renormalised mixture distribution over the chosen ids: (N, V), (N, k) -> (N, k)."""
+        return F.softmax(logits.float().gather(-1, ids) / self.cfg.soft_temperature, dim=-1)
+
+    def soft_logprob(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Density of the mixture weights w given the clean probabilities p, both (N, k): (N,)."""
+        if self.cfg.noise == "gumbel":
+            return RelaxedOneHotCategorical(torch.tensor(self.cfg.gumbel_tau, device=p.device), probs=p).log_prob(w)
+        if self.cfg.noise == "dirichlet":
+            return Dirichlet(self.concentration(p)).log_prob(w)
+        return torch.zeros(p.shape[0], device=p.device)
+
+    def concentration(self, p: torch.Tensor) -> torch.Tensor:
+        # floor: a zero concentration is not a Dirichlet; tiny probabilities still get a proper density
+        return (self.cfg.dirichlet_alpha * p).clamp_min(1e-3)
+
+    def action_logprobs(self, action, token, logits, hidden, vector=None, soft_ids=None, soft_w=None) -> torch.Tensor:
+        """Recompute: log-prob of N recorded steps from the logits/hidden at the positions that chose them.
+
+        action, token: (N,); logits: (N, V); hidden: (N, D); vector: (N, D); soft_ids, soft_w: (N, k).
+        Differentiable in logits and hidden (and sigma when learned).
+        """
+        out = torch.zeros(action.shape[0], device=logits.device)
+        tok = (action == Action.TEXT) | (action == Action.ANY)
+        if tok.any():
+            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY)
+            out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, token[tok, None])[:, 0])
+        if self.vocab.markers and self.cfg.learned_stop:
+            stop_lp, cont_lp = self.stop_logprobs(logits)
+            out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(action == Action.VECTOR, cont_lp, 0)
+        vec = action == Action.VECTOR
+        if vec.any():
+            out = out.index_put((vec.nonzero()[:, 0],), self.vector_logprob(vector[vec], hidden[vec]), accumulate=True)
+        soft = action == Action.SOFT
+        if soft.any():
+            p = self.soft_probs(logits[soft], soft_ids[soft])
+            out = out.index_put((soft.nonzero()[:, 0],), self.soft_logprob(p, soft_w[soft]))
+        return out
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def init_state(self, batch: int, device: torch.device) -> State:
+        z = torch.zeros(batch, dtype=torch.long, device=device)
+        return State(n_thought=z.clone(), phase=z.clone(), run=z.clone())
+
+    def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
+        lp = self.token_logprobs(logits, allow_think)
+        tok = torch.multinomial(lp.exp(), 1)
+        return tok[:, 0], lp.gather(1, tok)[:, 0]
+
+    def forced(self, token: torch.Tensor, embed: nn.Embedding) -> StepOut:
+        return StepOut(torch.full_like(token, Action.FORCED), token, embed(token), torch.zeros(token.shape, device=token.device))
+
+    def step(self, logits: torch.Tensor, hidden: torch.Tensor, state: State, embed: nn.Embedding) -> StepOut:
+        raise NotImplementedError
+
+    def max_thought_steps(self, max_new_tokens: int) -> int:
+        """Upper bound on thought steps (markers included) in one rollout: sizes the decoding loop."""
+        return self.cfg.max_thought_tokens + 2 * self.vocab.markers
+
+
+def select(cond: torch.Tensor, a: StepOut, b: StepOut) -> StepOut:
+    """Per sequence: a where cond, else b. Payload fields take whichever side has them."""
+    pick = lambda x, y: torch.where(cond.view(-1, *([1] * (x.dim() - 1))), x, y)  # noqa: E731
+    payload = lambda x, y: x if y is None else (y if x is None else pick(x, y))  # noqa: E731
+    return StepOut(pick(a.action, b.action), pick(a.token, b.token), pick(a.embeds, b.embeds),
+                   pick(a.logprob, b.logprob), payload(a.vector, b.vector), payload(a.soft_ids, b.soft_ids),
+                   payload(a.soft_w, b.soft_w))
+
+
+class VocabThoughts(ThoughtMode):
+    """`vocab` / `single`: thinking tokens compete with text in one softmax; the policy decides when to think."""
+
+    def step(self, logits, hidden, state, embed):
+        allow = state.n_thought < self.cfg.max_thought_tokens
+        tok, lp = self.sample_token(logits, allow)
+        state.n_thought += self.vocab.is_thought(tok)
+        action = torch.where(allow, Action.ANY, Action.TEXT)
+        return StepOut(action, tok, embed(tok), lp)
+
+
+class PauseThoughts(ThoughtMode):
+    """`pause`: k thought tokens inserted by rule (after the prompt, or before every text token); slot j
+    uses `<think{j mod N}>`, so N=1 is one shared embedding and N=k gives k distinct ones."""
+
+    def init_state(self, batch, device):
+        state = super().init_state(batch, device)
+        state.phase.fill_(self.cfg.num_pause)  # pauses left to insert
+        return state
+
+    def step(self, logits, hidden, state, embed):
+        text = self.sample_token(logits, torch.zeros_like(state.phase, dtype=torch.bool))
+        pausing = state.phase > 0
+        forced = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
+        out = select(pausing, forced, StepOut(torch.full_like(text[0], Action.TEXT), text[0], embed(text[0]), text[1]))
+        state.n_thought += pausing
+        state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
+        refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0
+        state.phase = torch.where(pausing, state.phase - 1, refill)
+        return out
+
+    def max_thought_steps(self, max_new_tokens):
+        return self.cfg.num_pause * (max_new_tokens if self.cfg.pause_at == "every" else 1)
+
+
+class MarkedThoughts(ThoughtMode):
+    """Modes whose thoughts sit between `<bot>` and `<eot>` right after the prompt (as in Coconut):
+    phase 0 emits `<bot>`, phase 1 thinks until the subclass says stop, phase 2 decodes text."""
+
+    def thought(self, logits, hidden, state, embed) -> tuple[StepOut, torch.Tensor]:
+        """The thinking-phase step and whether it ends thinking, (B,) bool."""
+        raise NotImplementedError
+
+    def step(self, logits, hidden, state, embed):
+        v = self.vocab
+        text = self.sample_token(logits, torch.zeros_like(state.phase, dtype=torch.bool))
+        out = StepOut(torch.full_like(text[0], Action.TEXT), text[0], embed(text[0]), text[1])
+        think, ends = self.thought(logits, hidden, state, embed)
+        thinking = state.phase == 1
+        out = select(thinking, think, out)
+        out = select(state.phase == 0, self.forced(torch.full_like(text[0], v.bot_id), embed), out)
+        state.n_thought += state.phase < 2
+        state.phase = torch.where(thinking & ends, 2, torch.where(state.phase == 0, 1, state.phase))
+        return out
+
+
+class ContinuousThoughts(MarkedThoughts):
+    """`continuous` (Coconut): the thought fed next is x = h + sigma * eps, h the last hidden state.
+    Stops after exactly `max_thought_tokens` thoughts, or (learned_stop) when the policy samples <eot>."""
+
+    def __init__(self, cfg, vocab, sampling):
+        super().__init__(cfg, vocab, sampling)
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.sigma) if cfg.sigma > 0 else 0.0),
+                                      requires_grad=cfg.learn_sigma)
+
+    def thought(self, logits, hidden, state, embed):
+        eot = torch.full_like(state.phase, self.vocab.eot_id)
+        h = hidden.float()
+        x = h + self.sigma.detach() * torch.randn_like(h) if self.cfg.sigma > 0 else h
+        lp = self.vector_logprob(x, h)
+        vec = StepOut(torch.full_like(eot, Action.VECTOR), torch.full_like(eot, -1), x.to(hidden.dtype), lp, vector=x)
+        budget_left = state.n_thought - 1 < self.cfg.max_thought_tokens  # n_thought counts <bot>
+        if not self.cfg.learned_stop:
+            return select(budget_left, vec, self.forced(eot, embed)), ~budget_left
+        stop_lp, cont_lp = self.stop_logprobs(logits)
+        stop = torch.rand(stop_lp.shape, device=logits.device) < stop_lp.exp()
+        vec.logprob = lp + cont_lp
+        chosen = StepOut(torch.full_like(eot, Action.STOP), eot, embed(eot), stop_lp)
+        out = select(budget_left, select(stop, chosen, vec), self.forced(eot, embed))
+        return out, stop | ~budget_left
+
+
+class SoftThoughts(MarkedThoughts):
+    """`soft` (Soft Thinking): the thought fed next is sum_k w_k E[id_k] over the top-k text tokens, w the
+    renormalised probabilities, optionally randomised (Gumbel-softmax or Dirichlet). Cold stop: <eot> once
+    the entropy stays under a threshold for `cold_stop_steps` consecutive steps, or at the budget."""
+
+    def thought(self, logits, hidden, state, embed):
+        v, cfg = self.vocab, self.cfg
+        text_logits = logits[:, : v.real_size]
+        k = cfg.soft_top_k or v.real_size
+        ids = text_logits.topk(k, dim=-1).indices  # (B, k)
+        p = self.soft_probs(logits, ids)
+        if cfg.noise == "gumbel":
+            g = -torch.log(-torch.log(torch.rand_like(p).clamp(1e-20, 1.0)))
+            w = F.softmax((p.log() + g) / cfg.gumbel_tau, dim=-1)
+        elif cfg.noise == "dirichlet":
+            w = Dirichlet(self.concentration(p)).sample()
+        else:
+            w = p
+        # A weight that underflows to 0 has density log 0; keep every weight positive (renormalised),
+        # the recorded w is what both sampler and recompute score.
+        w = w.clamp_min(1e-20)
+        w = w / w.sum(-1, keepdim=True)
+        mix = torch.einsum("bk,bkd->bd", w, embed(ids).float()).to(embed.weight.dtype)
+        eot = torch.full_like(state.phase, v.eot_id)
+        soft = StepOut(torch.full_like(eot, Action.SOFT), torch.full_like(eot, -1), mix, self.soft_logprob(p, w),
+                       soft_ids=ids, soft_w=w)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        thinking = state.phase == 1
+        state.run = torch.where(thinking & (entropy < cfg.cold_stop_entropy), state.run + 1, 0)
+        stop = (state.run >= cfg.cold_stop_steps) | (state.n_thought - 1 >= cfg.max_thought_tokens)
+        return select(stop, self.forced(eot, embed), soft), stop
+
+
+def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig) -> ThoughtMode:
+    cfg.validate()
+    cls = {"vocab": VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
+           "continuous": ContinuousThoughts, "soft": SoftThoughts}[cfg.mode]
+    if cfg.vocab_tokens != vocab.num_thinking or cfg.markers != vocab.markers:
+        raise ValueError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "
+                         f"the model's vocabulary has {vocab.num_thinking} (markers={vocab.markers})")
+    return cls(cfg, vocab, sampling)

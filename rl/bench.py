@@ -1,0 +1,74 @@
+"""`thinktok bench rollout`: tokens/s of the sampler in every thought mode against HF `generate` on the
+same model, batch and length, in one process. Prints ratios (absolute times mean something only on a
+GPU) and saves JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from thinktok.models.policy import load_policy
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+
+from .rollout import sample
+
+BENCH_MODES = {
+    "vocab": dict(mode="vocab", num_thinking=64),
+    "continuous": dict(mode="continuous", num_thinking=0),
+    "soft": dict(mode="soft", num_thinking=0, noise="gumbel"),
+    "pause": dict(mode="pause", num_thinking=1, num_pause=8),
+}
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median wall seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str, out: Path) -> dict:
+    torch_dtype = getattr(torch, dtype)
+    prompt = [[1105, 1635, 4974, 796]] * batch  # "12 * 34 ="
+    results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype, "modes": {}}
+    baseline = None
+    for name, kw in BENCH_MODES.items():
+        # thoughts take a quarter of the steps, so every mode runs `new_tokens` decoding steps in all
+        cfg = ThoughtConfig(max_thought_tokens=new_tokens // 4, **kw)
+        policy = load_policy(model_name, cfg.vocab_tokens, cfg.markers, dtype=torch_dtype)
+        model = policy.model.to(device).eval()
+        text_tokens = new_tokens - (cfg.max_thought_tokens + 2 if cfg.markers else cfg.num_pause if name == "pause" else 0)
+        mode = make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=text_tokens, stop_at_eos=False)).to(device)
+        steps = sum(r.num_steps for r in sample(model, mode, prompt))
+        secs = timed(lambda: sample(model, mode, prompt), repeats, device)
+        if baseline is None:  # HF generate on the same model, batch and length
+            ids = torch.tensor(prompt, device=device)
+
+            def generate():
+                with torch.no_grad():
+                    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, pad_token_id=policy.vocab.eos_id)
+
+            gen_tokens = (generate().shape[1] - ids.shape[1]) * batch
+            baseline = gen_tokens / timed(generate, repeats, device)
+            results["generate_tokens_per_s"] = baseline
+        results["modes"][name] = {"tokens_per_s": steps / secs, "steps": steps, "ratio_vs_generate": steps / secs / baseline}
+        print(f"{name:>10}: {steps / secs:10.1f} tokens/s  = {steps / secs / baseline:5.2f}x generate "
+              f"({baseline:.1f} tokens/s)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rollout.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"saved {path}")
+    return results

@@ -1,0 +1,90 @@
+"""Annotated rollouts for people: terminal text (rich), a self-contained HTML page, and JSONL records.
+
+Prompt, generated text and thought steps get three distinct colours. Discrete thinking tokens show as
+`<think1442>`; continuous and soft thoughts show as a marker with their nearest text tokens
+(`<cont: the|a|an>`, `<soft: the|a|an>`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+import torch
+import torch.nn.functional as F
+from rich.text import Text
+from transformers import PreTrainedTokenizerBase
+
+from thinktok.models.thoughts import Action
+
+from .rollout import Rollout
+
+STYLES = {"prompt": "bold white", "real": "cyan", "thought": "bold magenta"}
+CSS_COLOURS = {"prompt": "#222", "real": "#0a6ebd", "thought": "#c2185b"}
+
+
+def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, real_size: int, k: int = 3) -> torch.Tensor:
+    """Top-k text tokens by cosine similarity: (N, D) vectors, (V, D) table -> (N, k) ids."""
+    sim = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding[:real_size].float(), dim=-1).T
+    return sim.topk(k, dim=-1).indices
+
+
+def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase, embedding: torch.Tensor | None = None) -> list[dict]:
+    """One dict per generated step: kind, token_id (None for vector/soft thoughts), text, logprob."""
+    near = {}
+    if r.vector is not None and embedding is not None:
+        vec = (r.action == Action.VECTOR).nonzero()[:, 0]
+        if len(vec):
+            ids = nearest_tokens(r.vector[vec], embedding.detach().cpu(), r.real_size)
+            near = {int(s): ids[i].tolist() for i, s in enumerate(vec)}
+    out = []
+    for s, (kind, tok, lp) in enumerate(zip(r.kinds, r.token.tolist(), r.logprob.tolist())):
+        action = int(r.action[s])
+        if action == Action.SOFT:
+            top = r.soft_ids[s][r.soft_w[s].argsort(descending=True)[:3]].tolist()
+            text = "<soft: " + "|".join(tokenizer.decode([t]).strip() for t in top) + ">"
+        elif action == Action.VECTOR:
+            text = "<cont: " + "|".join(tokenizer.decode([t]).strip() for t in near.get(s, [])) + ">"
+        else:
+            text = tokenizer.decode([tok])
+        out.append({"kind": kind, "token_id": None if tok < 0 else tok, "text": text, "logprob": lp})
+    return out
+
+
+def to_json(r: Rollout, tokenizer, embedding=None) -> dict:
+    return {
+        "prompt": tokenizer.decode(r.prompt_ids),
+        "mode": r.mode,
+        "steps": step_records(r, tokenizer, embedding),
+        "real_text": tokenizer.decode(r.real_ids),
+        "num_real": r.num_real,
+        "num_thought": r.num_thought,
+        "weight_version": r.weight_version,
+    }
+
+
+def to_rich(record: dict) -> Text:
+    text = Text(record["prompt"], style=STYLES["prompt"])
+    for step in record["steps"]:
+        text.append(step["text"], style=STYLES[step["kind"]])
+    return text
+
+
+def to_jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(rec) + "\n" for rec in records)
+
+
+def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
+    css = "".join(f".{k}{{color:{c}}}" for k, c in CSS_COLOURS.items())
+    body = []
+    for i, rec in enumerate(records):
+        spans = [f'<span class="prompt">{html.escape(rec["prompt"])}</span>']
+        spans += [f'<span class="{s["kind"]}" title="logprob {s["logprob"]:.3f}">{html.escape(s["text"])}</span>'
+                  for s in rec["steps"]]
+        body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_real"]} text, '
+                    f'{rec["num_thought"]} thought steps</h3><pre>{"".join(spans)}</pre></div>')
+    legend = " ".join(f'<span class="{k}">{k}</span>' for k in CSS_COLOURS)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>body{{font-family:sans-serif;margin:2em}}pre{{white-space:pre-wrap;font-size:14px}}{css}"
+            f".thought{{font-weight:bold}}</style></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
+            f"{''.join(body)}</body></html>\n")

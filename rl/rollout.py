@@ -1,0 +1,207 @@
+"""The rollout engine: batched sampling with a KV cache for every thought mode, the `Rollout` record,
+and the one teacher-forced recompute of a finished rollout's log-probs that the learner trains on.
+
+Sequence layout of one rollout: prompt positions 0..P-1, then step s (s = 0..S-1) is the action chosen
+from the model's output at position P-1+s; its input embedding is fed at position P+s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from thinktok.models.thoughts import Action, StepOut, ThoughtMode
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    action: torch.Tensor  # (S,) Action codes
+    token: torch.Tensor  # (S,) token ids, -1 for vector/soft steps
+    logprob: torch.Tensor  # (S,) policy log-prob of each action at sampling time (0 for forced steps)
+    real_size: int  # ids below this are text
+    mode: str
+    vector: torch.Tensor | None = None  # (S, D) continuous actions (rows of other steps unused)
+    soft_ids: torch.Tensor | None = None  # (S, k) soft-thought token ids
+    soft_w: torch.Tensor | None = None  # (S, k) soft-thought weights
+    weight_version: int = 0
+
+    @property
+    def is_real(self) -> torch.Tensor:
+        """(S,) bool: text steps (what the teacher sees)."""
+        return (self.token >= 0) & (self.token < self.real_size)
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["real" if r else "thought" for r in self.is_real.tolist()]
+
+    @property
+    def real_ids(self) -> list[int]:
+        """Generated text tokens, thought steps removed."""
+        return self.token[self.is_real].tolist()
+
+    @property
+    def text_view(self) -> list[int]:
+        """Prompt + generated text with every thought step removed: the teacher's input."""
+        return self.prompt_ids + self.real_ids
+
+    @property
+    def num_real(self) -> int:
+        return int(self.is_real.sum())
+
+    @property
+    def num_thought(self) -> int:
+        return len(self.token) - self.num_real
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.token)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids (B, P), attention mask (B, P), prompts right-aligned so that every row decodes in step."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def check_ids(prompts: list[list[int]], vocab_size: int) -> None:
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+def rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    mode: ThoughtMode,
+    prompts: list[list[int]],
+    seed: int = 0,
+    weight_version: int = 0,
+    use_cache: bool = True,
+) -> list[Rollout]:
+    """Sample one rollout per prompt. Deterministic under `seed` (the global RNG is forked, not touched).
+
+    use_cache=False re-runs the whole sequence every step: the reference the KV-cache path is tested against.
+    """
+    model.eval()
+    device = model.device
+    embed: nn.Embedding = model.get_input_embeddings()
+    base, head = model.base_model, model.get_output_embeddings()
+    vocab, sampling = mode.vocab, mode.sampling
+    check_ids(prompts, vocab.size)
+    ids, mask = left_pad(prompts, vocab.eos_id, device)
+    batch = len(prompts)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    inputs = embed(ids)  # (B, P, D)
+    steps: list[StepOut] = []
+    alive: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(seed)
+        cache = DynamicCache() if use_cache else None
+        hidden = base(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=use_cache).last_hidden_state[:, -1]
+        state = mode.init_state(batch, device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        n_real = torch.zeros(batch, dtype=torch.long, device=device)
+        for _ in range(sampling.max_new_tokens + mode.max_thought_steps(sampling.max_new_tokens)):
+            out = mode.step(head(hidden), hidden, state, embed)
+            steps.append(out)
+            alive.append(~done)
+            real = (out.token >= 0) & (out.token < vocab.real_size)
+            n_real += real
+            done = done | (n_real >= sampling.max_new_tokens)
+            if sampling.stop_at_eos:
+                done = done | (real & (out.token == vocab.eos_id))
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            new_pos = pos[:, -1:] + 1
+            if use_cache:
+                step_in, step_pos = out.embeds[:, None], new_pos
+            else:
+                inputs = torch.cat([inputs, out.embeds[:, None]], dim=1)
+                step_in, step_pos = inputs, torch.cat([pos, new_pos], dim=1)
+            pos = torch.cat([pos, new_pos], dim=1)
+            hidden = base(inputs_embeds=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                          use_cache=use_cache).last_hidden_state[:, -1]
+    return collate_steps(prompts, steps, torch.stack(alive, 1), mode, weight_version)
+
+
+def collate_steps(prompts, steps: list[StepOut], alive: torch.Tensor, mode: ThoughtMode, weight_version: int) -> list[Rollout]:
+    """Per-step batch records -> one trimmed `Rollout` per sequence (on the CPU)."""
+    stack = lambda name: (torch.stack([getattr(s, name) for s in steps], 1).cpu()  # noqa: E731
+                          if getattr(steps[0], name) is not None else None)
+    action, token, logprob = stack("action"), stack("token"), stack("logprob").float()
+    vector, soft_ids, soft_w = stack("vector"), stack("soft_ids"), stack("soft_w")
+    lengths = alive.sum(1).tolist()
+    return [
+        Rollout(
+            prompt_ids=list(p), action=action[i, :n], token=token[i, :n], logprob=logprob[i, :n],
+            real_size=mode.vocab.real_size, mode=mode.cfg.mode,
+            vector=None if vector is None else vector[i, :n].float(),
+            soft_ids=None if soft_ids is None else soft_ids[i, :n],
+            soft_w=None if soft_w is None else soft_w[i, :n].float(),
+            weight_version=weight_version,
+        )
+        for i, (p, n) in enumerate(zip(prompts, lengths))
+    ]
+
+
+def step_inputs(r: Rollout, embed: nn.Embedding) -> torch.Tensor:
+    """The input embedding each step fed the model: (S, D). Differentiable in the embedding table."""
+    device, dtype = embed.weight.device, embed.weight.dtype
+    token = r.token.to(device)
+    out = embed(token.clamp_min(0))
+    if r.vector is not None:
+        vec = (r.action == Action.VECTOR).to(device)
+        out = torch.where(vec[:, None], r.vector.to(device, dtype), out)
+    if r.soft_ids is not None:
+        soft = (r.action == Action.SOFT).to(device)
+        mix = torch.einsum("sk,skd->sd", r.soft_w.to(device), embed(r.soft_ids.to(device)).float()).to(dtype)
+        out = torch.where(soft[:, None], mix, out)
+    return out
+
+
+def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs (B, S_max) and a
+    validity mask (B, S_max). Differentiable: this is what the learner trains on."""
+    device = model.device
+    embed = model.get_input_embeddings()
+    base, head = model.base_model, model.get_output_embeddings()
+    seqs = [torch.cat([embed(torch.tensor(r.prompt_ids, device=device)), step_inputs(r, embed)[:-1]]) for r in rollouts]
+    width = max(len(s) for s in seqs)
+    inputs = torch.zeros(len(seqs), width, seqs[0].shape[-1], device=device, dtype=seqs[0].dtype)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    hidden = base(inputs_embeds=inputs, attention_mask=mask).last_hidden_state  # (B, W, D)
+    # the hidden state that chose step s of rollout b sits at position P_b - 1 + s
+    rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)
+    cols = torch.cat([len(r.prompt_ids) - 1 + torch.arange(r.num_steps) for r in rollouts]).to(device)
+    h = hidden[rows, cols]  # (N, D)
+    cat = lambda name: (None if getattr(rollouts[0], name) is None  # noqa: E731
+                        else torch.cat([getattr(r, name) for r in rollouts]).to(device))
+    lp = mode.action_logprobs(cat("action"), cat("token"), head(h), h, cat("vector"), cat("soft_ids"), cat("soft_w"))
+    steps = max(r.num_steps for r in rollouts)
+    out = torch.zeros(len(rollouts), steps, device=device, dtype=lp.dtype)
+    valid = torch.zeros(len(rollouts), steps, dtype=torch.bool, device=device)
+    step_idx = torch.cat([torch.arange(r.num_steps) for r in rollouts]).to(device)
+    out = out.index_put((rows, step_idx), lp)
+    valid[rows, step_idx] = True
+    return out, valid

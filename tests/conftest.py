@@ -1,0 +1,50 @@
+"""Shared fixtures. Tests run offline on the CPU: no hub, no Ray auth tokens."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from thinktok.models.policy import load_policy  # noqa: E402
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode  # noqa: E402
+
+torch.set_num_threads(2)
+
+# One entry per mode variant the rollout tests sweep; max_thought_tokens small to keep rollouts short.
+MODE_CASES = {
+    "vocab": dict(mode="vocab", num_thinking=8, max_thought_tokens=4),
+    "single": dict(mode="single", num_thinking=1, max_thought_tokens=4),
+    "pause-every": dict(mode="pause", num_thinking=2, num_pause=2, pause_at="every"),
+    "pause-prompt": dict(mode="pause", num_thinking=1, num_pause=3),
+    "continuous": dict(mode="continuous", num_thinking=0, max_thought_tokens=3),
+    "continuous-stop": dict(mode="continuous", num_thinking=0, learned_stop=True, max_thought_tokens=4),
+    "soft-gumbel": dict(mode="soft", num_thinking=0, noise="gumbel", max_thought_tokens=3),
+    "soft-dirichlet": dict(mode="soft", num_thinking=0, noise="dirichlet", max_thought_tokens=3),
+    "soft-none-cold": dict(mode="soft", num_thinking=0, noise="none", cold_stop_steps=2, cold_stop_entropy=10.0),
+}
+
+
+def boost_thinking(policy, scale: float = 20.0):
+    """Make an untrained tiny model actually emit its thinking tokens: large rows win the softmax."""
+    with torch.no_grad():
+        emb = policy.model.get_input_embeddings().weight
+        v = policy.vocab
+        emb[v.real_size : v.real_size + v.num_thinking] *= scale
+
+
+def make(case: str, max_new_tokens: int = 6, **sampling):
+    cfg = ThoughtConfig(**MODE_CASES[case])
+    policy = load_policy("tiny", cfg.vocab_tokens, cfg.markers, seed=0)
+    if cfg.mode in ("vocab", "single"):
+        boost_thinking(policy)
+    mode = make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, **sampling))
+    return policy, mode
+
+
+@pytest.fixture(params=list(MODE_CASES))
+def case(request):
+    return request.param

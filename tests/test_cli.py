@@ -1,0 +1,82 @@
+"""`thinktok sample`: output formats and the error paths (one line, exit code 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from thinktok.cli import main
+from thinktok.models.policy import load_policy
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "thinktok.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_jsonl_schema(tmp_path, capsys):
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--mode", "soft", "--num-samples", "2", "--max-new-tokens", "4", "--max-thought-tokens", "2",
+                 "--format", "jsonl", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        assert {"prompt", "mode", "steps", "real_text", "num_real", "num_thought"} <= rec.keys()
+        assert rec["prompt"] == "12 * 34 =" and rec["mode"] == "soft"
+        assert len(rec["steps"]) == rec["num_real"] + rec["num_thought"]
+        assert {"kind", "token_id", "text", "logprob"} == rec["steps"][0].keys()
+        assert [s["kind"] for s in rec["steps"][:4]] == ["thought"] * 4  # <bot>, 2 soft thoughts, <eot>
+        assert rec["steps"][1]["text"].startswith("<soft: ") and rec["steps"][1]["token_id"] is None
+        assert rec["real_text"] == "".join(s["text"] for s in rec["steps"] if s["kind"] == "real")
+
+
+def test_text_and_html_show_thinking_tokens(tmp_path, monkeypatch):
+    import conftest
+
+    original = load_policy
+
+    def boosted(*a, **k):  # make the untrained model emit thinking tokens so they are rendered
+        p = original(*a, **k)
+        conftest.boost_thinking(p)
+        return p
+
+    monkeypatch.setattr("thinktok.models.policy.load_policy", boosted)
+    html = tmp_path / "s.html"
+    assert main(["sample", "--num-thinking", "8", "--max-thought-tokens", "3", "--num-samples", "3",
+                 "--format", "html", "--out", str(html)]) == 0
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and '<span class="thought"' in page and "&lt;think" in page
+    text = tmp_path / "s.txt"
+    assert main(["sample", "--num-thinking", "8", "--max-thought-tokens", "3", "--num-samples", "3",
+                 "--out", str(text)]) == 0
+    assert "<think" in text.read_text()
+
+
+def test_continuous_marker_shows_nearest_tokens(capsys):
+    assert main(["sample", "--mode", "continuous", "--num-samples", "1", "--max-new-tokens", "2",
+                 "--max-thought-tokens", "1", "--format", "jsonl"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["steps"][1]["text"].startswith("<cont: ") and rec["steps"][1]["text"].count("|") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "telepathy"], "unknown thought mode 'telepathy'"),
+    (["--num-thinking", "-2"], "num_thinking must be >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--model", "/no/such/checkpoint"], "does not exist"),
+    (["--format", "pdf"], "unknown format"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_errors_are_one_line_exit_2(args, message, capsys):
+    assert main(["sample", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("thinktok: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_checkpoint_without_requested_tokens(tmp_path):
+    load_policy("tiny", 4, markers=False).save(tmp_path / "ck")
+    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "64")
+    assert r.returncode == 2 and "has 4 thinking tokens" in r.stderr and "Traceback" not in r.stderr
+    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr

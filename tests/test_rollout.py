@@ -1,0 +1,115 @@
+"""The rollout engine: sampler vs teacher-forced recompute, KV cache vs none, determinism, stopping."""
+
+import pytest
+import torch
+
+from conftest import make
+from thinktok.models.thoughts import Action
+from thinktok.rl.rollout import recompute_logprobs, sample
+
+PROMPTS = [[1105, 1635, 4974, 796], [15496], [40, 588, 11]]  # different lengths: left padding
+
+
+def close(a, b):
+    """fp32 agreement: 1e-5 absolute, relative for large densities (a Gaussian over D dims sums D terms)."""
+    return ((a - b).abs() <= 1e-5 * torch.clamp(b.abs(), min=1.0)).all()
+
+
+def test_recompute_matches_sampler(case):
+    policy, mode = make(case)
+    rollouts = sample(policy.model, mode, PROMPTS, seed=3)
+    lp, valid = recompute_logprobs(policy.model, mode, rollouts)
+    for i, r in enumerate(rollouts):
+        assert valid[i].sum() == r.num_steps
+        assert close(lp[i, : r.num_steps], r.logprob), (case, lp[i, : r.num_steps] - r.logprob)
+    # stochastic actions carry real log-probs, forced ones none
+    sampled = torch.cat([r.action for r in rollouts]) != Action.FORCED
+    assert torch.cat([r.logprob for r in rollouts])[~sampled].eq(0).all()
+
+
+def test_recompute_is_differentiable():
+    policy, mode = make("continuous")
+    rollouts = sample(policy.model, mode, PROMPTS, seed=0)
+    lp, valid = recompute_logprobs(policy.model, mode, rollouts)
+    lp[valid].sum().backward()
+    assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_kv_cache_matches_no_cache(case):
+    policy, mode = make(case)
+    cached = sample(policy.model, mode, PROMPTS, seed=5)
+    full = sample(policy.model, mode, PROMPTS, seed=5, use_cache=False)
+    for a, b in zip(cached, full):
+        assert torch.equal(a.token, b.token) and torch.equal(a.action, b.action)
+        assert close(a.logprob, b.logprob)
+
+
+def test_deterministic_under_seed():
+    policy, mode = make("soft-dirichlet")
+    a, b, c = (sample(policy.model, mode, PROMPTS, seed=s) for s in (7, 7, 8))
+    assert all(torch.equal(x.token, y.token) and torch.equal(x.soft_w, y.soft_w) for x, y in zip(a, b))
+    assert any(not torch.equal(x.soft_w, z.soft_w) for x, z in zip(a, c))
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    ref = torch.rand(1)
+    torch.manual_seed(0)
+    sample(policy.model, mode, PROMPTS, seed=1)
+    assert torch.rand(1) == ref and before is not None  # the caller's RNG stream is untouched
+
+
+def test_padding_does_not_change_logprobs():
+    policy, mode = make("vocab")
+    rollouts = sample(policy.model, mode, PROMPTS, seed=2)
+    together, _ = recompute_logprobs(policy.model, mode, rollouts)
+    for i, r in enumerate(rollouts):
+        alone, _ = recompute_logprobs(policy.model, mode, [r])
+        assert close(alone[0], together[i, : r.num_steps])
+
+
+def test_vocab_budget_and_text_view():
+    policy, mode = make("vocab", max_new_tokens=5)
+    rollouts = sample(policy.model, mode, PROMPTS * 3, seed=0)
+    assert sum(r.num_thought for r in rollouts) > 0  # the boosted model does think
+    for r in rollouts:
+        assert r.num_thought <= 4 and r.num_real <= 5
+        n_before = torch.cumsum(~r.is_real, 0) - (~r.is_real).long()  # thoughts before each step
+        # thinking tokens may be chosen exactly while under budget
+        assert torch.equal(r.action == Action.ANY, n_before < 4)
+        assert all(t < policy.vocab.real_size for t in r.text_view)
+        assert r.text_view == r.prompt_ids + [t for t in r.token.tolist() if t < policy.vocab.real_size]
+
+
+def test_pause_every_inserts_k_before_each_text_token():
+    policy, mode = make("pause-every", max_new_tokens=3)
+    r = sample(policy.model, mode, PROMPTS[:1], seed=0)[0]
+    v = policy.vocab
+    assert r.token.tolist()[0:2] == [v.think_id(0), v.think_id(1)] and r.action.tolist()[:3] == [0, 0, 1]
+    assert r.num_thought == 2 * r.num_real
+
+
+def test_continuous_fixed_count_and_learned_stop():
+    policy, mode = make("continuous")
+    r = sample(policy.model, mode, PROMPTS[:1])[0]
+    assert r.action.tolist()[:5] == [Action.FORCED, Action.VECTOR, Action.VECTOR, Action.VECTOR, Action.FORCED]
+    assert r.token[4] == policy.vocab.eot_id
+    policy, mode = make("continuous-stop")
+    with torch.no_grad():  # make <eot> overwhelmingly likely: the policy stops at once
+        policy.model.get_input_embeddings().weight[policy.vocab.eot_id] *= 500
+    r = sample(policy.model, mode, PROMPTS[:1])[0]
+    assert r.action.tolist()[:2] == [Action.FORCED, Action.STOP]
+
+
+def test_soft_cold_stop():
+    policy, mode = make("soft-none-cold")
+    r = sample(policy.model, mode, PROMPTS[:1])[0]
+    # entropy is always under the (huge) threshold: the second low-entropy step becomes <eot>
+    assert r.action.tolist()[:3] == [Action.FORCED, Action.SOFT, Action.FORCED]
+    assert r.token[2] == policy.vocab.eot_id
+
+
+def test_out_of_range_ids_are_rejected():
+    policy, mode = make("vocab")
+    with pytest.raises(ValueError, match="out of range"):
+        sample(policy.model, mode, [[1, 2, 10**6]])
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(policy.model, mode, [[]])

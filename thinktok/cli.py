@@ -1,0 +1,133 @@
+"""The `thinktok` command: one entry point, one subcommand per job.
+
+    thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4
+    thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
+
+Bad input (unknown mode, negative counts, a checkpoint without the requested thinking tokens, an
+unreadable path) ends with one `thinktok: error: ...` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage block first
+        raise UsageError(message)
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample annotated rollouts")
+    p.add_argument("--model", default="tiny", help="tiny | small | gpt2 | hub name | checkpoint directory")
+    p.add_argument("--mode", default="vocab", help="vocab | single | continuous | soft | pause")
+    p.add_argument("--num-thinking", type=int, default=None, help="thinking tokens (default 64; single: 1; pause: 1)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="real tokens per sample")
+    p.add_argument("--max-thought-tokens", type=int, default=32, help="thought steps per sample")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--sigma", type=float, default=0.1, help="continuous: exploration std")
+    p.add_argument("--noise", default="gumbel", help="soft: none | gumbel | dirichlet")
+    p.add_argument("--num-pause", type=int, default=4, help="pause: tokens per insertion")
+    p.add_argument("--pause-at", default="prompt", help="pause: prompt | every")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--format", default="text", help="text | html | jsonl")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
+    p.add_argument("what", help="rollout")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="runs/bench")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_sample(a) -> None:
+    from rich.console import Console
+
+    from thinktok.models.policy import load_policy
+    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+    from thinktok.rl.render import to_html, to_json, to_jsonl, to_rich
+    from thinktok.rl.rollout import sample
+
+    if a.format not in ("text", "html", "jsonl"):
+        raise UsageError(f"unknown format {a.format!r}: expected text, html or jsonl")
+    if a.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {a.num_samples}")
+    default_n = {"vocab": 64}.get(a.mode, 1 if a.mode in ("single", "pause") else 0)
+    cfg = ThoughtConfig(mode=a.mode, num_thinking=default_n if a.num_thinking is None else a.num_thinking,
+                        max_thought_tokens=a.max_thought_tokens, sigma=a.sigma, noise=a.noise,
+                        num_pause=a.num_pause, pause_at=a.pause_at)
+    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+    cfg.validate()
+    sampling.validate()
+    policy = load_policy(a.model, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
+    model = policy.model.to(a.device)
+    mode = make_mode(cfg, policy.vocab, sampling).to(a.device)
+    texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
+    rollouts = sample(model, mode, [policy.tokenizer(t).input_ids for t in texts], seed=a.seed)
+    records = [to_json(r, policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
+    if a.format == "text":
+        with open(a.out, "w") if a.out else open(os.devnull, "w") as f:
+            console = Console(file=f if a.out else None, force_terminal=False if a.out else None, soft_wrap=True)
+            for i, rec in enumerate(records):
+                console.print(f"[dim]— sample {i} · {rec['num_real']} text, {rec['num_thought']} thought steps[/dim]")
+                console.print(to_rich(rec))
+        return
+    payload = to_jsonl(records) if a.format == "jsonl" else to_html(records, title=f"thinktok sample · {a.model} · {a.mode}")
+    if a.out:
+        Path(a.out).write_text(payload)
+    else:
+        sys.stdout.write(payload)
+
+
+def run_bench(a) -> None:
+    if a.what == "rollout":
+        from thinktok.rl.bench import bench_rollout
+
+        bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
+    else:
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = Parser(prog="thinktok", description="Teach GPT-2 to think in tokens of its own.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_sample(sub)
+    add_bench(sub)
+    from thinktok.models.policy import PolicyLoadError
+
+    try:
+        a = parser.parse_args(argv)
+        {"sample": run_sample, "bench": run_bench}[a.command](a)
+    except (UsageError, PolicyLoadError, ValueError, OSError) as e:
+        print(f"thinktok: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
