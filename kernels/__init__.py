@@ -1,1 +1,5 @@
+"""Triton kernels, each with a plain-PyTorch reference."""
 
+from .parallel_thought import parallel_thought_attention, parallel_thought_attention_reference, parallel_thought_mask
+
+__all__ = ["parallel_thought_attention", "parallel_thought_attention_reference", "parallel_thought_mask"]

@@ -9,6 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter; it must be on before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from thinktok.models.policy import load_policy  # noqa: E402
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode  # noqa: E402
 

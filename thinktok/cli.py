@@ -2,6 +2,7 @@
 
     thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
+    thinktok bench attention            (CUDA only)
 
 Bad input (unknown mode, negative counts, a checkpoint without the requested thinking tokens, an
 unreadable path) ends with one `thinktok: error: ...` line and exit code 2, never a traceback.
@@ -48,7 +49,7 @@ def add_sample(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
-    p.add_argument("what", help="rollout")
+    p.add_argument("what", help="rollout | attention")
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -108,8 +109,12 @@ def run_bench(a) -> None:
         from thinktok.rl.bench import bench_rollout
 
         bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
+    elif a.what == "attention":
+        from thinktok.kernels.bench import bench_attention
+
+        bench_attention(Path(a.out))
     else:
-        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout")
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout or attention")
 
 
 def main(argv: list[str] | None = None) -> int:

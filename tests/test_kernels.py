@@ -1,0 +1,105 @@
+"""The parallel-thought attention kernel against its PyTorch reference (forward and gradients).
+
+On the CPU the Triton kernel runs in the interpreter (TRITON_INTERPRET=1, fp32/fp16: the interpreter gets
+bf16 tl.dot wrong); on a GPU the same tests run at full size with bf16 too.
+"""
+
+import pytest
+import torch
+
+import thinktok.kernels.parallel_thought as pt
+from thinktok.kernels import parallel_thought_attention, parallel_thought_attention_reference, parallel_thought_mask
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def inputs(b, h, t, l, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t * (1 + l), d, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+
+
+def test_mask_by_hand():
+    # T=2, L=2: rows r0 r1 | (0,0) (0,1) | (1,0) (1,1)
+    expect = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(parallel_thought_mask(2, 2), expect)
+
+
+SHAPES = [  # (B, H, T, L, D)
+    (1, 1, 1, 1, 64),  # smallest
+    (2, 3, 37, 3, 64),  # T not a multiple of the block, several query/key blocks
+    (1, 2, 5, 9, 128),  # L > T, head dim 128
+    (1, 2, 33, 1, 24),  # L = 1, head dim not a power of two
+]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_grads_match_reference(shape, dtype, monkeypatch):
+    # poison every output buffer: an element the kernels forget to write shows up as NaN
+    monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
+    b, h, t, l, d = shape
+    q, k, v = inputs(b, h, t, l, d, dtype)
+    out = parallel_thought_attention(q, k, v, t, l)
+    ref = parallel_thought_attention_reference(q, k, v, t, l)
+    assert out.shape == ref.shape and out.dtype == dtype and not out.isnan().any()
+    assert rel(out, ref) < TOL[dtype]
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert not g.isnan().any(), f"d{name} has unwritten elements"
+        assert rel(g, r) < TOL[dtype], f"d{name}"
+
+
+@pytest.mark.skipif(not GPU, reason="full size needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_size_on_gpu(dtype):
+    q, k, v = inputs(4, 12, 1024, 16, 64, dtype)
+    out = parallel_thought_attention(q, k, v, 1024, 16)
+    ref = parallel_thought_attention_reference(q, k, v, 1024, 16)
+    assert rel(out, ref) < TOL[dtype]
+    do = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert rel(g, r) < TOL[dtype]
+
+
+def test_custom_scale_and_cpu_fallback(monkeypatch):
+    q, k, v = inputs(1, 2, 6, 2, 16, torch.float32)
+    out = parallel_thought_attention(q, k, v, 6, 2, scale=0.3)
+    assert rel(out, parallel_thought_attention_reference(q, k, v, 6, 2, scale=0.3)) < 1e-5
+    if not GPU:  # without the interpreter flag a CPU tensor takes the reference path
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert torch.equal(parallel_thought_attention(q, k, v, 6, 2), parallel_thought_attention_reference(q, k, v, 6, 2))
+
+
+@pytest.mark.parametrize("t, l, shape, match", [
+    (4, 2, (1, 1, 11, 16), "sequence length 11"),
+    (0, 2, (1, 1, 0, 16), "must be >= 1"),
+    (4, 0, (1, 1, 4, 16), "must be >= 1"),
+])
+def test_bad_shapes_are_named(t, l, shape, match):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=match):
+        parallel_thought_attention(x, x, x, t, l)
+
+
+def test_flex_mask_mod_is_the_same_pattern():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from thinktok.kernels.bench import flex_pattern
+
+    assert torch.equal(create_mask(flex_pattern(7, 3), None, None, 28, 28, device="cpu")[0, 0], parallel_thought_mask(7, 3))
