@@ -9,7 +9,7 @@ Every step records an `Action` code. The recompute path (`action_logprobs`) turn
 logits/hidden state at that position back into the log-prob, with the same functions the sampler used,
 so the sampler's numbers and the learner's teacher-forced numbers agree by construction.
 
-Modes: `vocab` (N discrete thinking tokens the policy may emit anywhere), `single` (vocab with one
+Modes: `none` (plain text decoding: base models and teachers), `vocab` (N discrete thinking tokens the policy may emit anywhere), `single` (vocab with one
 shared token), `continuous` (Coconut: last hidden state fed back, Gaussian exploration),
 `soft` (Soft Thinking: probability-weighted embedding mixtures, Gumbel/Dirichlet noise, cold stop),
 `pause` (fixed insertion, no sampling).
@@ -29,7 +29,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from .vocab import ThinkingVocab
 
-MODES = ("vocab", "single", "continuous", "soft", "pause")
+MODES = ("none", "vocab", "single", "continuous", "soft", "pause")
 
 
 class Action(IntEnum):
@@ -48,6 +48,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
     max_new_tokens: int = 32  # real (text) tokens per rollout
     stop_at_eos: bool = True
+    greedy: bool = False  # argmax tokens, noiseless continuous/soft thoughts (evaluation)
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -87,7 +88,7 @@ class ThoughtConfig:
     @property
     def vocab_tokens(self) -> int:
         """Thinking tokens this mode needs in the vocabulary."""
-        return {"vocab": self.num_thinking, "single": 1, "pause": self.num_thinking}.get(self.mode, 0)
+        return {"vocab": self.num_thinking, "single": 1, "pause": self.num_thinking}.get(self.mode, 0)  # none: 0
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -222,7 +223,7 @@ class ThoughtMode(nn.Module):
     def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
         lp = self.token_logprobs(logits, allow_think)
-        tok = torch.multinomial(lp.exp(), 1)
+        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else torch.multinomial(lp.exp(), 1)
         return tok[:, 0], lp.gather(1, tok)[:, 0]
 
     def forced(self, token: torch.Tensor, embed: nn.Embedding) -> StepOut:
@@ -313,14 +314,14 @@ class ContinuousThoughts(MarkedThoughts):
     def thought(self, logits, hidden, state, embed):
         eot = torch.full_like(state.phase, self.vocab.eot_id)
         h = hidden.float()
-        x = h + self.sigma.detach() * torch.randn_like(h) if self.cfg.sigma > 0 else h
+        x = h + self.sigma.detach() * torch.randn_like(h) if self.cfg.sigma > 0 and not self.sampling.greedy else h
         lp = self.vector_logprob(x, h)
         vec = StepOut(torch.full_like(eot, Action.VECTOR), torch.full_like(eot, -1), x.to(hidden.dtype), lp, vector=x)
         budget_left = state.n_thought - 1 < self.cfg.max_thought_tokens  # n_thought counts <bot>
         if not self.cfg.learned_stop:
             return select(budget_left, vec, self.forced(eot, embed)), ~budget_left
         stop_lp, cont_lp = self.stop_logprobs(logits)
-        stop = torch.rand(stop_lp.shape, device=logits.device) < stop_lp.exp()
+        stop = (stop_lp.exp() > 0.5) if self.sampling.greedy else torch.rand(stop_lp.shape, device=logits.device) < stop_lp.exp()
         vec.logprob = lp + cont_lp
         chosen = StepOut(torch.full_like(eot, Action.STOP), eot, embed(eot), stop_lp)
         out = select(budget_left, select(stop, chosen, vec), self.forced(eot, embed))
@@ -338,13 +339,13 @@ class SoftThoughts(MarkedThoughts):
         k = cfg.soft_top_k or v.real_size
         ids = text_logits.topk(k, dim=-1).indices  # (B, k)
         p = self.soft_probs(logits, ids)
-        if cfg.noise == "gumbel":
+        if self.sampling.greedy or cfg.noise == "none":
+            w = p
+        elif cfg.noise == "gumbel":
             g = -torch.log(-torch.log(torch.rand_like(p).clamp(1e-20, 1.0)))
             w = F.softmax((p.log() + g) / cfg.gumbel_tau, dim=-1)
         elif cfg.noise == "dirichlet":
             w = Dirichlet(self.concentration(p)).sample()
-        else:
-            w = p
         # A weight that underflows to 0 has density log 0; keep every weight positive (renormalised),
         # the recorded w is what both sampler and recompute score.
         w = w.clamp_min(1e-20)
@@ -362,7 +363,7 @@ class SoftThoughts(MarkedThoughts):
 
 def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig) -> ThoughtMode:
     cfg.validate()
-    cls = {"vocab": VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
+    cls = {"none": VocabThoughts, "vocab": VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
            "continuous": ContinuousThoughts, "soft": SoftThoughts}[cfg.mode]
     if cfg.vocab_tokens != vocab.num_thinking or cfg.markers != vocab.markers:
         raise ValueError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "

@@ -1,6 +1,8 @@
 """The `thinktok` command: one entry point, one subcommand per job.
 
     thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4
+    thinktok sft configs/sft_mult2_tiny.yaml [key=value ...]
+    thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench attention            (CUDA only)
 
@@ -45,6 +47,23 @@ def add_sample(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--format", default="text", help="text | html | jsonl")
     p.add_argument("--out", default=None, help="write to this file instead of stdout")
+
+
+def add_sft(sub) -> None:
+    p = sub.add_parser("sft", help="supervised training: base/teacher models and supervised thinking tokens")
+    p.add_argument("config", help="YAML experiment (configs/sft_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields (train.lr=3e-4)")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a task split")
+    p.add_argument("path", help="run directory or checkpoint")
+    p.add_argument("--task", default=None, help="task name (default: the one it was trained on)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
 
 def add_bench(sub) -> None:
@@ -104,6 +123,24 @@ def run_sample(a) -> None:
         sys.stdout.write(payload)
 
 
+def run_sft(a) -> None:
+    from thinktok.config import load_config, save_config
+    from thinktok.rl.sft import SFTConfig, run_sft
+
+    cfg = load_config(SFTConfig, a.config, a.overrides)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.out_dir / "config.yaml")
+    print(f"checkpoint: {run_sft(cfg)}")
+
+
+def run_eval(a) -> None:
+    import json
+
+    from thinktok.rl.evaluate import evaluate
+
+    print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, a.device, a.limit)))
+
+
 def run_bench(a) -> None:
     if a.what == "rollout":
         from thinktok.rl.bench import bench_rollout
@@ -122,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="thinktok", description="Teach GPT-2 to think in tokens of its own.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_sample(sub)
+    add_sft(sub)
+    add_eval(sub)
     add_bench(sub)
     from thinktok.models.policy import PolicyLoadError
 
     try:
         a = parser.parse_args(argv)
-        {"sample": run_sample, "bench": run_bench}[a.command](a)
+        {"sample": run_sample, "sft": run_sft, "eval": run_eval, "bench": run_bench}[a.command](a)
     except (UsageError, PolicyLoadError, ValueError, OSError) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,50 @@
+"""The frozen teacher: a causal LM that scores the real-text view of rollouts (thinking steps removed,
+positions re-packed). Frozen means eval mode, no gradients, and no optimizer ever sees its parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+
+class Teacher:
+    def __init__(self, model: PreTrainedModel, batch_size: int = 32):
+        self.model = model.eval().requires_grad_(False)
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 32) -> "Teacher":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        except OSError as e:
+            raise ValueError(f"cannot load teacher from {path}: {e}") from None
+        return cls(model.to(device), batch_size)
+
+    @torch.no_grad()
+    def token_logprobs(self, seqs: list[list[int]], start: list[int]) -> list[torch.Tensor]:
+        """log p(seq[i] | seq[:i]) for i >= start[b], per sequence: a (len - start,) tensor each."""
+        out = []
+        for lo in range(0, len(seqs), self.batch_size):
+            out += self._batch(seqs[lo : lo + self.batch_size], start[lo : lo + self.batch_size])
+        return out
+
+    def _batch(self, seqs, start):
+        for i, s in enumerate(seqs):
+            bad = [t for t in s if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"teacher input {i} has ids outside its vocabulary of {self.vocab_size}: {bad[:4]} "
+                                 "(thinking tokens must be stripped before scoring)")
+        device = self.model.device
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, W, V)
+        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, W-1): token i+1 given :i+1
+        return [lp[i, start[i] - 1 : len(s) - 1].cpu() for i, s in enumerate(seqs)]

@@ -1,0 +1,53 @@
+"""`thinktok eval`: greedy decoding of a checkpoint on a task split; accuracy, mean text tokens and thought
+steps per answer (the Coconut table's columns) and wall time, printed as one JSON object and saved."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from thinktok.envs import TaskConfig, load_task
+from thinktok.models.policy import load_policy
+from thinktok.models.thoughts import SamplingConfig, make_mode
+
+from .checkpoint import find_checkpoint, load_run_info
+from .rollout import sample
+
+
+def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None) -> dict:
+    rows = list(task.dataset[split])[:limit]
+    start = time.perf_counter()
+    correct, real, thought = 0, 0, 0
+    device = policy.model.device
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        rollouts = sample(policy.model, mode.to(device), [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
+        for r, row in zip(rollouts, chunk):
+            correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
+            real += r.num_real
+            thought += r.num_thought
+    n = len(rows)
+    return {"accuracy": correct / n, "num_examples": n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n,
+            "wall_s": time.perf_counter() - start}
+
+
+def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
+             batch_size: int = 64, device: str = "cpu", limit: int | None = None) -> dict:
+    ckpt = find_checkpoint(path)
+    task_cfg, fmt, thought = load_run_info(ckpt)
+    if task_name and task_name != task_cfg.name:
+        task_cfg = TaskConfig(name=task_name)
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"unknown split {split!r}: expected train, validation or test")
+    policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
+    policy.model.to(device)
+    mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
+    with torch.no_grad():
+        result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt, "mode": thought.mode,
+                  **evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit)}
+    out = Path(path) if Path(path).is_dir() else ckpt
+    (out / f"eval_{task_cfg.name}_{split}.json").write_text(json.dumps(result, indent=2))
+    return result

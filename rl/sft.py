@@ -1,0 +1,233 @@
+"""Supervised training with transformers' Trainer: the base/teacher model, and the supervised
+thinking-token arms that RL is compared against.
+
+  * no thoughts (`thought: null`): a small GPT-2 trained from scratch on the task's text (answer-only or
+    chain-of-thought); the default teacher and policy initialisation on machines without weights;
+  * thought slots (modes vocab/single/pause): `slots` thinking tokens inserted after the prompt, their
+    embeddings trained by back-propagation from the answer loss (seed 000's setup: one shared embedding
+    with `single`, k distinct with `vocab`), or frozen (`train_slots: false`, the pause-token baseline);
+  * continuous (Coconut's curriculum): stage s replaces the first s reasoning steps by c continuous
+    thoughts each; the thought inputs are the previous position's last hidden state; loss masked there.
+
+While training, every thinking row's L2 distance from its initial value and cumulative gradient norm are
+recorded (seed 000, figures 2, 4, 5) and saved with the checkpoint for `compare`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from thinktok.envs import FORMATS, TaskConfig, load_task
+from thinktok.models.policy import Policy, load_policy
+from thinktok.models.thoughts import ThoughtConfig
+from thinktok.models.vocab import row_movement
+
+from .checkpoint import RUN_INFO, save_run_info
+
+ROWS_FILE = "thinking_rows.json"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # tiny | small | gpt2 | hub name | checkpoint directory
+    init: str = "mean"  # new thinking rows: mean | norm
+
+
+@dataclass
+class TrainArgs:
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    log_every: int = 20
+    device: str = "cpu"
+
+
+@dataclass
+class CurriculumConfig:
+    """Coconut: stage s replaces the first s reasoning steps with s * thoughts_per_step continuous thoughts."""
+
+    stages: int = 2
+    thoughts_per_step: int = 1
+    epochs_per_stage: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    run_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    format: str = "answer"  # answer | cot: the gold continuation trained on
+    thought: ThoughtConfig | None = None  # None: a plain LM (base / teacher)
+    slots: int = 0  # thought slots after the prompt (vocab/single/pause)
+    train_slots: bool = True  # False: slot embeddings frozen (pause-token baseline)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def validate(self) -> None:
+        self.task.validate()
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        if self.thought is not None:
+            self.thought.validate()
+            if self.thought.mode == "soft":
+                raise ValueError("soft thoughts have no supervised arm here: train them with RL (thinktok train)")
+            if self.thought.mode == "continuous" and self.format != "cot":
+                raise ValueError("the continuous curriculum replaces chain-of-thought steps: set format=cot")
+            if self.thought.mode != "continuous" and self.slots < 1:
+                raise ValueError(f"thought mode {self.thought.mode} needs slots >= 1")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: int = 0) -> dict:
+    """One training example: ids, labels (-100 on prompt and thought positions), latent positions."""
+    v = policy.vocab
+    prompt = tokenizer(row["prompt"]).input_ids
+    thought: list[int] = []
+    n_latent = 0
+    if cfg.thought is not None and cfg.thought.mode == "continuous":
+        done = min(stage, len(row["steps"]))
+        n_latent = done * cfg.curriculum.thoughts_per_step
+        rest = {**row, "steps": row["steps"][done:]}
+        target = tokenizer(task.target(rest, "cot")).input_ids
+        thought = [v.bot_id] + [v.eot_id] * n_latent + [v.eot_id]  # latent placeholders get hidden states
+    else:
+        target = tokenizer(task.target(row, cfg.format)).input_ids
+        if cfg.thought is not None:
+            thought = [v.think_id(j % v.num_thinking) for j in range(cfg.slots)]
+    ids = prompt + thought + target + [v.eos_id]
+    labels = [-100] * (len(prompt) + len(thought)) + target + [v.eos_id]
+    start = len(prompt) + 1
+    return {"input_ids": ids, "labels": labels, "latent_pos": list(range(start, start + n_latent))}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    width = max(len(b["input_ids"]) for b in batch)
+    n_lat = max(len(b["latent_pos"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    latent = torch.full((len(batch), n_lat), -1)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+        latent[i, : len(b["latent_pos"])] = torch.tensor(b["latent_pos"], dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "latent_pos": latent}
+
+
+def continuous_inputs(model, input_ids, attention_mask, latent_pos) -> torch.Tensor:
+    """Coconut's forward: each latent slot's input is the last hidden state of the position before it.
+    One pass per latent (the chain is sequential); gradients flow through the whole chain."""
+    embeds = model.get_input_embeddings()(input_ids)  # (B, W, D)
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    for j in range(latent_pos.shape[1]):
+        pos = latent_pos[:, j]
+        has = pos >= 0
+        if not has.any():
+            break
+        hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        prev = hidden[rows, (pos - 1).clamp_min(0)]  # (B, D)
+        embeds = embeds.clone()
+        embeds[rows[has], pos[has]] = prev[has]
+    return embeds
+
+
+class SFTTrainer(Trainer):
+    """transformers' Trainer; only the forward differs for continuous thoughts (inputs spliced in)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        latent_pos = inputs.pop("latent_pos")
+        if latent_pos.numel():
+            inputs["inputs_embeds"] = continuous_inputs(model, inputs.pop("input_ids"), inputs["attention_mask"], latent_pos)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class ThinkingRowRecorder(TrainerCallback):
+    """Per thinking row: L2 distance from init and cumulative gradient norm, at every logging step."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.cum_grad = torch.zeros(policy.vocab.size - policy.vocab.real_size)
+        self.history: dict[str, list] = {"step": [], "movement": [], "cum_grad_norm": []}
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        grad = self.policy.model.get_input_embeddings().weight.grad
+        if grad is not None:
+            self.cum_grad += grad[self.policy.vocab.real_size :].detach().float().norm(dim=1).cpu()
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps:
+            self.record(state.global_step)
+
+    def record(self, step: int) -> None:
+        self.history["step"].append(step)
+        self.history["movement"].append(row_movement(self.policy.model, self.policy.vocab, self.policy.init_rows).tolist())
+        self.history["cum_grad_norm"].append(self.cum_grad.tolist())
+
+
+def freeze_rows(policy: Policy, rows: list[int]) -> None:
+    """Zero the gradient of some embedding rows (pause baseline: slots stay at their initial value)."""
+    idx = torch.tensor(rows)
+    policy.model.get_input_embeddings().weight.register_hook(lambda g: g.index_fill(0, idx.to(g.device), 0.0))
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    cfg.validate()
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    thought = cfg.thought
+    policy = load_policy(cfg.model.name, thought.vocab_tokens if thought else 0, bool(thought and thought.markers),
+                         init=cfg.model.init, seed=cfg.seed)
+    task = load_task(cfg.task)
+    if thought is not None and not cfg.train_slots:
+        freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
+    recorder = ThinkingRowRecorder(policy)
+    recorder.record(0)
+    stages = range(cfg.curriculum.stages + 1) if thought is not None and thought.mode == "continuous" else [0]
+    t = cfg.train
+    for stage in stages:
+        data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage) for row in task.dataset["train"]])
+        epochs = cfg.curriculum.epochs_per_stage if len(stages) > 1 else t.epochs
+        args = TrainingArguments(
+            output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
+            num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio, lr_scheduler_type="cosine",
+            logging_steps=t.log_every, report_to=["tensorboard"], save_strategy="no",
+            use_cpu=t.device == "cpu", seed=cfg.seed, remove_unused_columns=False, disable_tqdm=False,
+            dataloader_num_workers=0, weight_decay=0.0)
+        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=data, callbacks=[recorder],
+                             data_collator=lambda b: collate(b, policy.vocab.eos_id))
+        trainer.train()
+    ckpt = out / "checkpoint"
+    policy.save(ckpt)
+    (ckpt / ROWS_FILE).write_text(json.dumps(recorder.history))
+    latents = cfg.curriculum.stages * cfg.curriculum.thoughts_per_step
+    save_run_info(ckpt, task=cfg.task, format=cfg.format, thought=inference_thought(cfg, latents))
+    (out / "losses.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))
+    return ckpt
+
+
+def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
+    """How a supervised checkpoint thinks at inference: slots are inserted as in training (pause
+    mechanics, whatever their embeddings' mode), continuous thoughts run the final stage's count."""
+    th = cfg.thought
+    if th is None:
+        return None
+    if th.mode == "continuous":
+        return ThoughtConfig(mode="continuous", num_thinking=0, max_thought_tokens=latents, sigma=th.sigma)
+    return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
+
+
+__all__ = ["SFTConfig", "run_sft", "RUN_INFO"]

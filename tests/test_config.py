@@ -1,0 +1,45 @@
+"""Configs: YAML + dotted overrides, unknown keys and wrong types rejected with the key's name."""
+
+import pytest
+
+from thinktok.config import ConfigError, load_config
+from thinktok.rl.sft import SFTConfig
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = write(tmp_path, "name: x\ntask:\n  digits: 3\ntrain:\n  lr: 1.0e-3\n")
+    cfg = load_config(SFTConfig, p, ["train.lr=0.01", "task.spaced=true", "thought.mode=pause", "thought.num_thinking=2",
+                                     "slots=2"])
+    assert (cfg.name, cfg.task.digits, cfg.train.lr, cfg.task.spaced, cfg.slots) == ("x", 3, 0.01, True, 2)
+    assert cfg.thought.mode == "pause" and cfg.thought.num_thinking == 2
+    assert cfg.train.epochs == SFTConfig().train.epochs  # untouched defaults stay
+    assert load_config(SFTConfig, p, ["train.epochs=2"]).train.epochs == 2.0  # int accepted for a float
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key train.lrr"),
+    ("bogus=1", "unknown config key bogus"),
+    ("train.batch_size=big", "train.batch_size: expected int"),
+    ("task.spaced=3", "task.spaced: expected bool"),
+    ("train.epochs=true", "train.epochs: expected float"),
+    ("task=3", "task: expected a mapping"),
+    ("noequals", "is not key=value"),
+    ("thought.mode=telepathy", "unknown thought mode"),
+    ("format=poem", "unknown format"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(SFTConfig, write(tmp_path, "name: x\n"), [override])
+
+
+def test_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(SFTConfig, write(tmp_path, "- a\n- b\n"))

@@ -1,0 +1,71 @@
+"""Supervised training on the CPU: loss goes down, thinking-row records, the Coconut forward, eval."""
+
+import json
+
+import pytest
+import torch
+
+from thinktok.cli import main
+from thinktok.config import load_config
+from thinktok.models.policy import load_policy
+from thinktok.rl.sft import SFTConfig, continuous_inputs, run_sft
+
+BASE = ["task.num_train=64", "task.num_val=4", "task.num_test=8", "train.batch_size=16", "train.log_every=5",
+        "train.lr=3e-3"]
+
+
+def sft(tmp_path, *overrides, steps=20):
+    cfg = load_config(SFTConfig, None, [f"run_dir={tmp_path}", f"train.max_steps={steps}", *BASE, *overrides])
+    return cfg, run_sft(cfg)
+
+
+def test_loss_goes_down_and_checkpoint_evaluates(tmp_path, capsys):
+    _, ckpt = sft(tmp_path, steps=30)
+    losses = [float(h["loss"]) for h in json.loads((tmp_path / "losses.json").read_text())]
+    assert losses[-1] < losses[0] - 1.0
+    assert (ckpt / "thinktok_run.yaml").exists()
+    assert main(["eval", str(tmp_path), "--split", "test", "--max-new-tokens", "6"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"accuracy", "num_examples", "real_tokens_mean", "thought_steps_mean", "wall_s"} <= result.keys()
+    assert result["num_examples"] == 8 and result["thought_steps_mean"] == 0
+    assert (tmp_path / "eval_multiplication_test.json").exists()
+
+
+@pytest.mark.parametrize("mode, k, trained", [("vocab", 2, True), ("single", 1, True), ("pause", 2, False)])
+def test_thinking_rows_records(tmp_path, mode, k, trained):
+    _, ckpt = sft(tmp_path, f"thought.mode={mode}", f"thought.num_thinking={k}", "slots=2",
+                  f"train_slots={str(trained).lower()}", steps=10)
+    rows = json.loads((ckpt / "thinking_rows.json").read_text())
+    moved, grads = torch.tensor(rows["movement"][-1]), torch.tensor(rows["cum_grad_norm"][-1])
+    assert rows["step"][0] == 0 and rows["step"][-1] == 10 and len(moved) == k
+    assert torch.tensor(rows["movement"][0]).abs().max() == 0
+    if trained:  # every slot row is used and learns
+        assert (moved > 0).all() and (grads > 0).all()
+    else:  # pause baseline: the slot rows never move
+        assert moved.abs().max() == 0 and grads.abs().max() == 0
+    policy = load_policy(str(ckpt), k, markers=False)
+    assert torch.equal(policy.init_rows, load_policy("tiny", k, False).init_rows)
+
+
+def test_coconut_forward_feeds_hidden_states():
+    policy = load_policy("tiny", 0, markers=True)
+    model = policy.model
+    ids = torch.tensor([[5, 6, 7, policy.vocab.bot_id, 0, 0, policy.vocab.eot_id, 9]])
+    latent = torch.tensor([[4, 5]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        embeds = continuous_inputs(model, ids, mask, latent)
+        # by hand: latent 4 := last hidden at 3; latent 5 := last hidden at 4 (given latent 4's input)
+        e = model.get_input_embeddings()(ids)
+        e[0, 4] = model.base_model(inputs_embeds=e[:, :4]).last_hidden_state[0, 3]
+        e[0, 5] = model.base_model(inputs_embeds=e[:, :5]).last_hidden_state[0, 4]
+    assert torch.allclose(embeds, e, atol=1e-5)
+
+
+def test_continuous_curriculum(tmp_path):
+    cfg, ckpt = sft(tmp_path, "thought.mode=continuous", "thought.num_thinking=0", "format=cot",
+                    "curriculum.stages=2", "curriculum.thoughts_per_step=1", "curriculum.epochs_per_stage=1", steps=-1)
+    info = (ckpt / "thinktok_run.yaml").read_text()
+    assert "mode: continuous" in info and "max_thought_tokens: 2" in info
+    with pytest.raises(ValueError, match="set format=cot"):
+        load_config(SFTConfig, None, ["thought.mode=continuous", "thought.num_thinking=0"])
