@@ -21,6 +21,7 @@ GPT2_VOCAB = 50257
 SMALL_CONFIGS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4, n_positions=512),
     "small": dict(n_layer=6, n_embd=384, n_head=6, n_positions=1024),
+    "base": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),  # GPT-2 small's shape, for GPUs
 }
 
 
@@ -70,7 +71,7 @@ def load_policy(
             tokenizer = load_base_tokenizer(str(path)) if (path / "tokenizer_config.json").exists() else offline_gpt2_tokenizer()
         except (OSError, ValueError) as e:
             raise PolicyLoadError(f"cannot load a model from {path}: {e}") from None
-        if saved is not None:
+        if saved is not None and saved.size > saved.real_size:  # else: a plain LM, expanded below
             if (saved.num_thinking, saved.markers) != (num_thinking, markers):
                 raise PolicyLoadError(
                     f"checkpoint {path} has {saved.num_thinking} thinking tokens (markers={saved.markers}), "

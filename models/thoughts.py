@@ -192,17 +192,21 @@ class ThoughtMode(nn.Module):
         # floor: a zero concentration is not a Dirichlet; tiny probabilities still get a proper density
         return (self.cfg.dirichlet_alpha * p).clamp_min(1e-3)
 
-    def action_logprobs(self, action, token, logits, hidden, vector=None, soft_ids=None, soft_w=None) -> torch.Tensor:
+    def action_logprobs(self, action, token, logits, hidden, vector=None, soft_ids=None, soft_w=None, with_entropy=False):
         """Recompute: log-prob of N recorded steps from the logits/hidden at the positions that chose them.
 
         action, token: (N,); logits: (N, V); hidden: (N, D); vector: (N, D); soft_ids, soft_w: (N, k).
-        Differentiable in logits and hidden (and sigma when learned).
+        Differentiable in logits and hidden (and sigma when learned). with_entropy: also return (N,) entropy
+        of the token distribution at token steps (0 at vector/soft steps), for the learner's logs.
         """
         out = torch.zeros(action.shape[0], device=logits.device)
+        entropy = torch.zeros_like(out)
         tok = (action == Action.TEXT) | (action == Action.ANY)
         if tok.any():
             lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY)
             out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, token[tok, None])[:, 0])
+            if with_entropy:
+                entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
         if self.vocab.markers and self.cfg.learned_stop:
             stop_lp, cont_lp = self.stop_logprobs(logits)
             out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(action == Action.VECTOR, cont_lp, 0)
@@ -213,7 +217,7 @@ class ThoughtMode(nn.Module):
         if soft.any():
             p = self.soft_probs(logits[soft], soft_ids[soft])
             out = out.index_put((soft.nonzero()[:, 0],), self.soft_logprob(p, soft_w[soft]))
-        return out
+        return (out, entropy) if with_entropy else out
 
     # ---- sampling ------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device) -> State:

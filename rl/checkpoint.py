@@ -32,13 +32,13 @@ def load_run_info(directory: Path) -> tuple[TaskConfig, str, ThoughtConfig]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory: its `checkpoint/` or newest `checkpoints/step_*`."""
+    """A checkpoint directory, or a run directory: its `checkpoint/` (sft) or newest `trainer/checkpoint-N` (train)."""
     path = Path(path)
     if (path / RUN_INFO).exists():
         return path
     if (path / "checkpoint" / RUN_INFO).exists():
         return path / "checkpoint"
-    steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    steps = sorted((path / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if steps:
         return steps[-1]
     raise ValueError(f"no checkpoint found at {path}")

@@ -125,5 +125,5 @@ class RewardModel:
                 action=torch.cat([cut(r.action), torch.full((len(gold),), int(Action.TEXT))]),
                 token=torch.cat([cut(r.token), gold]), logprob=torch.zeros(first_real + len(gold)),
                 vector=pad(r.vector), soft_ids=pad(r.soft_ids), soft_w=pad(r.soft_w)))
-        lp, _ = recompute_logprobs(self.policy, self.mode, forced)
+        lp = recompute_logprobs(self.policy, self.mode, forced).logprob
         return torch.stack([lp[i, r.num_steps - r.num_real : r.num_steps].mean() for i, r in enumerate(forced)]).cpu()

@@ -8,6 +8,7 @@ from the model's output at position P-1+s; its input embedding is fed at positio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -177,12 +178,19 @@ def step_inputs(r: Rollout, embed: nn.Embedding) -> torch.Tensor:
     return out
 
 
-def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs (B, S_max) and a
-    validity mask (B, S_max). Differentiable: this is what the learner trains on."""
-    device = model.device
-    embed = model.get_input_embeddings()
-    base, head = model.base_model, model.get_output_embeddings()
+class Recomputed(NamedTuple):
+    logprob: torch.Tensor  # (B, S_max) per-step log-probs, 0 past each rollout's end
+    valid: torch.Tensor  # (B, S_max) bool
+    entropy: torch.Tensor  # (B, S_max) entropy of the token distribution at token steps, 0 elsewhere
+    hidden: torch.Tensor  # (B, S_max, D) last hidden state at the position that chose each step
+
+
+def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout]) -> Recomputed:
+    """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs. Differentiable:
+    this is what the learner trains on. `model` may be a DDP/accelerate wrapper: its forward is called."""
+    core = model.module if hasattr(model, "module") else model
+    device = core.device
+    embed = core.get_input_embeddings()
     seqs = [torch.cat([embed(torch.tensor(r.prompt_ids, device=device)), step_inputs(r, embed)[:-1]]) for r in rollouts]
     width = max(len(s) for s in seqs)
     inputs = torch.zeros(len(seqs), width, seqs[0].shape[-1], device=device, dtype=seqs[0].dtype)
@@ -190,18 +198,16 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     for i, s in enumerate(seqs):
         inputs[i, : len(s)] = s
         mask[i, : len(s)] = 1
-    hidden = base(inputs_embeds=inputs, attention_mask=mask).last_hidden_state  # (B, W, D)
-    # the hidden state that chose step s of rollout b sits at position P_b - 1 + s
+    out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True)
+    # the position that chose step s of rollout b is P_b - 1 + s
     rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)
     cols = torch.cat([len(r.prompt_ids) - 1 + torch.arange(r.num_steps) for r in rollouts]).to(device)
-    h = hidden[rows, cols]  # (N, D)
+    h, logits = out.hidden_states[-1][rows, cols], out.logits[rows, cols]  # (N, D), (N, V)
     cat = lambda name: (None if getattr(rollouts[0], name) is None  # noqa: E731
                         else torch.cat([getattr(r, name) for r in rollouts]).to(device))
-    lp = mode.action_logprobs(cat("action"), cat("token"), head(h), h, cat("vector"), cat("soft_ids"), cat("soft_w"))
+    lp, ent = mode.action_logprobs(cat("action"), cat("token"), logits, h, cat("vector"), cat("soft_ids"), cat("soft_w"),
+                                   with_entropy=True)
     steps = max(r.num_steps for r in rollouts)
-    out = torch.zeros(len(rollouts), steps, device=device, dtype=lp.dtype)
-    valid = torch.zeros(len(rollouts), steps, dtype=torch.bool, device=device)
     step_idx = torch.cat([torch.arange(r.num_steps) for r in rollouts]).to(device)
-    out = out.index_put((rows, step_idx), lp)
-    valid[rows, step_idx] = True
-    return out, valid
+    grid = lambda x: torch.zeros(len(rollouts), steps, *x.shape[1:], device=device, dtype=x.dtype).index_put((rows, step_idx), x)  # noqa: E731
+    return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)), grid(ent), grid(h))

@@ -18,7 +18,7 @@ def close(a, b):
 def test_recompute_matches_sampler(case):
     policy, mode = make(case)
     rollouts = sample(policy.model, mode, PROMPTS, seed=3)
-    lp, valid = recompute_logprobs(policy.model, mode, rollouts)
+    lp, valid, _, _ = recompute_logprobs(policy.model, mode, rollouts)
     for i, r in enumerate(rollouts):
         assert valid[i].sum() == r.num_steps
         assert close(lp[i, : r.num_steps], r.logprob), (case, lp[i, : r.num_steps] - r.logprob)
@@ -30,7 +30,7 @@ def test_recompute_matches_sampler(case):
 def test_recompute_is_differentiable():
     policy, mode = make("continuous")
     rollouts = sample(policy.model, mode, PROMPTS, seed=0)
-    lp, valid = recompute_logprobs(policy.model, mode, rollouts)
+    lp, valid, _, _ = recompute_logprobs(policy.model, mode, rollouts)
     lp[valid].sum().backward()
     assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
 
@@ -60,9 +60,9 @@ def test_deterministic_under_seed():
 def test_padding_does_not_change_logprobs():
     policy, mode = make("vocab")
     rollouts = sample(policy.model, mode, PROMPTS, seed=2)
-    together, _ = recompute_logprobs(policy.model, mode, rollouts)
+    together = recompute_logprobs(policy.model, mode, rollouts).logprob
     for i, r in enumerate(rollouts):
-        alone, _ = recompute_logprobs(policy.model, mode, [r])
+        alone = recompute_logprobs(policy.model, mode, [r]).logprob
         assert close(alone[0], together[i, : r.num_steps])
 
 

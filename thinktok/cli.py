@@ -2,6 +2,7 @@
 
     thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4
     thinktok sft configs/sft_mult2_tiny.yaml [key=value ...]
+    thinktok train configs/quickstart.yaml [key=value ...] [--resume runs/quickstart]
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench attention            (CUDA only)
@@ -53,6 +54,15 @@ def add_sft(sub) -> None:
     p = sub.add_parser("sft", help="supervised training: base/teacher models and supervised thinking tokens")
     p.add_argument("config", help="YAML experiment (configs/sft_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields (train.lr=3e-4)")
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="distributed RL: Ray rollout/teacher actors, TRL learner")
+    p.add_argument("config", nargs="?", help="YAML experiment (configs/quickstart.yaml); optional with --resume")
+    p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields (rl.lr=1e-4)")
+    p.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--verbose", action="store_true", help="forward actor logs")
 
 
 def add_eval(sub) -> None:
@@ -133,6 +143,21 @@ def run_sft(a) -> None:
     print(f"checkpoint: {run_sft(cfg)}")
 
 
+def run_train(a) -> None:
+    from thinktok.config import load_config
+    from thinktok.rl.train import TrainConfig, run_train
+
+    if a.config and "=" in a.config:  # `--resume RUN key=value`: the first override landed in `config`
+        a.overrides, a.config = [a.config, *a.overrides], None
+    path = Path(a.resume) / "config.yaml" if a.resume else a.config
+    if path is None:
+        raise UsageError("train needs a CONFIG (or --resume RUN_DIR)")
+    extra = [f"ray.address={a.ray_address}"] if a.ray_address else []
+    extra += ["ray.verbose=true"] if a.verbose else []
+    cfg = load_config(TrainConfig, path, [*a.overrides, *extra])
+    print(f"final checkpoint: {run_train(cfg, resume=bool(a.resume))}")
+
+
 def run_eval(a) -> None:
     import json
 
@@ -160,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_sample(sub)
     add_sft(sub)
+    add_train(sub)
     add_eval(sub)
     add_bench(sub)
     from thinktok.models.policy import PolicyLoadError
 
     try:
         a = parser.parse_args(argv)
-        {"sample": run_sample, "sft": run_sft, "eval": run_eval, "bench": run_bench}[a.command](a)
-    except (UsageError, PolicyLoadError, ValueError, OSError) as e:
+        {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "bench": run_bench}[a.command](a)
+    except (UsageError, PolicyLoadError, ValueError, OSError, FloatingPointError) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2
     return 0

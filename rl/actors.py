@@ -1,0 +1,133 @@
+"""Ray actors: rollout workers (a policy copy running the rollout engine in any thought mode) and teacher
+workers (the frozen teacher scoring text views). The learner is the single controller that calls them.
+
+Fault tolerance is Ray's: actors restart (`max_restarts`) and an interrupted call is retried
+(`max_task_retries`). A retried call reproduces its samples exactly because every call carries its seed and
+the weight version it must sample with, so a dead actor loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from thinktok.envs import TaskConfig, load_task
+from thinktok.models.policy import load_policy
+from thinktok.models.teacher import Teacher
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+
+from .rewards import RewardConfig, RewardModel, Rewards
+from .rollout import Rollout, sample
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # join an existing cluster (multi-node); None starts a local one
+    num_rollout_workers: int = 2
+    num_teacher_workers: int = 1
+    gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
+    gpus_per_teacher_worker: float = 0.0
+    max_restarts: int = 3
+    verbose: bool = False  # forward actor logs to the driver
+
+
+def init_ray(cfg: RayConfig) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local cluster: no token warnings
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # a local cluster gets a CPU slot per actor even on a small machine (they share the cores)
+    cpus = None if cfg.address else max(os.cpu_count() or 1, cfg.num_rollout_workers + cfg.num_teacher_workers)
+    ray.init(address=cfg.address, num_cpus=cpus, log_to_driver=cfg.verbose, include_dashboard=False,
+             configure_logging=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.ERROR)
+
+
+class RolloutWorker:
+    """Holds a policy copy; samples with exactly the weights of the version it is asked for."""
+
+    def __init__(self, policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.device = device
+        self.policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
+        self.policy.model.to(device).eval()
+        self.mode = make_mode(thought, self.policy.vocab, sampling).to(device)
+        self.version = -1
+
+    def sample(self, prompts: list[list[int]], seed: int, weights: list, version: int) -> list[Rollout]:
+        """weights: [ObjectRef] of a state dict, wrapped in a list so Ray fetches it only when needed."""
+        if version != self.version:
+            state = ray.get(weights[0])
+            self.policy.model.load_state_dict(state["model"])
+            self.mode.load_state_dict(state["mode"])
+            self.version = version
+        return sample(self.policy.model, self.mode, prompts, seed=seed, weight_version=version)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class TeacherWorker:
+    """Holds the frozen teacher (and, for gold_loglik, a policy copy) and scores rollouts."""
+
+    def __init__(self, teacher_path: str | None, rewards: RewardConfig, task: TaskConfig, policy_path: str,
+                 thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        teacher = Teacher.load(teacher_path, device) if teacher_path else None
+        policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
+        self.mode = make_mode(thought, policy.vocab, sampling).to(device)
+        self.model = policy.model.to(device).eval()
+        self.version = -1
+        self.rewards = RewardModel(rewards, teacher, load_task(task), policy.tokenizer, self.model, self.mode)
+
+    def score(self, rollouts: list[Rollout], rows: list[dict], weights: list, version: int) -> Rewards:
+        if "gold_loglik" in self.rewards.cfg.weights and version != self.version:
+            state = ray.get(weights[0])
+            self.model.load_state_dict(state["model"])
+            self.version = version
+        return self.rewards.score(rollouts, rows)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class Workers:
+    rollout: list = field(default_factory=list)
+    teacher: list = field(default_factory=list)
+
+
+def start_workers(cfg: RayConfig, policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
+                  sampling: SamplingConfig, rewards: RewardConfig, task: TaskConfig) -> Workers:
+    init_ray(cfg)
+    opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
+    device = lambda gpus: "cuda" if gpus > 0 else "cpu"  # noqa: E731
+    rollout_cls = ray.remote(RolloutWorker).options(num_gpus=cfg.gpus_per_rollout_worker, **opts)
+    teacher_cls = ray.remote(TeacherWorker).options(num_gpus=cfg.gpus_per_teacher_worker, **opts)
+    workers = Workers(
+        [rollout_cls.remote(policy_path, thought, sampling, device(cfg.gpus_per_rollout_worker))
+         for _ in range(cfg.num_rollout_workers)],
+        [teacher_cls.remote(teacher_path, rewards, task, policy_path, thought, sampling, device(cfg.gpus_per_teacher_worker))
+         for _ in range(cfg.num_teacher_workers)],
+    )
+    ray.get([w.pid.remote() for w in workers.rollout + workers.teacher])  # fail here, not mid-step, if one can't start
+    return workers
+
+
+def chunks(items: list, n: int) -> list[list]:
+    """n contiguous, near-equal chunks (some may be empty)."""
+    size, extra = divmod(len(items), n)
+    out, lo = [], 0
+    for i in range(n):
+        hi = lo + size + (i < extra)
+        out.append(items[lo:hi])
+        lo = hi
+    return out
+
+
+def stop_workers(workers: Workers) -> None:
+    for w in workers.rollout + workers.teacher:
+        ray.kill(w, no_restart=True)

@@ -1,0 +1,219 @@
+"""The learner: TRL's GRPO trainer, fed by Ray rollouts and teacher rewards, with as few overrides as
+possible (trl is pinned exactly because `grpo_trainer.py` changes often; each override is tested against
+the base method).
+
+  * `RayRollouts` is TRL's `rollout_func`: it publishes the current weights, samples on the rollout workers,
+    scores on the teacher workers, and hands TRL token ids, a loss mask (forced thought steps are not
+    actions) and the scalar rewards.
+  * `_get_per_token_logps_and_entropies` computes log-probs with the rollout engine's recompute, so that
+    vector actions (continuous, soft) and masked distributions (thought budgets) get exactly the density
+    they were sampled from. Everything else, the clipped surrogate, KL and logging, is TRL's.
+  * algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO without std scaling
+    and with the leave-one-out factor G/(G-1): A_i = r_i - mean_{j!=i} r_j.
+  * algo=ppo: `ThoughtPPOTrainer` (TRL dropped its PPOTrainer) replaces only the advantage with GAE over
+    per-step teacher rewards and a value head, and adds the value loss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+from torch import nn
+from trl import GRPOTrainer
+
+from thinktok.models.thoughts import Action, ThoughtMode
+
+from .actors import Workers, chunks
+from .rollout import Rollout, recompute_logprobs
+
+
+class PoisonedStep(FloatingPointError):
+    """NaN/inf in rewards, advantages or loss: the step stops before any optimizer step or checkpoint."""
+
+
+def check_finite(name: str, x: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(x).all():
+        raise PoisonedStep(f"{name} is not finite at step {step} ({int((~torch.isfinite(x)).sum())} bad values); "
+                           "no checkpoint is written from this state")
+
+
+class RayRollouts:
+    """TRL rollout_func(prompts, trainer): prompts arrive already repeated num_generations times."""
+
+    def __init__(self, workers: Workers, tokenizer, rows_by_prompt: dict[str, dict], seed: int, max_staleness: int):
+        self.workers, self.tokenizer, self.rows, self.seed = workers, tokenizer, rows_by_prompt, seed
+        self.max_staleness = max_staleness
+        self.weights_ref, self.published = None, -1
+
+    def publish(self, trainer, version: int) -> list:
+        """Weights of `version` into the object store, once per version (ObjectRef wrapped in a list so
+        that workers fetch it only when their copy is stale)."""
+        if version != self.published:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.weights_ref = ray.put({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                        "mode": {k: v.detach().cpu() for k, v in trainer.thought_mode.state_dict().items()}})
+            self.published = version
+        return [self.weights_ref]
+
+    def __call__(self, prompts: list[str], trainer) -> dict:
+        version = trainer.state.global_step
+        weights = self.publish(trainer, version)
+        ids = [self.tokenizer(p).input_ids for p in prompts]
+        start = time.perf_counter()
+        parts = chunks(list(range(len(prompts))), len(self.workers.rollout))
+        # the seed depends only on (run seed, step, chunk): a retried call after an actor death resamples the same
+        futures = [w.sample.remote([ids[i] for i in part], self.seed * 1_000_003 + version * 7919 + k, weights, version)
+                   for k, (w, part) in enumerate(zip(self.workers.rollout, parts)) if part]
+        rollouts: list[Rollout] = [r for chunk in ray.get(futures) for r in chunk]
+        stale = [r.weight_version for r in rollouts if version - r.weight_version > self.max_staleness]
+        if stale:
+            raise RuntimeError(f"rollouts from weight version {stale[0]} at step {version}: staleness bound "
+                               f"{self.max_staleness} exceeded")
+        rows = [self.rows[p] for p in prompts]
+        groups = chunks(list(range(len(rollouts))), len(self.workers.teacher))
+        try:
+            scored = ray.get([w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)
+                              for w, g in zip(self.workers.teacher, groups) if g])
+        except ray.exceptions.RayTaskError as e:
+            raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+        per_step = [s for part in scored for s in part.per_step]
+        total = torch.cat([part.total for part in scored])
+        check_finite("reward", total, version)
+        trainer.store(rollouts, per_step, time.perf_counter() - start)
+        return {
+            "prompt_ids": [r.prompt_ids for r in rollouts],
+            # vector/soft steps have no token: a placeholder id; their log-probs come from the recompute
+            "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
+            "logprobs": [r.logprob.tolist() for r in rollouts],
+            "env_mask": [(r.action != Action.FORCED).long().tolist() for r in rollouts],
+            "reward": total.tolist(),
+        }
+
+
+def rollout_reward(completions, reward, **_):
+    """TRL reward function: the teacher workers' scalar, carried through rollout_func's extra keys."""
+    return list(reward)
+
+
+class ThoughtGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args, thought_mode: ThoughtMode, algo: str = "grpo", **kwargs):
+        self.thought_mode, self.algo = thought_mode, algo
+        self._rollouts: list[Rollout] = []
+        self._per_step: list[torch.Tensor] = []
+        self._batch: list[Rollout] | None = None
+        self.rollout_stats: dict = {}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """TRL's optimizer plus the thought mode's own parameters (a learned sigma), when there are any."""
+        opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        extra = [p for p in self.extra_parameters() if p.requires_grad]
+        if extra:
+            opt.add_param_group({"params": extra, "weight_decay": 0.0})
+        return opt
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.thought_mode.parameters())
+
+    def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor], seconds: float) -> None:
+        self._rollouts, self._per_step = rollouts, per_step
+        n = len(rollouts)
+        self.rollout_stats = {
+            "thought_steps_mean": sum(r.num_thought for r in rollouts) / n,
+            "real_tokens_mean": sum(r.num_real for r in rollouts) / n,
+            "weight_version": min(r.weight_version for r in rollouts),
+            "rollout_s": seconds,
+        }
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.algo == "rloo":
+            g = self.num_generations
+            out["advantages"] = out["advantages"] * g / (g - 1)
+        # which stored rollout each row is: TRL shuffles and splits extra tensor keys with the batch
+        out["rollout_idx"] = torch.arange(len(self._rollouts), device=out["advantages"].device)
+        check_finite("advantages", out["advantages"], self.state.global_step)
+        return out
+
+    def _compute_loss(self, model, inputs):
+        self._batch = [self._rollouts[i] for i in inputs["rollout_idx"].tolist()]
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._batch = None
+        check_finite("loss", loss.detach(), self.state.global_step)
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **_):
+        """Log-probs of the recorded actions by the rollout engine's recompute: (B, logits_to_keep)."""
+        rollouts = self._batch if self._batch is not None else self._rollouts  # inside generate: original order
+        if len(rollouts) != input_ids.shape[0]:
+            raise RuntimeError(f"{input_ids.shape[0]} rows but {len(rollouts)} rollouts: batch bookkeeping broke")
+        with self.accelerator.autocast():
+            rec = recompute_logprobs(model, self.thought_mode, rollouts)
+        self._hidden, self._valid = rec.hidden, rec.valid
+        width = logits_to_keep - rec.logprob.shape[1]
+        pad = lambda x: nn.functional.pad(x, (0, width))  # noqa: E731
+        return pad(rec.logprob), pad(rec.entropy) if compute_entropy else None, None
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over steps: (B, S) each -> advantages, returns (B, S).
+    Past a rollout's end (valid False) the value is 0 and nothing propagates."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        nxt_value = values[:, t + 1] * valid[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        nxt_valid = valid[:, t + 1].float() if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
+        last = (delta + gamma * lam * nxt_valid * last) * valid[:, t]
+        adv[:, t] = last
+    return adv, adv + values * valid
+
+
+class ThoughtPPOTrainer(ThoughtGRPOTrainer):
+    """PPO as a narrow subclass: TRL 1.16 has no PPOTrainer, and PPO differs from GRPO here only in the
+    advantage (GAE over per-step teacher rewards with a learned value baseline instead of group
+    normalisation) plus a value loss. The value head reads the policy's detached last hidden state."""
+
+    def __init__(self, *args, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.5, **kwargs):
+        self.gamma, self.lam, self.vf_coef = gamma, lam, vf_coef
+        model = kwargs["model"]
+        self.value_head = nn.Linear(model.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        super().__init__(*args, **kwargs)
+        self.value_head.to(self.accelerator.device)
+
+    def extra_parameters(self):
+        return super().extra_parameters() + list(self.value_head.parameters())
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        with torch.no_grad():
+            rec = recompute_logprobs(self.model, self.thought_mode, self._rollouts)
+            values = self.value_head(rec.hidden.float())[..., 0]  # (B, S)
+        rewards = torch.zeros_like(values)
+        for i, r in enumerate(self._per_step):
+            rewards[i, : len(r)] = r.to(values.device)
+        adv, returns = gae(rewards, values, rec.valid, self.gamma, self.lam)
+        action = rec.valid.clone()
+        for i, r in enumerate(self._rollouts):
+            action[i, : r.num_steps] &= (r.action != Action.FORCED).to(action.device)
+        mean, std = adv[action].mean(), adv[action].std().clamp_min(1e-6)  # whitened over action steps
+        width = out["completion_ids"].shape[1] - adv.shape[1]
+        out["advantages"] = nn.functional.pad((adv - mean) / std * action, (0, width))
+        out["returns"] = nn.functional.pad(returns, (0, width))
+        check_finite("advantages", out["advantages"], self.state.global_step)
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)  # leaves the batch's hidden states in self._hidden
+        values = self.value_head(self._hidden.detach().float())[..., 0]
+        returns = inputs["returns"][:, : values.shape[1]]
+        value_loss = ((values - returns) ** 2 * self._valid).sum() / self._valid.sum().clamp_min(1)
+        self._metrics["train"]["value_loss"].append(value_loss.item())
+        return loss + self.vf_coef * 0.5 * value_loss

@@ -1,0 +1,275 @@
+"""`thinktok train CONFIG [key=value ...]`: the main job. Data flows one way:
+task prompts -> Ray rollout workers (policy copies, any thought mode) -> Ray teacher workers (frozen
+teacher scores the text views) -> TRL learner (GRPO / RLOO / PPO) -> new weights -> rollout workers.
+
+Outputs under runs/<name>/: config.yaml (as resolved), metrics.jsonl (one line per step), TensorBoard
+events, checkpoints (HF format + tokenizer with thinking tokens + trainer state, written atomically),
+evals.jsonl and annotated sample rollouts (JSONL + HTML) at every eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig
+
+from thinktok.config import load_config, save_config
+from thinktok.envs import TaskConfig, load_task
+from thinktok.models.policy import load_policy
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+
+from .actors import RayConfig, start_workers, stop_workers
+from .checkpoint import atomic_save, find_checkpoint, save_run_info
+from .evaluate import evaluate_policy
+from .learner import RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
+from .render import to_html, to_json, to_jsonl
+from .rewards import RewardConfig
+from .rollout import sample
+
+ALGOS = ("grpo", "rloo", "ppo")
+EXTRA_STATE = "thinktok_extra.pt"  # thought-mode parameters (learned sigma) and the PPO value head
+
+
+@dataclass
+class RLConfig:
+    algo: str = "grpo"  # grpo | rloo | ppo
+    num_generations: int = 4  # rollouts per prompt (the group)
+    prompts_per_step: int = 8
+    max_steps: int = 60
+    lr: float = 5e-5
+    beta: float = 0.0  # KL to the initial policy
+    epsilon: float = 0.2  # clip range
+    max_grad_norm: float = 1.0
+    gamma: float = 1.0  # ppo
+    lam: float = 0.95  # ppo
+    vf_coef: float = 0.5  # ppo
+    max_staleness: int = 0  # weight versions a rollout may lag the learner (0 = on-policy)
+
+    def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r}: expected one of {', '.join(ALGOS)}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2 (group baselines need two samples)")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "quickstart"
+    run_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+    device: str = "cpu"  # the learner's device
+    policy: str = "tiny"  # initial policy: built-in config, hub name or checkpoint directory
+    teacher: str | None = None  # frozen teacher checkpoint
+    teacher_sft: str | None = None  # SFT config that trains the teacher when `teacher` does not exist yet
+    task: TaskConfig = field(default_factory=TaskConfig)
+    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    eval_every: int = 10
+    eval_examples: int = 64
+    save_every: int = 10
+    samples_per_eval: int = 4
+
+    def validate(self) -> None:
+        for part in (self.task, self.thought, self.sampling, self.rewards, self.rl):
+            part.validate()
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def ensure_teacher(cfg: TrainConfig) -> str | None:
+    """The teacher checkpoint, trained first from `teacher_sft` when it is missing (fresh machines)."""
+    if cfg.teacher is None or Path(cfg.teacher).exists() or not cfg.teacher_sft:
+        return cfg.teacher
+    from .sft import SFTConfig, run_sft
+
+    sft = load_config(SFTConfig, cfg.teacher_sft)
+    print(f"teacher {cfg.teacher} not found: training it with {cfg.teacher_sft} first")
+    ckpt = run_sft(sft)
+    if ckpt.resolve() != Path(cfg.teacher).resolve():
+        raise ValueError(f"{cfg.teacher_sft} writes {ckpt}, but teacher={cfg.teacher}")
+    return cfg.teacher
+
+
+class RunTrainer:
+    """Mixin for the learner classes: atomic checkpoints that carry everything a checkpoint must."""
+
+    run_cfg: TrainConfig
+    policy_extras: dict
+
+    def _get_output_dir(self, trial):
+        return getattr(self, "_save_root", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._save_root = str(root / ".saving")
+        shutil.rmtree(self._save_root, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._save_root = None
+        tmp = root / ".saving" / name
+        self.policy_extras["vocab"].save(tmp)
+        torch.save(self.policy_extras["init_rows"], tmp / "thinktok_init_rows.pt")
+        save_run_info(tmp, self.run_cfg.task, "answer", self.run_cfg.thought)
+        torch.save(extra_state(self), tmp / EXTRA_STATE)
+        atomic_save(root / name, lambda d: [p.rename(d / p.name) for p in tmp.iterdir()])
+        shutil.rmtree(root / ".saving")
+
+
+def extra_state(trainer) -> dict:
+    state = {"mode": trainer.thought_mode.state_dict()}
+    if hasattr(trainer, "value_head"):
+        state["value_head"] = trainer.value_head.state_dict()
+    return state
+
+
+class GRPORun(RunTrainer, ThoughtGRPOTrainer):
+    pass
+
+
+class PPORun(RunTrainer, ThoughtPPOTrainer):
+    pass
+
+
+class RunLogger(TrainerCallback):
+    """metrics.jsonl (one line per step), evals, annotated samples."""
+
+    def __init__(self, cfg: TrainConfig, trainer_ref: list, policy, task):
+        self.cfg, self.trainer_ref, self.policy, self.task = cfg, trainer_ref, policy, task
+        self.out = cfg.out_dir
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.cfg.eval_every and state.global_step % self.cfg.eval_every == 0:
+            self.evaluate(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        trainer = self.trainer_ref[0]
+        now = time.perf_counter()
+        n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations
+        line = {"step": state.global_step, "reward_mean": logs.get("reward"), "reward_std": logs.get("reward_std"),
+                "thought_steps_mean": trainer.rollout_stats["thought_steps_mean"],
+                "real_tokens_mean": trainer.rollout_stats["real_tokens_mean"], "kl": logs.get("kl", 0.0),
+                "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
+                "weight_version": trainer.rollout_stats["weight_version"]}
+        self.last = now
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> None:
+        trainer = self.trainer_ref[0]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        greedy = make_mode(self.cfg.thought, self.policy.vocab, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}))
+        greedy.load_state_dict(trainer.thought_mode.state_dict())
+        result = {"step": step, **evaluate_policy(self.policy, greedy.to(model.device), self.task, "validation",
+                                                  limit=self.cfg.eval_examples)}
+        with open(self.out / "evals.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        rows = list(self.task.dataset["validation"])[: self.cfg.samples_per_eval]
+        rollouts = sample(model, trainer.thought_mode, [self.policy.tokenizer(r["prompt"]).input_ids for r in rows],
+                          seed=step, weight_version=step)
+        records = [to_json(r, self.policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
+        samples = self.out / "samples"
+        samples.mkdir(exist_ok=True)
+        (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))
+        (samples / f"step_{step}.html").write_text(to_html(records, title=f"{self.cfg.name} · step {step}"))
+        model.train()
+
+
+def latest_trainer_checkpoint(out: Path) -> Path | None:
+    try:
+        return find_checkpoint(out)
+    except ValueError:
+        return None
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines of steps after `step` (a resumed run rewrites them)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
+    cfg.validate()
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = latest_trainer_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise ValueError(f"--resume {out}: no checkpoint to resume from")
+    if not resume and (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} already holds a run: pass --resume {out}, or choose another name/run_dir")
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    teacher = ensure_teacher(cfg)
+    thought = cfg.thought
+    init_dir = out / "policy_init"
+    if not (init_dir / "config.json").exists():
+        # saved before training: TRL reloads the reference model from this path, with the expanded vocabulary
+        policy = load_policy(cfg.policy, thought.vocab_tokens, thought.markers, init=thought.init, seed=cfg.seed)
+        atomic_save(init_dir, policy.save)
+    policy = load_policy(str(init_dir), thought.vocab_tokens, thought.markers)
+    model = policy.model
+    task = load_task(cfg.task)
+    train_rows = task.dataset["train"].to_list()
+    workers = start_workers(cfg.ray, str(init_dir), teacher, thought, cfg.sampling, cfg.rewards, cfg.task)
+    rl = cfg.rl
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: we pin trl for it
+    args = GRPOConfig(
+        output_dir=str(out / "trainer"), report_to=["tensorboard"], logging_steps=1,
+        per_device_train_batch_size=rl.prompts_per_step * rl.num_generations, num_generations=rl.num_generations,
+        steps_per_generation=1, num_iterations=1, max_steps=rl.max_steps, learning_rate=rl.lr,
+        lr_scheduler_type="constant", beta=rl.beta, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
+        scale_rewards="none" if rl.algo == "rloo" else "group",
+        max_completion_length=cfg.sampling.max_new_tokens + thought.max_thought_tokens + 2,
+        save_strategy="steps", save_steps=cfg.save_every, use_cpu=cfg.device == "cpu", bf16=False,
+        gradient_checkpointing=False, disable_dropout=True, seed=cfg.seed, log_completions=False,
+        dataloader_num_workers=0, weight_decay=0.0, warmup_steps=0,
+    )
+    rollout_func = RayRollouts(workers, policy.tokenizer, {r["prompt"]: r for r in train_rows}, cfg.seed, rl.max_staleness)
+    mode = make_mode(thought, policy.vocab, cfg.sampling)
+    trainer_ref: list = []
+    logger = RunLogger(cfg, trainer_ref, policy, task)
+    cls = PPORun if rl.algo == "ppo" else GRPORun
+    extra = dict(gamma=rl.gamma, lam=rl.lam, vf_coef=rl.vf_coef) if rl.algo == "ppo" else {}
+    trainer = cls(model=model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
+                  train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in train_rows]}),
+                  rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, **extra)
+    trainer.run_cfg, trainer.policy_extras = cfg, {"vocab": policy.vocab, "init_rows": policy.init_rows}
+    trainer_ref.append(trainer)
+    if resume_from is not None:
+        state = torch.load(resume_from / EXTRA_STATE)
+        trainer.thought_mode.load_state_dict(state["mode"])
+        if "value_head" in state:
+            trainer.value_head.load_state_dict(state["value_head"])
+        step = int(resume_from.name.split("-")[1])
+        for name in ("metrics.jsonl", "evals.jsonl"):
+            truncate_after(out / name, step)
+        print(f"resuming from {resume_from} (step {step})")
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        final = latest_trainer_checkpoint(out)
+        if final is None or int(final.name.split("-")[1]) != trainer.state.global_step:
+            trainer._save_checkpoint(trainer.model, None)
+            final = latest_trainer_checkpoint(out)
+    finally:
+        stop_workers(workers)
+    return final

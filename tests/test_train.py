@@ -1,0 +1,198 @@
+"""`thinktok train` on the CPU with local Ray: a shortened run, resume == uninterrupted, actor death,
+poisoned rewards, each algorithm and vector modes, and the learner's override against TRL's base method."""
+
+import json
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make
+from thinktok.models.thoughts import Action
+from thinktok.config import load_config
+from thinktok.models.policy import load_policy
+from thinktok.rl.actors import RayConfig, start_workers, stop_workers
+from thinktok.rl.learner import PoisonedStep, gae
+from thinktok.rl.rollout import sample
+from thinktok.rl.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "t"
+    load_policy("tiny", 0, False, seed=3).save(path)
+    yield str(path)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def config(tmp_path, teacher, *overrides):
+    base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.num_train=64", "task.num_val=8",
+            "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
+            "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
+            "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
+    return load_config(TrainConfig, None, base + list(overrides))
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_writes_everything(tmp_path, teacher):
+    final = run_train(config(tmp_path, teacher))
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss", "samples_per_s",
+            "weight_version"}
+    assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
+    assert [m["weight_version"] for m in lines] == [0, 1, 2]  # on-policy: sampled with the latest weights
+    assert final.name == "checkpoint-3" and (tmp_path / "trainer" / "checkpoint-2").exists()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.get_input_embeddings().weight.shape[0] == 50257 + 8
+    assert load_policy(str(final), 8, False).tokenizer.convert_tokens_to_ids("<think7>") == 50264
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    assert (tmp_path / "samples" / "step_2.html").exists() and (tmp_path / "samples" / "step_2.jsonl").exists()
+    assert json.loads((tmp_path / "evals.jsonl").read_text().splitlines()[0])["num_examples"] == 4
+    assert not list((tmp_path / "trainer").glob(".saving*")) and not list((tmp_path / "trainer").glob(".checkpoint*"))
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_train(config(tmp_path, teacher))
+
+
+def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
+    whole = tmp_path / "whole"
+    run_train(config(whole, teacher, "rl.max_steps=4"))
+    cut = tmp_path / "cut"
+    from thinktok.rl.train import GRPORun
+
+    original = GRPORun.training_step
+    calls = []
+
+    def dies_at_third_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(GRPORun, "training_step", dies_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config(cut, teacher, "rl.max_steps=4"))
+    monkeypatch.setattr(GRPORun, "training_step", original)
+    assert len(metrics(cut)) == 2
+    run_train(config(cut, teacher, "rl.max_steps=4"), resume=True)
+    a, b = metrics(whole), metrics(cut)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean", "weight_version"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+    wa = AutoModelForCausalLM.from_pretrained(whole / "trainer" / "checkpoint-4").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(cut / "trainer" / "checkpoint-4").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher):
+    cfg = TrainConfig(ray=RayConfig(num_rollout_workers=2, num_teacher_workers=1))
+    cfg.thought.num_thinking = 8
+    policy = load_policy("tiny", 8, False)
+    path = teacher + "_policy"
+    policy.save(path)
+    workers = start_workers(cfg.ray, path, teacher, cfg.thought, cfg.sampling, cfg.rewards, cfg.task)
+    try:
+        weights = [ray.put({"model": policy.model.state_dict(), "mode": {}})]
+        prompts = [[1105, 1635, 4974, 796]] * 48
+        victim, witness = workers.rollout
+        pid = ray.get(victim.pid.remote())
+        expected = ray.get(witness.sample.remote(prompts, 11, weights, 1))
+        pending = victim.sample.remote(prompts, 11, weights, 1)
+        time.sleep(0.5)  # mid-call
+        ray.kill(victim, no_restart=False)
+        got = ray.get(pending)
+        assert ray.get(victim.pid.remote()) != pid  # it really died and came back
+        assert len(got) == len(expected)
+        assert all(torch.equal(a.token, b.token) and torch.equal(a.logprob, b.logprob) for a, b in zip(got, expected))
+    finally:
+        stop_workers(workers)
+
+
+def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
+    bad = tmp_path / "nan_teacher"
+    p = load_policy("tiny", 0, False)
+    with torch.no_grad():
+        p.model.lm_head.weight.fill_(float("nan"))
+    p.save(bad)
+    with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
+        run_train(config(tmp_path / "run", str(bad)))
+    assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rl.algo=ppo", "thought.mode=continuous", "thought.num_thinking=0", "thought.learn_sigma=true"],
+    ["rl.algo=rloo", "thought.mode=soft", "thought.num_thinking=0", "rl.beta=0.1"],
+    ["rl.algo=grpo", "thought.mode=pause", "thought.num_thinking=2", "rl.beta=0.05",
+     "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
+])
+def test_algorithms_and_modes(tmp_path, teacher, overrides):
+    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", *overrides))
+    lines = metrics(tmp_path)
+    assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    assert any(not torch.equal(init[k], after[k]) for k in init)  # the learner moved the weights
+    extra = torch.load(final / "thinktok_extra.pt")
+    if "rl.algo=ppo" in overrides:
+        assert extra["value_head"]["weight"].abs().sum() > 0 and extra["mode"]["log_sigma"] != torch.tensor(0.1).log()
+
+
+def test_gae_by_hand():
+    r = torch.tensor([[0.0, 1.0, 2.0]])
+    v = torch.tensor([[0.5, 0.2, 0.1]])
+    valid = torch.tensor([[True, True, False]])
+    adv, ret = gae(r, v, valid, gamma=0.9, lam=0.8)
+    d1 = 1.0 - 0.2  # last valid step: no bootstrap
+    d0 = 0.0 + 0.9 * 0.2 - 0.5
+    assert torch.allclose(adv, torch.tensor([[d0 + 0.9 * 0.8 * d1, d1, 0.0]]))
+    assert torch.allclose(ret, adv + v * valid)
+
+
+def test_logps_override_matches_trl_base_method(tmp_path):
+    """For discrete thinking tokens with no mask in force, our recompute is exactly TRL's own log-probs."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from thinktok.rl.learner import ThoughtGRPOTrainer
+
+    policy, mode = make("vocab", max_new_tokens=5)
+    mode.cfg.max_thought_tokens = 50
+    # equal prompt lengths: TRL's base method left-pads prompts without position ids, which shifts GPT-2's
+    # positions for shorter prompts (our recompute packs right-padded with true positions, as sampled)
+    rollouts = sample(policy.model, mode, [[1105, 1635, 796], [15496, 11, 995]], seed=4)
+    assert sum(r.num_thought for r in rollouts) > 0
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                      per_device_train_batch_size=2, num_generations=2, report_to=[])
+    trainer = ThoughtGRPOTrainer(model=policy.model, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                                 args=args, processing_class=policy.tokenizer, train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
+                                 rollout_func=lambda p, t: None, thought_mode=mode)
+    trainer._rollouts = rollouts
+    width = max(len(r.prompt_ids) for r in rollouts)
+    steps = max(r.num_steps for r in rollouts)
+    ids = torch.zeros(2, width + steps, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rollouts):  # TRL's layout: prompts left-padded, completions right-padded
+        ids[i, width - len(r.prompt_ids) : width] = torch.tensor(r.prompt_ids)
+        ids[i, width : width + r.num_steps] = r.token
+        mask[i, width - len(r.prompt_ids) : width + r.num_steps] = 1
+    ours, _, _ = trainer._get_per_token_logps_and_entropies(policy.model, ids, mask, steps)
+    base, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, policy.model, ids, mask, steps)
+    # steps sampled from the plain softmax over text + thinking tokens (ANY: under the thought budget) are
+    # what TRL computes; past the budget our distribution masks thinking tokens and TRL's cannot know it
+    unmasked = torch.zeros_like(mask[:, width:], dtype=torch.bool)
+    for i, r in enumerate(rollouts):
+        unmasked[i, : r.num_steps] = r.action == Action.ANY
+    assert unmasked.sum() > 5
+    assert torch.allclose(ours[unmasked], base[unmasked], atol=1e-5)
+    budget = torch.zeros_like(unmasked)
+    for i, r in enumerate(rollouts):
+        budget[i, : r.num_steps] = r.action == Action.TEXT
+    recorded = torch.cat([r.logprob[r.action == Action.TEXT] for r in rollouts])
+    assert budget.any() and torch.allclose(ours[budget], recorded, atol=1e-5)
