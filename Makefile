@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart test install bench
+.PHONY: quickstart sample test install bench
 
 $(BIN)/thinktok: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(BIN)/thinktok: pyproject.toml
 
 install: $(BIN)/thinktok
 
+# RL on the embedded default (local Ray, CPU, tiny model); each call writes a new run directory
 quickstart: install
+	$(BIN)/thinktok train configs/quickstart.yaml run_dir=runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+sample: install
 	$(BIN)/thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4 --max-new-tokens 32
 
 test: install
@@ -28,3 +32,4 @@ test: install
 
 bench: install
 	$(BIN)/thinktok bench rollout
+	$(BIN)/thinktok bench train

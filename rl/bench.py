@@ -72,3 +72,33 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
     path.write_text(json.dumps(results, indent=2))
     print(f"saved {path}")
     return results
+
+
+def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[int, ...], out: Path) -> dict:
+    """`thinktok bench train`: samples/s and step time of the RL loop for 1, 2, 4 rollout actors in one
+    process (one local Ray cluster), as ratios against one actor."""
+    import tempfile
+
+    from thinktok.config import load_config
+
+    from .train import TrainConfig, run_train
+
+    results = {"config": config, "steps": steps, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in workers:
+            cfg = load_config(TrainConfig, config, [*overrides, f"ray.num_rollout_workers={n}", f"run_dir={tmp}/{n}",
+                                                    f"rl.max_steps={steps}", "eval_every=0", f"save_every={steps}"])
+            run_train(cfg)
+            lines = [json.loads(x) for x in (Path(tmp) / str(n) / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up
+            rate = statistics.mean(m["samples_per_s"] for m in lines)
+            batch = cfg.rl.prompts_per_step * cfg.rl.num_generations
+            results["runs"][n] = {"samples_per_s": rate, "step_s": batch / rate}
+    base = results["runs"][workers[0]]["samples_per_s"]
+    for n, r in results["runs"].items():
+        r["scaling_vs_1"] = r["samples_per_s"] / base
+        print(f"{n} rollout actors: {r['samples_per_s']:7.1f} samples/s, {r['step_s']:.2f} s/step, "
+              f"{r['scaling_vs_1']:.2f}x one actor")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps(results, indent=2))
+    print(f"saved {out / 'train.json'}")
+    return results

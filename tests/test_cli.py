@@ -80,3 +80,19 @@ def test_checkpoint_without_requested_tokens(tmp_path):
     assert r.returncode == 2 and "has 4 thinking tokens" in r.stderr and "Traceback" not in r.stderr
     r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "configs/quickstart.yaml", "rl.algo=a2c"], "unknown algo 'a2c'"),
+    (["train", "configs/quickstart.yaml", "rl.lrr=1"], "unknown config key rl.lrr"),
+    (["train", "configs/quickstart.yaml", "thought.mode=telepathy"], "unknown thought mode"),
+    (["train", "configs/quickstart.yaml", "rewards.weights={vibes: 1}"], "unknown reward mode 'vibes'"),
+    (["train", "--resume", "/no/such/run"], "no/such/run/config.yaml"),
+    (["train"], "needs a CONFIG"),
+    (["sft", "configs/sft_mult2_tiny.yaml", "train.batch_size=big"], "train.batch_size: expected int"),
+    (["eval", "/no/such/run"], "no checkpoint found"),
+])
+def test_config_commands_reject_bad_input(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("thinktok: error: ") and message in err and err.count("\n") == 1

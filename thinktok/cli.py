@@ -6,6 +6,7 @@
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench attention            (CUDA only)
+    thinktok bench train [CONFIG]       (1, 2, 4 rollout actors)
 
 Bad input (unknown mode, negative counts, a checkpoint without the requested thinking tokens, an
 unreadable path) ends with one `thinktok: error: ...` line and exit code 2, never a traceback.
@@ -78,7 +79,10 @@ def add_eval(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
-    p.add_argument("what", help="rollout | attention")
+    p.add_argument("what", help="rollout | attention | train")
+    p.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="train: the experiment to time")
+    p.add_argument("overrides", nargs="*", help="train: key=value overrides")
+    p.add_argument("--steps", type=int, default=6, help="train: RL steps per actor count")
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -171,12 +175,16 @@ def run_bench(a) -> None:
         from thinktok.rl.bench import bench_rollout
 
         bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
+    elif a.what == "train":
+        from thinktok.rl.bench import bench_train
+
+        bench_train(a.config, a.overrides, a.steps, (1, 2, 4), Path(a.out))
     elif a.what == "attention":
         from thinktok.kernels.bench import bench_attention
 
         bench_attention(Path(a.out))
     else:
-        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout or attention")
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, attention or train")
 
 
 def main(argv: list[str] | None = None) -> int:
