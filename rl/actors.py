@@ -33,6 +33,7 @@ class RayConfig:
     gpus_per_teacher_worker: float = 0.0
     max_restarts: int = 3
     verbose: bool = False  # forward actor logs to the driver
+    start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -40,8 +41,9 @@ def init_ray(cfg: RayConfig) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local cluster: no token warnings
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # a local cluster gets a CPU slot per actor even on a small machine (they share the cores)
-    cpus = None if cfg.address else max(os.cpu_count() or 1, cfg.num_rollout_workers + cfg.num_teacher_workers)
+    # A local cluster gets generous logical CPUs: actors mostly wait on each other and share the cores, and a
+    # later run in the same process (bench train: 1, 2, 4 actors) must still fit.
+    cpus = None if cfg.address else max(os.cpu_count() or 1, 64)
     ray.init(address=cfg.address, num_cpus=cpus, log_to_driver=cfg.verbose, include_dashboard=False,
              configure_logging=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
@@ -113,7 +115,14 @@ def start_workers(cfg: RayConfig, policy_path: str, teacher_path: str | None, th
         [teacher_cls.remote(teacher_path, rewards, task, policy_path, thought, sampling, device(cfg.gpus_per_teacher_worker))
          for _ in range(cfg.num_teacher_workers)],
     )
-    ray.get([w.pid.remote() for w in workers.rollout + workers.teacher])  # fail here, not mid-step, if one can't start
+    # fail here, not mid-step, if one cannot start or be placed
+    ready, pending = ray.wait([w.pid.remote() for w in workers.rollout + workers.teacher],
+                              num_returns=len(workers.rollout) + len(workers.teacher), timeout=cfg.start_timeout_s)
+    if pending:
+        stop_workers(workers)
+        raise RuntimeError(f"{len(pending)} Ray actors were not placed within {cfg.start_timeout_s} s: the cluster lacks "
+                           f"the resources asked for (ray.* settings: {cfg})")
+    ray.get(ready)
     return workers
 
 

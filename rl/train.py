@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig
 
 from thinktok.config import load_config, save_config
@@ -193,6 +195,16 @@ class RunLogger(TrainerCallback):
         model.train()
 
 
+class RewardProgress(ProgressCallback):
+    """The Trainer's progress bar with reward and throughput on it, instead of a dict printed per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "reward" in logs:
+            step_s = max(logs.get("step_time", 0.0), 1e-9)
+            self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}",
+                                          samples_s=f"{args.per_device_train_batch_size / step_s:.1f}")
+
+
 def latest_trainer_checkpoint(out: Path) -> Path | None:
     try:
         return find_checkpoint(out)
@@ -233,6 +245,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     rl = cfg.rl
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: we pin trl for it
+    if not cfg.ray.verbose:  # TRL 1.16 calls transformers APIs that 5.x deprecates: not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = GRPOConfig(
         output_dir=str(out / "trainer"), report_to=["tensorboard"], logging_steps=1,
         per_device_train_batch_size=rl.prompts_per_step * rl.num_generations, num_generations=rl.num_generations,
@@ -253,6 +267,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     trainer = cls(model=model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
                   train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in train_rows]}),
                   rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, **extra)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RewardProgress)
     trainer.run_cfg, trainer.policy_extras = cfg, {"vocab": policy.vocab, "init_rows": policy.init_rows}
     trainer_ref.append(trainer)
     if resume_from is not None:
