@@ -166,16 +166,6 @@ class ThoughtMode(nn.Module):
         rest = torch.cat([logits[:, :eot], logits[:, eot + 1 :]], -1).float()
         return logits[:, eot].float() - lse, torch.logsumexp(rest, -1) - lse
 
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
-
-    def vector_logprob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Gaussian density of continuous action x around hidden state h, summed over D: (N,)."""
-        if self.cfg.sigma == 0:
-            return torch.zeros(x.shape[0], device=x.device)
-        return Normal(h.float(), self.sigma).log_prob(x.float()).sum(-1)
-
     def soft_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Renormalised mixture distribution over the chosen ids: (N, V), (N, k) -> (N, k)."""
         return F.softmax(logits.float().gather(-1, ids) / self.cfg.soft_temperature, dim=-1)
@@ -211,7 +201,7 @@ class ThoughtMode(nn.Module):
             stop_lp, cont_lp = self.stop_logprobs(logits)
             out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(action == Action.VECTOR, cont_lp, 0)
         vec = action == Action.VECTOR
-        if vec.any():
+        if vec.any():  # only ContinuousThoughts records vector actions
             out = out.index_put((vec.nonzero()[:, 0],), self.vector_logprob(vector[vec], hidden[vec]), accumulate=True)
         soft = action == Action.SOFT
         if soft.any():
@@ -314,6 +304,16 @@ class ContinuousThoughts(MarkedThoughts):
         super().__init__(cfg, vocab, sampling)
         self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.sigma) if cfg.sigma > 0 else 0.0),
                                       requires_grad=cfg.learn_sigma)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def vector_logprob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gaussian density of continuous action x around hidden state h, summed over D: (N,)."""
+        if self.cfg.sigma == 0:
+            return torch.zeros(x.shape[0], device=x.device)
+        return Normal(h.float(), self.sigma).log_prob(x.float()).sum(-1)
 
     def thought(self, logits, hidden, state, embed):
         eot = torch.full_like(state.phase, self.vocab.eot_id)

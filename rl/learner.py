@@ -77,7 +77,9 @@ class RayRollouts:
             scored = ray.get([w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)
                               for w, g in zip(self.workers.teacher, groups) if g])
         except ray.exceptions.RayTaskError as e:
-            raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+            if isinstance(e.cause, ValueError):  # the reward model's own checks (non-finite rewards)
+                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+            raise
         per_step = [s for part in scored for s in part.per_step]
         total = torch.cat([part.total for part in scored])
         check_finite("reward", total, version)

@@ -28,7 +28,7 @@ from thinktok.models.policy import Policy, load_policy
 from thinktok.models.thoughts import ThoughtConfig
 from thinktok.models.vocab import row_movement
 
-from .checkpoint import RUN_INFO, save_run_info
+from .checkpoint import save_run_info
 
 ROWS_FILE = "thinking_rows.json"
 
@@ -229,5 +229,3 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
         return ThoughtConfig(mode="continuous", num_thinking=0, max_thought_tokens=latents, sigma=th.sigma)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 
-
-__all__ = ["SFTConfig", "run_sft", "RUN_INFO"]
