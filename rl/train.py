@@ -126,7 +126,7 @@ class RunTrainer:
         tmp = root / ".saving" / name
         self.policy_extras["vocab"].save(tmp)
         torch.save(self.policy_extras["init_rows"], tmp / "thinktok_init_rows.pt")
-        save_run_info(tmp, self.run_cfg.task, "answer", self.run_cfg.thought)
+        save_run_info(tmp, self.run_cfg.task, "rl", self.run_cfg.thought)
         torch.save(extra_state(self), tmp / EXTRA_STATE)
         atomic_save(root / name, lambda d: [p.rename(d / p.name) for p in tmp.iterdir()])
         shutil.rmtree(root / ".saving")
