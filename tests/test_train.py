@@ -3,6 +3,7 @@ poisoned rewards, each algorithm and vector modes, and the learner's override ag
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -28,12 +29,16 @@ def teacher(tmp_path_factory):
         ray.shutdown()
 
 
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+
+
 def config(tmp_path, teacher, *overrides):
+    """The README's quickstart, shortened: tiny random policy, a small task, a few steps."""
     base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.num_train=64", "task.num_val=8",
             "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
             "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
             "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
-    return load_config(TrainConfig, None, base + list(overrides))
+    return load_config(TrainConfig, QUICKSTART, base + list(overrides))
 
 
 def metrics(run):
