@@ -1,6 +1,9 @@
 """GPT-2 forward over the parallel-thought layout (T real tokens, then T*L thoughts position-major) with
 the fused kernel as a transformers attention implementation, so the model code stays transformers' own.
 
+Two forms: the full teacher-forced layout (the fused kernel; scoring and the learner's recompute) and the
+incremental form used while sampling (one new thought per position against cached keys/values).
+
 The pattern fixes the mask, so the implementation ignores `attention_mask` (no padding inside a layout:
 batch rows share T and L) and a mask function that builds nothing is registered beside it: transformers
 would otherwise materialise a dense (N, N) mask, the very cost the kernel avoids.
@@ -18,10 +21,49 @@ from thinktok.kernels import parallel_thought_attention
 NAME = "parallel_thought"
 
 
+class ParallelCache:
+    """Per-layer keys/values of the incremental form: the real prefix (B, H, T, D) and each position's
+    thoughts so far (B, H, T, j, D). transformers' caches hold one sequence per row, not this layout."""
+
+    def __init__(self):
+        self.real: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.thought: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def incremental_attention(q, k_real, v_real, k_thought, v_thought, scale: float) -> torch.Tensor:
+    """Thought step j at every position at once: query t (B, H, T, D) attends real keys <= t and its own
+    position's thoughts 0..j (B, H, T, j+1, D). Cost T*(T + j), nothing spent on other positions' thoughts.
+    The two score blocks share one softmax."""
+    t = q.shape[2]
+    real = torch.einsum("bhtd,bhkd->bhtk", q.float(), k_real.float()) * scale  # (B, H, T, T)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    real = real.masked_fill(~causal, float("-inf"))
+    own = torch.einsum("bhtd,bhtjd->bhtj", q.float(), k_thought.float()) * scale  # (B, H, T, j+1)
+    p = torch.cat([real, own], dim=-1).softmax(-1)
+    out = torch.einsum("bhtk,bhkd->bhtd", p[..., :t], v_real.float())
+    out = out + torch.einsum("bhtj,bhtjd->bhtd", p[..., t:], v_thought.float())
+    return out.to(q.dtype)
+
+
 def parallel_thought_attention_impl(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                    num_real: int | None = None, thought_len: int = 0, **kwargs):
-    """transformers' attention signature: q, k, v (B, H, N, D) -> (B, N, H, D), no weights."""
-    if thought_len == 0:  # real tokens only: plain causal attention
+                                    num_real: int | None = None, thought_len: int = 0,
+                                    parallel_cache: ParallelCache | None = None, **kwargs):
+    """transformers' attention signature: q, k, v (B, H, N, D) -> (B, N, H, D), no weights.
+
+    With a `parallel_cache`: the first call is the real prefix (cached), each later call one new thought
+    token per position (incremental form). Without: the full layout through the fused kernel."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    layer = module.layer_idx
+    if parallel_cache is not None and layer in parallel_cache.real:
+        k_t, v_t = key[:, :, :, None], value[:, :, :, None]  # (B, H, T, 1, D)
+        if layer in parallel_cache.thought:
+            old_k, old_v = parallel_cache.thought[layer]
+            k_t, v_t = torch.cat([old_k, k_t], 3), torch.cat([old_v, v_t], 3)
+        parallel_cache.thought[layer] = (k_t, v_t)
+        out = incremental_attention(query, *parallel_cache.real[layer], k_t, v_t, scaling)
+    elif thought_len == 0:  # real tokens only: plain causal attention
+        if parallel_cache is not None:
+            parallel_cache.real[layer] = (key, value)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
         out = parallel_thought_attention(query, key, value, num_real, thought_len, scale=scaling)
@@ -39,12 +81,15 @@ def layout_positions(num_real: int, thought_len: int, device=None) -> torch.Tens
     return torch.cat([t, (t[:, None] + 1 + j[None, :]).flatten()])
 
 
-def parallel_forward(model: PreTrainedModel, ids: torch.Tensor, num_real: int, thought_len: int):
-    """ids (B, T + T*L) in the layout -> model output (logits (B, N, V), hidden states)."""
+def parallel_forward(model: PreTrainedModel, ids: torch.Tensor, num_real: int, thought_len: int,
+                     cache: ParallelCache | None = None, position_ids: torch.Tensor | None = None):
+    """ids (B, T + T*L) in the layout -> model output (logits (B, N, V), hidden states).
+    With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j)."""
     previous = model.config._attn_implementation
     model.config._attn_implementation = NAME
     try:
-        pos = layout_positions(num_real, thought_len, ids.device).expand(ids.shape[0], -1)
-        return model(input_ids=ids, position_ids=pos, num_real=num_real, thought_len=thought_len)
+        pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
+        return model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), num_real=num_real,
+                     thought_len=thought_len, parallel_cache=cache, use_cache=False)
     finally:
         model.config._attn_implementation = previous

@@ -2,7 +2,7 @@
 every position at once, then score how much each position's thought raises the log-prob of the true next
 token. All passes run through GPT-2 with the fused parallel-thought kernel (models/parallel.py).
 
-  sample_parallel   L passes over the growing layout; pass j samples thought j at all T positions
+  sample_parallel   incremental form: pass j feeds thought j-1 at all T positions against a KV cache
   thought_gain      per position: log p(x_{t+1} | x_{<=t}, thought_t) - log p(x_{t+1} | x_{<=t})
   parallel_loss     REINFORCE with the mean over the G thoughts sampled at the same position as baseline
                     (Quiet-STaR), negative gains clamped to 0 as there; differentiable through the kernel.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from thinktok.models.parallel import parallel_forward
+from thinktok.models.parallel import ParallelCache, parallel_forward
 from thinktok.models.thoughts import ThoughtMode
 
 from .rollout import rng_devices
@@ -43,22 +43,23 @@ def choosing_logits(logits: torch.Tensor, num_real: int, thought_len: int) -> to
 
 @torch.no_grad()
 def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: int, seed: int = 0) -> ParallelRollout:
-    """Thoughts are drawn from the thinking tokens only (text tokens masked: a thought is never text)."""
+    """Incremental form: the real prefix once, then one pass per thought step feeding T new tokens (one per
+    position) against cached keys/values. Thoughts are drawn from the thinking tokens only."""
     b, t = real.shape
-    v = mode.vocab
-    thoughts = torch.zeros(b, t, 0, dtype=torch.long, device=real.device)
-    logps = torch.zeros(b, t, 0, device=real.device)
+    cache = ParallelCache()
+    steps = torch.arange(t, device=real.device)
+    thoughts, logps = [], []
     with torch.random.fork_rng(devices=rng_devices(real.device)):
         torch.manual_seed(seed)
+        logits = parallel_forward(model, real, t, 0, cache).logits  # (B, T, V): choose thought 0
         for j in range(thought_len):
-            ids = torch.cat([real, thoughts.reshape(b, t * j)], dim=1)
-            logits = parallel_forward(model, ids, t, j).logits
-            last = choosing_logits(logits, t, j)[:, :, j]  # (B, T, V)
-            lp = thought_logprobs(last, v)
-            tok = torch.multinomial(lp.reshape(b * t, -1).exp(), 1).reshape(b, t, 1)
-            thoughts = torch.cat([thoughts, tok], dim=2)
-            logps = torch.cat([logps, lp.gather(-1, tok)], dim=2)
-    return ParallelRollout(real, thoughts, logps)
+            lp = thought_logprobs(logits, mode.vocab)
+            tok = torch.multinomial(lp.reshape(b * t, -1).exp(), 1).reshape(b, t)
+            thoughts.append(tok)
+            logps.append(lp.gather(-1, tok[..., None])[..., 0])
+            if j + 1 < thought_len:
+                logits = parallel_forward(model, tok, t, 0, cache, position_ids=steps + 1 + j).logits
+    return ParallelRollout(real, torch.stack(thoughts, 2), torch.stack(logps, 2))
 
 
 def thought_logprobs(logits: torch.Tensor, vocab) -> torch.Tensor:

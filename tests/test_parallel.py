@@ -67,3 +67,17 @@ def test_reinforce_loss_trains_thinking_rows():
     grad = policy.model.get_input_embeddings().weight.grad
     assert torch.isfinite(loss) and stats["advantage_mean"] >= 0
     assert grad[50257:50265].abs().sum() > 0
+
+
+def test_incremental_attention_equals_reference_rows():
+    from thinktok.kernels import parallel_thought_attention_reference
+    from thinktok.models.parallel import incremental_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, h, d, j = 2, 3, 16, 2  # step j: thoughts 0..j of every position exist
+    q, k, v = (torch.randn(b, h, T * (1 + L), d, generator=g) for _ in range(3))
+    ref = parallel_thought_attention_reference(q, k, v, T, L)
+    rows = T + torch.arange(T) * L + j  # thought (t, j) for every t
+    thought = lambda x: x[:, :, T:].reshape(b, h, T, L, d)[:, :, :, : j + 1]  # noqa: E731
+    out = incremental_attention(q[:, :, rows], k[:, :, :T], v[:, :, :T], thought(k), thought(v), d ** -0.5)
+    assert torch.allclose(out, ref[:, :, rows], atol=1e-5)
