@@ -220,6 +220,11 @@ class ThoughtMode(nn.Module):
         tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else torch.multinomial(lp.exp(), 1)
         return tok[:, 0], lp.gather(1, tok)[:, 0]
 
+    def text_step(self, logits: torch.Tensor, embed: nn.Embedding) -> StepOut:
+        """A text token sampled with the thinking tokens masked out, for every row."""
+        tok, lp = self.sample_token(logits, torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
+        return StepOut(torch.full_like(tok, Action.TEXT), tok, embed(tok), lp)
+
     def forced(self, token: torch.Tensor, embed: nn.Embedding) -> StepOut:
         return StepOut(torch.full_like(token, Action.FORCED), token, embed(token), torch.zeros(token.shape, device=token.device))
 
@@ -261,10 +266,10 @@ class PauseThoughts(ThoughtMode):
         return state
 
     def step(self, logits, hidden, state, embed):
-        text = self.sample_token(logits, torch.zeros_like(state.phase, dtype=torch.bool))
         pausing = state.phase > 0
-        forced = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
-        out = select(pausing, forced, StepOut(torch.full_like(text[0], Action.TEXT), text[0], embed(text[0]), text[1]))
+        out = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
+        if not pausing.all():  # sample text only on steps where some row writes text
+            out = select(pausing, out, self.text_step(logits, embed))
         state.n_thought += pausing
         state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
         refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0
@@ -284,13 +289,16 @@ class MarkedThoughts(ThoughtMode):
         raise NotImplementedError
 
     def step(self, logits, hidden, state, embed):
-        v = self.vocab
-        text = self.sample_token(logits, torch.zeros_like(state.phase, dtype=torch.bool))
-        out = StepOut(torch.full_like(text[0], Action.TEXT), text[0], embed(text[0]), text[1])
-        think, ends = self.thought(logits, hidden, state, embed)
+        # each branch runs only on steps where some row is in its phase (the soft branch is a top-k over the
+        # vocabulary: not worth paying on the text steps that make up most of a rollout)
+        out = self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed)
         thinking = state.phase == 1
-        out = select(thinking, think, out)
-        out = select(state.phase == 0, self.forced(torch.full_like(text[0], v.bot_id), embed), out)
+        ends = torch.zeros_like(thinking)
+        if thinking.any():
+            think, ends = self.thought(logits, hidden, state, embed)
+            out = select(thinking, think, out)
+        if (state.phase == 2).any():
+            out = select(state.phase == 2, self.text_step(logits, embed), out)
         state.n_thought += state.phase < 2
         state.phase = torch.where(thinking & ends, 2, torch.where(state.phase == 0, 1, state.phase))
         return out

@@ -19,6 +19,7 @@ from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+from thinktok.models.vocab import load_base_tokenizer
 
 from .rewards import RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
@@ -53,7 +54,6 @@ class RolloutWorker:
 
     def __init__(self, policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
         torch.set_num_threads(threads)
-        self.device = device
         self.policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
         self.policy.model.to(device).eval()
         self.mode = make_mode(thought, self.policy.vocab, sampling).to(device)
@@ -79,14 +79,17 @@ class TeacherWorker:
                  thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
         torch.set_num_threads(threads)
         teacher = Teacher.load(teacher_path, device) if teacher_path else None
-        policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
-        self.mode = make_mode(thought, policy.vocab, sampling).to(device)
-        self.model = policy.model.to(device).eval()
+        self.model = self.mode = None
+        if "gold_loglik" in rewards.weights:  # the only reward that reads thoughts needs a policy copy
+            policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
+            self.mode = make_mode(thought, policy.vocab, sampling).to(device)
+            self.model = policy.model.to(device).eval()
         self.version = -1
-        self.rewards = RewardModel(rewards, teacher, load_task(task), policy.tokenizer, self.model, self.mode)
+        self.rewards = RewardModel(rewards, teacher, load_task(task), load_base_tokenizer(policy_path), self.model,
+                                   self.mode)
 
     def score(self, rollouts: list[Rollout], rows: list[dict], weights: list, version: int) -> Rewards:
-        if "gold_loglik" in self.rewards.cfg.weights and version != self.version:
+        if self.model is not None and version != self.version:
             state = ray.get(weights[0])
             self.model.load_state_dict(state["model"])
             self.version = version

@@ -21,10 +21,10 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
     rows = list(task.dataset[split])[:limit]
     start = time.perf_counter()
     correct, real, thought = 0, 0, 0
-    device = policy.model.device
+    mode = mode.to(policy.model.device)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        rollouts = sample(policy.model, mode.to(device), [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
+        rollouts = sample(policy.model, mode, [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
         for r, row in zip(rollouts, chunk):
             correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
             real += r.num_real

@@ -16,8 +16,6 @@ the base method).
 
 from __future__ import annotations
 
-import time
-
 import ray
 import torch
 from torch import nn
@@ -61,7 +59,6 @@ class RayRollouts:
         version = trainer.state.global_step
         weights = self.publish(trainer, version)
         ids = [self.tokenizer(p).input_ids for p in prompts]
-        start = time.perf_counter()
         parts = chunks(list(range(len(prompts))), len(self.workers.rollout))
         # the seed depends only on (run seed, step, chunk): a retried call after an actor death resamples the same
         futures = [w.sample.remote([ids[i] for i in part], self.seed * 1_000_003 + version * 7919 + k, weights, version)
@@ -83,7 +80,7 @@ class RayRollouts:
         per_step = [s for part in scored for s in part.per_step]
         total = torch.cat([part.total for part in scored])
         check_finite("reward", total, version)
-        trainer.store(rollouts, per_step, time.perf_counter() - start)
+        trainer.store(rollouts, per_step)
         return {
             "prompt_ids": [r.prompt_ids for r in rollouts],
             # vector/soft steps have no token: a placeholder id; their log-probs come from the recompute
@@ -119,14 +116,13 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.thought_mode.parameters())
 
-    def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor], seconds: float) -> None:
+    def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor]) -> None:
         self._rollouts, self._per_step = rollouts, per_step
         n = len(rollouts)
         self.rollout_stats = {
             "thought_steps_mean": sum(r.num_thought for r in rollouts) / n,
             "real_tokens_mean": sum(r.num_real for r in rollouts) / n,
             "weight_version": min(r.weight_version for r in rollouts),
-            "rollout_s": seconds,
         }
 
     def _generate_and_score_completions(self, inputs):

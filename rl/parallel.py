@@ -53,7 +53,7 @@ def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: i
         torch.manual_seed(seed)
         logits = parallel_forward(model, real, t, 0, cache).logits  # (B, T, V): choose thought 0
         for j in range(thought_len):
-            lp = thought_logprobs(logits, mode.vocab)
+            lp = thought_logprobs(logits, mode)
             tok = torch.multinomial(lp.reshape(b * t, -1).exp(), 1).reshape(b, t)
             thoughts.append(tok)
             logps.append(lp.gather(-1, tok[..., None])[..., 0])
@@ -62,29 +62,27 @@ def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: i
     return ParallelRollout(real, torch.stack(thoughts, 2), torch.stack(logps, 2))
 
 
-def thought_logprobs(logits: torch.Tensor, vocab) -> torch.Tensor:
+def thought_logprobs(logits: torch.Tensor, mode: ThoughtMode) -> torch.Tensor:
     """Log-softmax over the thinking tokens only: (..., V) -> (..., V), -inf elsewhere."""
-    cols = torch.arange(logits.shape[-1], device=logits.device)
-    think = (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking)
-    return F.log_softmax(logits.float().masked_fill(~think, float("-inf")), dim=-1)
+    return F.log_softmax(logits.float().masked_fill(~mode.think_cols, float("-inf")), dim=-1)
 
 
-def thought_gain(model, rollout: ParallelRollout, vocab) -> tuple[torch.Tensor, torch.Tensor]:
+def thought_gain(model, rollout: ParallelRollout, mode: ThoughtMode) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position t < T-1: gain in log p(true next token) from the thought, and the thoughts' log-probs
     recomputed teacher-forced (differentiable): (B, T-1), (B, T, L)."""
     b, t, l = rollout.thoughts.shape
     logits = choosing_logits(parallel_forward(model, rollout.layout(), t, l).logits, t, l)  # (B, T, L+1, V)
-    text = logits[..., : vocab.real_size].float().log_softmax(-1)  # next-token predictions over text
+    text = logits[..., : mode.vocab.real_size].float().log_softmax(-1)  # next-token predictions over text
     nxt = rollout.real[:, 1:, None]
     without = text[:, :-1, 0].gather(-1, nxt)[..., 0]
     with_thought = text[:, :-1, l].gather(-1, nxt)[..., 0]
-    logp = thought_logprobs(logits[:, :, :l], vocab).gather(-1, rollout.thoughts[..., None])[..., 0]
+    logp = thought_logprobs(logits[:, :, :l], mode).gather(-1, rollout.thoughts[..., None])[..., 0]
     return with_thought - without, logp
 
 
-def parallel_loss(model, rollout: ParallelRollout, vocab, group: int) -> tuple[torch.Tensor, dict]:
+def parallel_loss(model, rollout: ParallelRollout, mode: ThoughtMode, group: int) -> tuple[torch.Tensor, dict]:
     """REINFORCE over G thoughts per position (rows b*G..b*G+G-1 share a text). Returns loss and stats."""
-    gain, logp = thought_gain(model, rollout, vocab)
+    gain, logp = thought_gain(model, rollout, mode)
     g = gain.detach().reshape(-1, group, gain.shape[1])
     advantage = (g - g.mean(1, keepdim=True)).clamp_min(0).reshape_as(gain)  # Quiet-STaR keeps positive ones
     loss = -(advantage * logp[:, :-1].sum(-1)).mean()

@@ -145,8 +145,14 @@ def sample(
 
 def collate_steps(prompts, steps: list[StepOut], alive: torch.Tensor, mode: ThoughtMode, weight_version: int) -> list[Rollout]:
     """Per-step batch records -> one trimmed `Rollout` per sequence (on the CPU)."""
-    stack = lambda name: (torch.stack([getattr(s, name) for s in steps], 1).cpu()  # noqa: E731
-                          if getattr(steps[0], name) is not None else None)
+    def stack(name):
+        """(B, S, ...) of one field; steps without a payload (forced/text steps) get zeros there."""
+        present = [getattr(s, name) for s in steps if getattr(s, name) is not None]
+        if not present:
+            return None
+        return torch.stack([x if x is not None else torch.zeros_like(present[0])
+                            for x in (getattr(s, name) for s in steps)], 1).cpu()
+
     action, token, logprob = stack("action"), stack("token"), stack("logprob").float()
     vector, soft_ids, soft_w = stack("vector"), stack("soft_ids"), stack("soft_w")
     lengths = alive.sum(1).tolist()

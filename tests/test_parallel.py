@@ -37,7 +37,7 @@ def test_sampler_matches_recompute_and_thoughts_are_thinking_tokens():
     rollout = sample_parallel(policy.model, mode, real, L, seed=1)
     assert rollout.thoughts.shape == (4, T, L)
     assert ((rollout.thoughts >= 50257) & (rollout.thoughts < 50265)).all()
-    _, logp = thought_gain(policy.model, rollout, policy.vocab)
+    _, logp = thought_gain(policy.model, rollout, mode)
     assert torch.allclose(logp, rollout.logprob, atol=1e-5)
     again = sample_parallel(policy.model, mode, real, L, seed=1)
     assert torch.equal(again.thoughts, rollout.thoughts)
@@ -62,7 +62,7 @@ def test_reinforce_loss_trains_thinking_rows():
     policy, mode, real = setup()
     group = 2
     rollout = sample_parallel(policy.model, mode, real.repeat_interleave(group, 0), L, seed=3)
-    loss, stats = parallel_loss(policy.model, rollout, policy.vocab, group)
+    loss, stats = parallel_loss(policy.model, rollout, mode, group)
     loss.backward()
     grad = policy.model.get_input_embeddings().weight.grad
     assert torch.isfinite(loss) and stats["advantage_mean"] >= 0
