@@ -1,6 +1,8 @@
 """GPT-2 forward over the parallel-thought layout (T real tokens, then T*L thoughts position-major) with
 the fused kernel as a transformers attention implementation, so the model code stays transformers' own.
 
+Also here: Quiet-STaR's mixing head, which weighs post-thought against pre-thought predictions.
+
 Two forms: the full teacher-forced layout (the fused kernel; scoring and the learner's recompute) and the
 incremental form used while sampling (one new thought per position against cached keys/values).
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -81,15 +84,42 @@ def layout_positions(num_real: int, thought_len: int, device=None) -> torch.Tens
     return torch.cat([t, (t[:, None] + 1 + j[None, :]).flatten()])
 
 
-def parallel_forward(model: PreTrainedModel, ids: torch.Tensor, num_real: int, thought_len: int,
-                     cache: ParallelCache | None = None, position_ids: torch.Tensor | None = None):
-    """ids (B, T + T*L) in the layout -> model output (logits (B, N, V), hidden states).
-    With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j)."""
+def parallel_hidden(model: PreTrainedModel, ids: torch.Tensor, num_real: int, thought_len: int,
+                    cache: ParallelCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """ids (B, T + T*L) in the layout -> last hidden state (B, N, H), after the final layer norm.
+    With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j).
+
+    No LM head here: callers project only the rows and columns they need (`project`), because over GPT-2's
+    50k columns the head, not attention, dominates a small model's parallel pass."""
     previous = model.config._attn_implementation
     model.config._attn_implementation = NAME
     try:
         pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
-        return model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), num_real=num_real,
-                     thought_len=thought_len, parallel_cache=cache, use_cache=False)
+        out = model.base_model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), num_real=num_real,
+                               thought_len=thought_len, parallel_cache=cache, use_cache=False)
+        return out.last_hidden_state
     finally:
         model.config._attn_implementation = previous
+
+
+def project(model: PreTrainedModel, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Logits of vocabulary columns [lo, hi) only: (..., H) -> (..., hi - lo)."""
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias[lo:hi]
+    return F.linear(hidden, head.weight[lo:hi], bias)
+
+
+class MixingHead(nn.Module):
+    """Quiet-STaR's mixing head: w = tanh(MLP([h_pre; h_post])) per prediction, and the mixed logits are
+    pre + w * (post - pre). The last layer starts at zero, so w = 0 and training starts exactly from the base
+    model's predictions; tanh rather than Quiet-STaR's sigmoid because sigmoid(0) = 0.5 would start halfway."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """pre, post (..., H) hidden states -> (..., 1) mixing weight."""
+        return torch.tanh(self.net(torch.cat([pre, post], -1).to(self.net[0].weight.dtype)))

@@ -1,89 +1,256 @@
-"""Parallel thought rollouts (Quiet-STaR style): for a text of T real tokens, think L thinking tokens at
-every position at once, then score how much each position's thought raises the log-prob of the true next
-token. All passes run through GPT-2 with the fused parallel-thought kernel (models/parallel.py).
+"""Parallel thought rollouts (Quiet-STaR style): for a window of T real tokens, think L thinking tokens at
+every position at once, then reward each position's thought by how much it raises the log-prob of the
+next n true tokens. Every pass runs through GPT-2 with the fused parallel-thought kernel (models/parallel.py).
+
+Layout of a scored window: the T real tokens, then per position t a segment of L + n - 1 tokens,
+[thought_0 .. thought_{L-1}, x_{t+1} .. x_{t+n-1}] (the true continuation teacher-forced after the thought),
+so the kernel's pattern (own segment causal + real prefix <= t) is exactly "think, then read on".
+Prediction k (k = 0..n-1) of position t is of the token after real row t+k: post-thought from segment
+index L-1+k, pre-thought (base) from real row t+k. It is valid while t+k+1 < T.
+
+Targets ("scorer"): `policy` scores the true next token (Quiet-STaR, the policy's own head); `teacher` uses
+the frozen teacher's next-token distribution over the real window (top-k, renormalised; the teacher reads
+only real tokens, as everywhere): the gain is then in expected log-prob under the teacher's distribution.
 
   sample_parallel   incremental form: pass j feeds thought j-1 at all T positions against a KV cache
-  thought_gain      per position: log p(x_{t+1} | x_{<=t}, thought_t) - log p(x_{t+1} | x_{<=t})
-  parallel_loss     REINFORCE with the mean over the G thoughts sampled at the same position as baseline
-                    (Quiet-STaR), negative gains clamped to 0 as there; differentiable through the kernel.
+  score             thought log-probs (differentiable) and post/base target log-probs from one pass
+  ParallelScorer    what the scoring actor runs: targets + per-position gains
+  position_advantages  gain minus the mean over the G thoughts sampled at the same position (Quiet-STaR)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from thinktok.models.parallel import ParallelCache, parallel_forward
+from thinktok.models.parallel import MixingHead, ParallelCache, parallel_hidden, project
+from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
 
 from .rollout import rng_devices
 
+SCORERS = ("policy", "teacher")
+
+
+@dataclass
+class ParallelConfig:
+    num_real: int = 32  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
+    thought_len: int = 4  # L: thinking tokens sampled at every position (Quiet-STaR: 12)
+    lookahead: int = 2  # n: true tokens after each thought whose log-prob gain is the reward (Quiet-STaR: 4)
+    scorer: str = "policy"  # policy | teacher
+    teacher_top_k: int = 16  # teacher scorer: the teacher's top-k next tokens, renormalised, are the targets
+    mixing_head: bool = False  # Quiet-STaR's learned mixing of post- and pre-thought predictions
+    nll_coef: float = 1.0  # weight of the post-thought NLL of the targets (Quiet-STaR trains it beside REINFORCE)
+    positive_only: bool = True  # keep only positive advantages (Quiet-STaR)
+    format: str = "cot"  # task rows become text as prompt + target(row, format)
+
+    def validate(self) -> None:
+        for name in ("num_real", "thought_len", "lookahead", "teacher_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_real < 2:
+            raise ValueError("parallel.num_real must be >= 2: a position needs a next token to be scored")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown parallel.scorer {self.scorer!r}: expected one of {', '.join(SCORERS)}")
+        if self.nll_coef < 0:
+            raise ValueError(f"parallel.nll_coef must be >= 0, got {self.nll_coef}")
+
 
 @dataclass
 class ParallelRollout:
-    real: torch.Tensor  # (B, T) the text
-    thoughts: torch.Tensor  # (B, T, L) thinking token ids, thought (t, j) at layout index T + t*L + j
-    logprob: torch.Tensor  # (B, T, L) sampling log-probs
+    """R rows (windows, each repeated G times by the learner), every tensor batch-first."""
 
-    def layout(self) -> torch.Tensor:
-        b, t, l = self.thoughts.shape
-        return torch.cat([self.real, self.thoughts.reshape(b, t * l)], dim=1)
+    real: torch.Tensor  # (R, T) the text
+    thoughts: torch.Tensor  # (R, T, L) thinking token ids
+    logprob: torch.Tensor  # (R, T, L) sampling log-probs
+    target_ids: torch.Tensor | None = None  # (R, T, K) what real row r predicts (the scorer's targets)
+    target_p: torch.Tensor | None = None  # (R, T, K) their weights (sum 1)
+    gain: torch.Tensor | None = None  # (R, T) reward of each position's thought (0 where unscored)
+    weight_version: int = 0
+
+    def layout(self, lookahead: int) -> torch.Tensor:
+        """(R, T + T*(L+n-1)) ids: real tokens, then each position's thought and its teacher-forced continuation."""
+        r, t, _ = self.thoughts.shape
+        segments = torch.cat([self.thoughts, continuation(self.real, lookahead)], dim=2)
+        return torch.cat([self.real, segments.reshape(r, -1)], dim=1)
+
+    def rows(self, idx: list[int]) -> "ParallelRollout":
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return replace(self, real=self.real[idx], thoughts=self.thoughts[idx], logprob=self.logprob[idx],
+                       target_ids=pick(self.target_ids), target_p=pick(self.target_p), gain=pick(self.gain))
+
+    @staticmethod
+    def cat(parts: list["ParallelRollout"]) -> "ParallelRollout":
+        join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return ParallelRollout(join("real"), join("thoughts"), join("logprob"), join("target_ids"), join("target_p"),
+                               join("gain"), min(p.weight_version for p in parts))
 
 
-def choosing_logits(logits: torch.Tensor, num_real: int, thought_len: int) -> torch.Tensor:
-    """Logits that choose thought j (0..L) at every position: real row t for j=0, thought (t, j-1) after.
-    (B, N, V) -> (B, T, L+1, V); index L gives the post-thought prediction of the next real token."""
-    b, _, v = logits.shape
-    real = logits[:, :num_real, None]
-    thought = logits[:, num_real:].reshape(b, num_real, thought_len, v)
-    return torch.cat([real, thought], dim=2)
+def continuation(real: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """(R, T) -> (R, T, n-1): x_{t+1} .. x_{t+n-1} for each t. Past the window's end the last token repeats:
+    those inputs only feed predictions that are invalid anyway (they lie after the end too)."""
+    t = real.shape[1]
+    idx = (torch.arange(t)[:, None] + 1 + torch.arange(lookahead - 1)[None]).clamp_max(t - 1).to(real.device)
+    return real[:, idx]
+
+
+def true_targets(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy scorer: real row r predicts x_{r+1} with weight 1 (the last row's target is a placeholder)."""
+    nxt = torch.cat([real[:, 1:], real[:, -1:]], dim=1)
+    return nxt[..., None], torch.ones(*nxt.shape, 1, device=real.device)
 
 
 @torch.no_grad()
-def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: int, seed: int = 0) -> ParallelRollout:
+def teacher_targets(teacher: Teacher, real: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher scorer: the teacher's top-k next-token distribution after each real row, renormalised.
+    (R, T) -> ids (R, T, k), weights (R, T, k). The teacher reads the real window only."""
+    if int(real.max()) >= teacher.vocab_size:
+        raise ValueError(f"window has ids >= the teacher's vocabulary ({teacher.vocab_size}): thoughts leaked into it")
+    logits = teacher.model(input_ids=real.to(teacher.model.device)).logits.float()
+    top = logits.topk(k, dim=-1)
+    return top.indices.to(real.device), top.values.softmax(-1).to(real.device)
+
+
+def valid_predictions(num_real: int, lookahead: int, device=None) -> torch.Tensor:
+    """(T, n) bool: prediction k of position t exists iff its target x_{t+k+1} lies inside the window."""
+    t = torch.arange(num_real, device=device)[:, None]
+    k = torch.arange(lookahead, device=device)[None]
+    return t + k + 1 < num_real
+
+
+def choosing_hidden(h_real: torch.Tensor, h_seg: torch.Tensor, thought_len: int) -> torch.Tensor:
+    """Hidden states that choose thought j at every position: real row t for j=0, segment j-1 after.
+    (R, T, H), (R, T, S, H) -> (R, T, L, H)."""
+    return torch.cat([h_real[:, :, None], h_seg[:, :, : thought_len - 1]], dim=2)
+
+
+def thought_logprobs(model, mode: ThoughtMode, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the thinking tokens only (thoughts never choose text): (..., H) -> (..., N_think).
+    Projects onto the thinking columns alone, not the whole vocabulary."""
+    lo = mode.vocab.real_size
+    return project(model, hidden, lo, lo + mode.vocab.num_thinking).float().log_softmax(-1)
+
+
+@torch.no_grad()
+def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: int, seed: int = 0,
+                    weight_version: int = 0) -> ParallelRollout:
     """Incremental form: the real prefix once, then one pass per thought step feeding T new tokens (one per
-    position) against cached keys/values. Thoughts are drawn from the thinking tokens only."""
-    b, t = real.shape
+    position) against cached keys/values. Thoughts are drawn from the thinking tokens (temperature 1)."""
+    r, t = real.shape
+    lo = mode.vocab.real_size
     cache = ParallelCache()
     steps = torch.arange(t, device=real.device)
     thoughts, logps = [], []
     with torch.random.fork_rng(devices=rng_devices(real.device)):
         torch.manual_seed(seed)
-        logits = parallel_forward(model, real, t, 0, cache).logits  # (B, T, V): choose thought 0
+        hidden = parallel_hidden(model, real, t, 0, cache)  # (R, T, H): chooses thought 0
         for j in range(thought_len):
-            lp = thought_logprobs(logits, mode)
-            tok = torch.multinomial(lp.reshape(b * t, -1).exp(), 1).reshape(b, t)
-            thoughts.append(tok)
-            logps.append(lp.gather(-1, tok[..., None])[..., 0])
+            lp = thought_logprobs(model, mode, hidden)  # (R, T, N_think)
+            choice = torch.multinomial(lp.reshape(r * t, -1).exp(), 1).reshape(r, t)
+            thoughts.append(choice + lo)
+            logps.append(lp.gather(-1, choice[..., None])[..., 0])
             if j + 1 < thought_len:
-                logits = parallel_forward(model, tok, t, 0, cache, position_ids=steps + 1 + j).logits
-    return ParallelRollout(real, torch.stack(thoughts, 2), torch.stack(logps, 2))
+                hidden = parallel_hidden(model, choice + lo, t, 0, cache, position_ids=steps + 1 + j)
+    return ParallelRollout(real, torch.stack(thoughts, 2), torch.stack(logps, 2), weight_version=weight_version)
 
 
-def thought_logprobs(logits: torch.Tensor, mode: ThoughtMode) -> torch.Tensor:
-    """Log-softmax over the thinking tokens only: (..., V) -> (..., V), -inf elsewhere."""
-    return F.log_softmax(logits.float().masked_fill(~mode.think_cols, float("-inf")), dim=-1)
+class Scored(NamedTuple):
+    thought_logprob: torch.Tensor  # (R, T, L) log-prob of each sampled thought token
+    thought_entropy: torch.Tensor  # (R, T, L) entropy of the distribution it was drawn from
+    post: torch.Tensor  # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
+    base: torch.Tensor  # (R, T, n) the same without the thought
+    valid: torch.Tensor  # (T, n) which predictions exist
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """(R, T) summed over the n valid predictions: Quiet-STaR's reward."""
+        return ((self.post - self.base) * self.valid).sum(-1)
+
+    def nll(self) -> torch.Tensor:
+        """Mean post-thought negative log-likelihood of the targets over valid predictions (a scalar)."""
+        return -(self.post * self.valid).sum() / (self.valid.sum() * self.post.shape[0]).clamp_min(1)
 
 
-def thought_gain(model, rollout: ParallelRollout, mode: ThoughtMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position t < T-1: gain in log p(true next token) from the thought, and the thoughts' log-probs
-    recomputed teacher-forced (differentiable): (B, T-1), (B, T, L)."""
-    b, t, l = rollout.thoughts.shape
-    logits = choosing_logits(parallel_forward(model, rollout.layout(), t, l).logits, t, l)  # (B, T, L+1, V)
-    text = logits[..., : mode.vocab.real_size].float().log_softmax(-1)  # next-token predictions over text
-    nxt = rollout.real[:, 1:, None]
-    without = text[:, :-1, 0].gather(-1, nxt)[..., 0]
-    with_thought = text[:, :-1, l].gather(-1, nxt)[..., 0]
-    logp = thought_logprobs(logits[:, :, :l], mode).gather(-1, rollout.thoughts[..., None])[..., 0]
-    return with_thought - without, logp
+def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, head: MixingHead | None = None) -> Scored:
+    """One teacher-forced pass over the scored layout through the kernel. Differentiable when grads are on."""
+    r, t, l = rollout.thoughts.shape
+    n, seg, lo = lookahead, l + lookahead - 1, mode.vocab.real_size
+    h = parallel_hidden(model, rollout.layout(n), t, seg)  # (R, N, H)
+    h_real, h_seg = h[:, :t], h[:, t:].reshape(r, t, seg, -1)
+    think = thought_logprobs(model, mode, choosing_hidden(h_real, h_seg, l))  # (R, T, L, N_think)
+    thought_lp = think.gather(-1, (rollout.thoughts - lo)[..., None])[..., 0]
+    entropy = -(think.exp() * think).sum(-1)
+
+    if rollout.target_ids is None:
+        raise ValueError("score needs targets: pass the rollout through ParallelScorer (or set true_targets) first")
+    ids, p = rollout.target_ids, rollout.target_p  # (R, T, K)
+    base_logits = project(model, h_real, 0, lo).float()  # (R, T, V_text)
+    base_target = base_logits.gather(-1, ids) - base_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
+    rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n, device=h.device)[None]).clamp_max(t - 1)
+    post, base = [], []
+    for k in range(n):  # one (R, T, V) slab at a time: the text head is the memory peak
+        pre = base_logits[:, rows[:, k]]  # (R, T, V): real row t+k
+        logits = project(model, h_seg[:, :, l - 1 + k], 0, lo).float()
+        if head is not None:
+            logits = pre + head(h_real[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
+        ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
+        post.append((p_k * (logits.gather(-1, ids_k) - logits.logsumexp(-1, keepdim=True))).sum(-1))
+        base.append((p_k * base_target[:, rows[:, k]]).sum(-1))
+    return Scored(thought_lp, entropy, torch.stack(post, -1), torch.stack(base, -1), valid_predictions(t, n, h.device))
 
 
-def parallel_loss(model, rollout: ParallelRollout, mode: ThoughtMode, group: int) -> tuple[torch.Tensor, dict]:
-    """REINFORCE over G thoughts per position (rows b*G..b*G+G-1 share a text). Returns loss and stats."""
-    gain, logp = thought_gain(model, rollout, mode)
-    g = gain.detach().reshape(-1, group, gain.shape[1])
-    advantage = (g - g.mean(1, keepdim=True)).clamp_min(0).reshape_as(gain)  # Quiet-STaR keeps positive ones
-    loss = -(advantage * logp[:, :-1].sum(-1)).mean()
-    return loss, {"gain_mean": gain.mean().item(), "advantage_mean": advantage.mean().item()}
+def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> torch.Tensor:
+    """(R, T) gains, rows b*G .. b*G+G-1 sharing a window -> (R, T) advantages against the mean over the G
+    thoughts at the same position; the last position (never scored) gets 0."""
+    g = gain.reshape(-1, group, gain.shape[1])
+    adv = (g - g.mean(1, keepdim=True)).reshape_as(gain)
+    adv = adv.clamp_min(0) if positive_only else adv
+    adv[:, -1] = 0.0
+    return adv
+
+
+@dataclass
+class ParallelScorer:
+    """What the scoring actor holds: a policy copy (+ mixing head) and, for the teacher scorer, the teacher."""
+
+    cfg: ParallelConfig
+    model: torch.nn.Module
+    mode: ThoughtMode
+    head: MixingHead | None = None
+    teacher: Teacher | None = None
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.cfg.scorer == "teacher" and self.teacher is None:
+            raise ValueError("parallel.scorer=teacher needs a teacher checkpoint (teacher=...)")
+        if self.teacher is not None and self.teacher.vocab_size != self.mode.vocab.real_size:
+            raise ValueError(f"teacher vocabulary ({self.teacher.vocab_size}) != the policy's text vocabulary "
+                             f"({self.mode.vocab.real_size}): its targets would name other tokens")
+
+    def targets(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.scorer == "teacher":
+            return teacher_targets(self.teacher, real, self.cfg.teacher_top_k)
+        return true_targets(real)
+
+    @torch.no_grad()
+    def __call__(self, rollout: ParallelRollout) -> ParallelRollout:
+        ids, p = self.targets(rollout.real)
+        rollout = replace(rollout, target_ids=ids, target_p=p)
+        scored = score(self.model, self.mode, rollout, self.cfg.lookahead, self.head)
+        gain = scored.gain.float().cpu()
+        if not torch.isfinite(gain).all():
+            bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
+            raise ValueError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
+        self.stats = {"nll_thought": scored.nll().item(), "nll_base": -(scored.base * scored.valid).sum().item()
+                      / max(int(scored.valid.sum()) * len(gain), 1)}
+        return replace(rollout, gain=gain)
+
+
+def text_windows(texts: list[list[int]], num_real: int, eos: int) -> list[list[int]]:
+    """Token lists joined by EOS and cut into windows of num_real tokens (a short tail is dropped)."""
+    ids = [t for text in texts for t in text + [eos]]
+    if len(ids) < num_real:
+        raise ValueError(f"the task's text has {len(ids)} tokens, fewer than one window of parallel.num_real={num_real}")
+    return [ids[i : i + num_real] for i in range(0, len(ids) - num_real + 1, num_real)]

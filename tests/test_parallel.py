@@ -1,22 +1,30 @@
 """Parallel thought rollouts: GPT-2 through the kernel, sampling vs teacher-forced recompute, isolation of
-positions, and the REINFORCE loss (kernel runs in the Triton interpreter on the CPU)."""
+positions, and the scored gains against T separate sequential rollouts (the naive form, by hand)."""
 
+import pytest
 import torch
 
 from thinktok.kernels import parallel_thought_mask
-from thinktok.models.parallel import layout_positions, parallel_forward
+from thinktok.models.parallel import MixingHead, layout_positions, parallel_hidden
 from thinktok.models.policy import load_policy
+from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
-from thinktok.rl.parallel import parallel_loss, sample_parallel, thought_gain
+from thinktok.rl.parallel import (ParallelConfig, ParallelScorer, position_advantages, sample_parallel, score,
+                                  text_windows, true_targets)
 
 T, L = 6, 3
 
 
-def setup():
-    policy = load_policy("tiny", 8, False)
-    mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=8), policy.vocab, SamplingConfig())
+def setup(num_thinking: int = 8):
+    policy = load_policy("tiny", num_thinking, False)
+    mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=num_thinking), policy.vocab, SamplingConfig())
     real = torch.randint(0, 50257, (4, T), generator=torch.Generator().manual_seed(0))
     return policy, mode, real
+
+
+def with_true_targets(rollout):
+    rollout.target_ids, rollout.target_p = true_targets(rollout.real)
+    return rollout
 
 
 def test_gpt2_with_kernel_equals_explicit_mask():
@@ -26,21 +34,24 @@ def test_gpt2_with_kernel_equals_explicit_mask():
     mask = parallel_thought_mask(T, L)
     dense = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[None, None].expand(4, 1, -1, -1)
     with torch.no_grad():
-        ours = parallel_forward(model, ids, T, L).logits
-        ref = model(input_ids=ids, position_ids=layout_positions(T, L).expand(4, -1), attention_mask=dense).logits
+        ours = parallel_hidden(model, ids, T, L)
+        ref = model.base_model(input_ids=ids, position_ids=layout_positions(T, L).expand(4, -1),
+                               attention_mask=dense).last_hidden_state
     assert (ours - ref).abs().max() < 1e-4
     assert model.config._attn_implementation != "parallel_thought"  # restored after the call
 
 
 def test_sampler_matches_recompute_and_thoughts_are_thinking_tokens():
     policy, mode, real = setup()
-    rollout = sample_parallel(policy.model, mode, real, L, seed=1)
+    rollout = with_true_targets(sample_parallel(policy.model, mode, real, L, seed=1))
     assert rollout.thoughts.shape == (4, T, L)
     assert ((rollout.thoughts >= 50257) & (rollout.thoughts < 50265)).all()
-    _, logp = thought_gain(policy.model, rollout, mode)
-    assert torch.allclose(logp, rollout.logprob, atol=1e-5)
+    with torch.no_grad():
+        scored = score(policy.model, mode, rollout, lookahead=2)
+    assert torch.allclose(scored.thought_logprob, rollout.logprob, atol=1e-5)
     again = sample_parallel(policy.model, mode, real, L, seed=1)
     assert torch.equal(again.thoughts, rollout.thoughts)
+    assert not torch.equal(sample_parallel(policy.model, mode, real, L, seed=2).thoughts, rollout.thoughts)
 
 
 def test_positions_are_isolated():
@@ -48,9 +59,9 @@ def test_positions_are_isolated():
     policy, mode, real = setup()
     rollout = sample_parallel(policy.model, mode, real, L, seed=2)
     with torch.no_grad():
-        base = parallel_forward(policy.model, rollout.layout(), T, L).logits
+        base = parallel_hidden(policy.model, rollout.layout(1), T, L)
         rollout.thoughts[:, 2] = 50257 + (rollout.thoughts[:, 2] - 50257 + 1) % 8
-        changed = parallel_forward(policy.model, rollout.layout(), T, L).logits
+        changed = parallel_hidden(policy.model, rollout.layout(1), T, L)
     pos2 = torch.arange(T + 2 * L, T + 3 * L)
     others = torch.ones(T * (1 + L), dtype=torch.bool)
     others[pos2] = False
@@ -58,15 +69,80 @@ def test_positions_are_isolated():
     assert not torch.allclose(base[:, pos2], changed[:, pos2], atol=1e-3)
 
 
-def test_reinforce_loss_trains_thinking_rows():
+def sequential_reference(model, real, thoughts, ids, p, lookahead):
+    """The naive form, one window row and position at a time: run x_{<=t}, the thought, then x_{t+1..} as an
+    ordinary causal sequence and read off each prediction's expected log-prob of the targets."""
+    lo = 50257
+    b, t, _ = thoughts.shape
+    post = torch.zeros(b, t, lookahead)
+    base = torch.zeros(b, t, lookahead)
+    with torch.no_grad():
+        plain = model(input_ids=real).logits[..., :lo].log_softmax(-1)  # (B, T, V)
+        for i in range(b):
+            for pos in range(t):
+                seq = torch.cat([real[i, : pos + 1], thoughts[i, pos], real[i, pos + 1 : pos + lookahead]])
+                lp = model(input_ids=seq[None]).logits[0, :, :lo].log_softmax(-1)
+                for k in range(lookahead):
+                    if pos + k + 1 < t:
+                        row = pos + k
+                        post[i, pos, k] = (p[i, row] * lp[pos + thoughts.shape[2] + k, ids[i, row]]).sum()
+                        base[i, pos, k] = (p[i, row] * plain[i, row, ids[i, row]]).sum()
+    return post, base
+
+
+@pytest.mark.parametrize("scorer", ["policy", "teacher"])
+def test_gain_equals_separate_rollouts(scorer):
     policy, mode, real = setup()
-    group = 2
-    rollout = sample_parallel(policy.model, mode, real.repeat_interleave(group, 0), L, seed=3)
-    loss, stats = parallel_loss(policy.model, rollout, mode, group)
-    loss.backward()
-    grad = policy.model.get_input_embeddings().weight.grad
-    assert torch.isfinite(loss) and stats["advantage_mean"] >= 0
-    assert grad[50257:50265].abs().sum() > 0
+    model = policy.model.eval()
+    teacher = Teacher(load_policy("tiny", 0, False, seed=7).model) if scorer == "teacher" else None
+    cfg = ParallelConfig(num_real=T, thought_len=L, lookahead=3, scorer=scorer, teacher_top_k=5)
+    scorer_ = ParallelScorer(cfg, model, mode, teacher=teacher)
+    rollout = scorer_(sample_parallel(model, mode, real, L, seed=3))
+    if scorer == "teacher":  # the targets are the teacher's top-5 next tokens, renormalised
+        top = teacher.model(input_ids=real).logits.topk(5, -1)
+        assert torch.equal(rollout.target_ids, top.indices)
+        assert torch.allclose(rollout.target_p, top.values.softmax(-1))
+    post, base = sequential_reference(model, real, rollout.thoughts, rollout.target_ids, rollout.target_p, 3)
+    with torch.no_grad():
+        scored = score(model, mode, rollout, 3)
+    valid = scored.valid
+    assert torch.allclose(scored.post * valid, post, atol=1e-4)
+    assert torch.allclose(scored.base * valid, base, atol=1e-4)
+    assert torch.allclose(rollout.gain, (post - base).sum(-1), atol=1e-4)
+    assert (rollout.gain[:, -1] == 0).all() and rollout.gain[:, 0].abs().sum() > 0
+
+
+def test_mixing_head_starts_from_the_base_model_and_learns():
+    policy, mode, real = setup()
+    head = MixingHead(policy.model.config.hidden_size)
+    rollout = with_true_targets(sample_parallel(policy.model, mode, real, L, seed=4))
+    scored = score(policy.model, mode, rollout, 2, head)
+    assert torch.allclose(scored.post * scored.valid, scored.base * scored.valid, atol=1e-5)  # w = 0: base exactly
+    scored.nll().backward()
+    assert head.net[-1].weight.grad.abs().sum() > 0  # yet the head gets a gradient from the first step
+    with torch.no_grad():
+        head.net[-1].bias.fill_(10.0)  # w = tanh(10) ~ 1: the post-thought prediction
+        mixed = score(policy.model, mode, rollout, 2, head)
+        plain = score(policy.model, mode, rollout, 2)
+    assert torch.allclose(mixed.post * mixed.valid, plain.post * plain.valid, atol=1e-4)
+
+
+def test_position_advantages_by_hand():
+    gain = torch.tensor([[1.0, 2.0, 5.0], [3.0, 0.0, 7.0], [0.0, 1.0, 1.0], [2.0, 1.0, 1.0]])
+    adv = position_advantages(gain, group=2, positive_only=False)
+    assert torch.equal(adv, torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(position_advantages(gain, 2, True), adv.clamp_min(0))
+
+
+def test_text_windows_and_config_errors():
+    assert text_windows([[1, 2, 3], [4, 5]], 3, eos=0) == [[1, 2, 3], [0, 4, 5]]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text_windows([[1]], 8, eos=0)
+    with pytest.raises(ValueError, match="scorer"):
+        ParallelConfig(scorer="oracle").validate()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        policy, mode, _ = setup()
+        ParallelScorer(ParallelConfig(scorer="teacher"), policy.model, mode)
 
 
 def test_incremental_attention_equals_reference_rows():
