@@ -95,8 +95,10 @@ def parallel_hidden(model: PreTrainedModel, ids: torch.Tensor, num_real: int, th
     model.config._attn_implementation = NAME
     try:
         pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
-        out = model.base_model(input_ids=ids, position_ids=pos.expand(ids.shape[0], -1), num_real=num_real,
-                               thought_len=thought_len, parallel_cache=cache, use_cache=False)
+        # an all-ones mask only tells transformers there is no padding (windows hold EOS ids); the registered
+        # mask function turns it into nothing
+        out = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos.expand(ids.shape[0], -1),
+                               num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False)
         return out.last_hidden_state
     finally:
         model.config._attn_implementation = previous

@@ -16,11 +16,13 @@ import ray
 import torch
 
 from thinktok.envs import TaskConfig, load_task
+from thinktok.models.parallel import MixingHead
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
 from thinktok.models.vocab import load_base_tokenizer
 
+from .parallel import ParallelConfig, ParallelRollout, ParallelScorer, sample_parallel
 from .rewards import RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
 
@@ -59,41 +61,69 @@ class RolloutWorker:
         self.mode = make_mode(thought, self.policy.vocab, sampling).to(device)
         self.version = -1
 
-    def sample(self, prompts: list[list[int]], seed: int, weights: list, version: int) -> list[Rollout]:
-        """weights: [ObjectRef] of a state dict, wrapped in a list so Ray fetches it only when needed."""
+    def load(self, weights: list, version: int) -> None:
+        """weights: [ObjectRef] of a state dict, wrapped in a list so Ray fetches it only when stale."""
         if version != self.version:
             state = ray.get(weights[0])
             self.policy.model.load_state_dict(state["model"])
             self.mode.load_state_dict(state["mode"])
             self.version = version
+
+    def sample(self, prompts: list[list[int]], seed: int, weights: list, version: int) -> list[Rollout]:
+        self.load(weights, version)
         return sample(self.policy.model, self.mode, prompts, seed=seed, weight_version=version)
+
+    def sample_parallel(self, windows: torch.Tensor, thought_len: int, seed: int, weights: list,
+                        version: int) -> ParallelRollout:
+        self.load(weights, version)
+        device = self.policy.model.device
+        out = sample_parallel(self.policy.model, self.mode, windows.to(device), thought_len, seed, version)
+        return ParallelRollout(out.real.cpu(), out.thoughts.cpu(), out.logprob.cpu(), weight_version=version)
 
     def pid(self) -> int:
         return os.getpid()
 
 
 class TeacherWorker:
-    """Holds the frozen teacher (and, for gold_loglik, a policy copy) and scores rollouts."""
+    """Holds the frozen teacher (and, for gold_loglik or parallel gains, a policy copy) and scores rollouts.
+    With `parallel`, it scores parallel-thought windows instead (ParallelScorer)."""
 
     def __init__(self, teacher_path: str | None, rewards: RewardConfig, task: TaskConfig, policy_path: str,
-                 thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
+                 thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1,
+                 parallel: ParallelConfig | None = None):
         torch.set_num_threads(threads)
-        teacher = Teacher.load(teacher_path, device) if teacher_path else None
-        self.model = self.mode = None
-        if "gold_loglik" in rewards.weights:  # the only reward that reads thoughts needs a policy copy
+        needs_teacher = teacher_path and (parallel is None or parallel.scorer == "teacher")
+        teacher = Teacher.load(teacher_path, device) if needs_teacher else None
+        self.model = self.mode = self.head = None
+        if "gold_loglik" in rewards.weights or parallel:  # rewards that read thoughts need a policy copy
             policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
             self.mode = make_mode(thought, policy.vocab, sampling).to(device)
             self.model = policy.model.to(device).eval()
         self.version = -1
-        self.rewards = RewardModel(rewards, teacher, load_task(task), load_base_tokenizer(policy_path), self.model,
-                                   self.mode)
+        if parallel:
+            self.head = MixingHead(self.model.config.hidden_size).to(device) if parallel.mixing_head else None
+            self.scorer = ParallelScorer(parallel, self.model, self.mode, self.head, teacher)
+        else:
+            self.rewards = RewardModel(rewards, teacher, load_task(task), load_base_tokenizer(policy_path), self.model,
+                                       self.mode)
 
-    def score(self, rollouts: list[Rollout], rows: list[dict], weights: list, version: int) -> Rewards:
+    def load(self, weights: list, version: int) -> None:
         if self.model is not None and version != self.version:
             state = ray.get(weights[0])
             self.model.load_state_dict(state["model"])
+            if self.head is not None:
+                self.head.load_state_dict(state["head"])
             self.version = version
+
+    def score(self, rollouts: list[Rollout], rows: list[dict], weights: list, version: int) -> Rewards:
+        self.load(weights, version)
         return self.rewards.score(rollouts, rows)
+
+    def score_parallel(self, rollout: ParallelRollout, weights: list, version: int) -> tuple[ParallelRollout, dict]:
+        self.load(weights, version)
+        device = self.model.device
+        scored = self.scorer(rollout.to(device))
+        return scored.to("cpu"), self.scorer.stats
 
     def pid(self) -> int:
         return os.getpid()
@@ -106,7 +136,8 @@ class Workers:
 
 
 def start_workers(cfg: RayConfig, policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
-                  sampling: SamplingConfig, rewards: RewardConfig, task: TaskConfig) -> Workers:
+                  sampling: SamplingConfig, rewards: RewardConfig, task: TaskConfig,
+                  parallel: ParallelConfig | None = None) -> Workers:
     init_ray(cfg)
     opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
     device = lambda gpus: "cuda" if gpus > 0 else "cpu"  # noqa: E731
@@ -115,7 +146,8 @@ def start_workers(cfg: RayConfig, policy_path: str, teacher_path: str | None, th
     workers = Workers(
         [rollout_cls.remote(policy_path, thought, sampling, device(cfg.gpus_per_rollout_worker))
          for _ in range(cfg.num_rollout_workers)],
-        [teacher_cls.remote(teacher_path, rewards, task, policy_path, thought, sampling, device(cfg.gpus_per_teacher_worker))
+        [teacher_cls.remote(teacher_path, rewards, task, policy_path, thought, sampling, device(cfg.gpus_per_teacher_worker),
+                            parallel=parallel)
          for _ in range(cfg.num_teacher_workers)],
     )
     # fail here, not mid-step, if one cannot start or be placed

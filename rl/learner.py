@@ -12,6 +12,9 @@ the base method).
     and with the leave-one-out factor G/(G-1): A_i = r_i - mean_{j!=i} r_j.
   * algo=ppo: `ThoughtPPOTrainer` (TRL dropped its PPOTrainer) replaces only the advantage with GAE over
     per-step teacher rewards and a value head, and adds the value loss.
+  * rollout=parallel: `ParallelRollouts` + `ParallelGRPOTrainer`. A TRL row is one window with a thought
+    at every position (completion = the T*L thought tokens); the advantage is per position (its gain minus
+    the mean over the G thoughts at that position) and the log-probs come from one pass through the kernel.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
+from thinktok.models.parallel import MixingHead
 from thinktok.models.thoughts import Action, ThoughtMode
 
 from .actors import Workers, chunks
+from .parallel import ParallelConfig, ParallelRollout, position_advantages, score
 from .rollout import Rollout, recompute_logprobs
 
 
@@ -50,8 +55,9 @@ class RayRollouts:
         that workers fetch it only when their copy is stale)."""
         if version != self.published:
             model = trainer.accelerator.unwrap_model(trainer.model)
-            self.weights_ref = ray.put({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                        "mode": {k: v.detach().cpu() for k, v in trainer.thought_mode.state_dict().items()}})
+            cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
+            self.weights_ref = ray.put({"model": cpu(model.state_dict()),
+                                        **{name: cpu(m.state_dict()) for name, m in trainer.worker_modules().items()}})
             self.published = version
         return [self.weights_ref]
 
@@ -115,6 +121,10 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.thought_mode.parameters())
+
+    def worker_modules(self) -> dict[str, nn.Module]:
+        """Modules besides the model whose weights the workers need at every version."""
+        return {"mode": self.thought_mode}
 
     def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor]) -> None:
         self._rollouts, self._per_step = rollouts, per_step
@@ -215,3 +225,112 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         value_loss = ((values - returns) ** 2 * self._valid).sum() / self._valid.sum().clamp_min(1)
         self._metrics["train"]["value_loss"].append(value_loss.item())
         return loss + self.vf_coef * 0.5 * value_loss
+
+
+class ParallelRollouts(RayRollouts):
+    """rollout_func for parallel thoughts: windows -> rollout workers (a thought at every position) ->
+    scoring workers (per-position gains) -> TRL rows of T*L thought tokens each."""
+
+    def __init__(self, workers: Workers, windows_by_prompt: dict[str, list[int]], cfg: ParallelConfig, seed: int,
+                 max_staleness: int):
+        super().__init__(workers, None, windows_by_prompt, seed, max_staleness)
+        self.cfg = cfg
+
+    def __call__(self, prompts: list[str], trainer) -> dict:
+        version = trainer.state.global_step
+        weights = self.publish(trainer, version)
+        real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
+        parts = [p for p in chunks(list(range(len(prompts))), len(self.workers.rollout)) if p]
+        futures = [w.sample_parallel.remote(real[part], self.cfg.thought_len, self.seed * 1_000_003 + version * 7919 + k,
+                                            weights, version)
+                   for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
+        sampled = ParallelRollout.cat(ray.get(futures))
+        if version - sampled.weight_version > self.max_staleness:
+            raise RuntimeError(f"rollouts from weight version {sampled.weight_version} at step {version}: staleness "
+                               f"bound {self.max_staleness} exceeded")
+        groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.teacher)) if g]
+        try:
+            scored = ray.get([w.score_parallel.remote(sampled.rows(g), weights, version)
+                              for w, g in zip(self.workers.teacher, groups)])
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):  # the scorer's own checks (non-finite gains)
+                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+            raise
+        batch = ParallelRollout.cat([part for part, _ in scored])
+        check_finite("reward", batch.gain, version)
+        stats = {k: sum(s[k] for _, s in scored) / len(scored) for k in scored[0][1]}
+        trainer.store_parallel(batch, stats)
+        r, t, l = batch.thoughts.shape
+        scored_positions = torch.ones(r, t, l, dtype=torch.long)
+        scored_positions[:, -1] = 0  # the last position has no next token: its thought is not an action here
+        return {
+            "prompt_ids": batch.real.tolist(),
+            "completion_ids": batch.thoughts.reshape(r, -1).tolist(),
+            "logprobs": batch.logprob.reshape(r, -1).tolist(),
+            "env_mask": scored_positions.reshape(r, -1).tolist(),
+            "reward": batch.gain[:, :-1].mean(1).tolist(),  # for TRL's logs; advantages are per position
+        }
+
+
+class ParallelGRPOTrainer(ThoughtGRPOTrainer):
+    """TRL's GRPO objective over parallel thoughts: per-position advantages, log-probs from one kernel pass,
+    plus the post-thought NLL (Quiet-STaR trains the prediction after a thought beside the REINFORCE term)."""
+
+    def __init__(self, *args, parallel: ParallelConfig, **kwargs):
+        self.parallel = parallel
+        hidden = kwargs["model"].config.hidden_size
+        self.mixing_head = MixingHead(hidden) if parallel.mixing_head else None
+        self._nll = None
+        super().__init__(*args, **kwargs)
+        if self.mixing_head is not None:
+            self.mixing_head.to(self.accelerator.device)
+
+    def extra_parameters(self):
+        return super().extra_parameters() + (list(self.mixing_head.parameters()) if self.mixing_head else [])
+
+    def worker_modules(self):
+        return {**super().worker_modules(), **({"head": self.mixing_head} if self.mixing_head else {})}
+
+    def store_parallel(self, batch: ParallelRollout, stats: dict) -> None:
+        self._rollouts = [batch.rows([i]) for i in range(len(batch.real))]  # one record per TRL row
+        r, t, l = batch.thoughts.shape
+        self.rollout_stats = {"gain_mean": batch.gain[:, :-1].mean().item(), "thought_tokens": t * l,
+                              "weight_version": batch.weight_version, **stats}
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        batch = ParallelRollout.cat(self._rollouts)
+        r, t, l = batch.thoughts.shape
+        g = self.num_generations
+        adv = position_advantages(batch.gain, g, self.parallel.positive_only)  # (R, T)
+        if self.algo == "rloo":
+            adv = adv * g / (g - 1)
+        per_token = adv[..., None].expand(r, t, l).reshape(r, t * l)
+        width = out["completion_ids"].shape[1] - t * l
+        out["advantages"] = nn.functional.pad(per_token, (0, width)).to(out["advantages"].device)
+        check_finite("advantages", out["advantages"], self.state.global_step)
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)  # its log-prob pass leaves the batch's post-thought NLL
+        if self.parallel.nll_coef:
+            self._metrics["train"]["nll_thought"].append(self._nll.item())
+            loss = loss + self.parallel.nll_coef * self._nll
+            check_finite("loss", loss.detach(), self.state.global_step)
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **_):
+        """Log-probs of the sampled thoughts from one parallel pass: (R, logits_to_keep)."""
+        rows = self._batch if self._batch is not None else self._rollouts
+        if len(rows) != input_ids.shape[0]:
+            raise RuntimeError(f"{input_ids.shape[0]} rows but {len(rows)} rollouts: batch bookkeeping broke")
+        batch = ParallelRollout.cat(rows).to(input_ids.device)
+        # parallel_hidden reaches into the transformers model (base_model, config): the unwrapped module
+        with self.accelerator.autocast():
+            scored = score(self.accelerator.unwrap_model(model), self.thought_mode, batch, self.parallel.lookahead,
+                           self.mixing_head)
+        self._nll = scored.nll()
+        r = len(rows)
+        pad = lambda x: nn.functional.pad(x.reshape(r, -1), (0, logits_to_keep - x[0].numel()))  # noqa: E731
+        return pad(scored.thought_logprob), pad(scored.thought_entropy) if compute_entropy else None, None

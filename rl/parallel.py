@@ -81,6 +81,11 @@ class ParallelRollout:
         return replace(self, real=self.real[idx], thoughts=self.thoughts[idx], logprob=self.logprob[idx],
                        target_ids=pick(self.target_ids), target_p=pick(self.target_p), gain=pick(self.gain))
 
+    def to(self, device) -> "ParallelRollout":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return replace(self, real=move(self.real), thoughts=move(self.thoughts), logprob=move(self.logprob),
+                       target_ids=move(self.target_ids), target_p=move(self.target_p), gain=move(self.gain))
+
     @staticmethod
     def cat(parts: list["ParallelRollout"]) -> "ParallelRollout":
         join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
@@ -239,7 +244,7 @@ class ParallelScorer:
         ids, p = self.targets(rollout.real)
         rollout = replace(rollout, target_ids=ids, target_p=p)
         scored = score(self.model, self.mode, rollout, self.cfg.lookahead, self.head)
-        gain = scored.gain.float().cpu()
+        gain = scored.gain.float()
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
             raise ValueError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
@@ -254,3 +259,24 @@ def text_windows(texts: list[list[int]], num_real: int, eos: int) -> list[list[i
     if len(ids) < num_real:
         raise ValueError(f"the task's text has {len(ids)} tokens, fewer than one window of parallel.num_real={num_real}")
     return [ids[i : i + num_real] for i in range(0, len(ids) - num_real + 1, num_real)]
+
+
+@torch.no_grad()
+def evaluate_parallel(model, mode: ThoughtMode, cfg: ParallelConfig, windows: list[list[int]],
+                      head: MixingHead | None = None, seed: int = 0, batch_size: int = 16) -> dict:
+    """Sampled thoughts on held-out windows, scored against the true text: mean NLL of the next n tokens
+    without and with the thought, and the mean gain per scored position."""
+    scorer = ParallelScorer(replace(cfg, scorer="policy"), model, mode, head)
+    was_training = model.training
+    model.eval()
+    gains, nll_base, nll_thought = [], [], []
+    for lo in range(0, len(windows), batch_size):
+        real = torch.tensor(windows[lo : lo + batch_size], device=model.device)
+        scored = scorer(sample_parallel(model, mode, real, cfg.thought_len, seed + lo))
+        gains.append(scored.gain[:, :-1].mean().item())
+        nll_base.append(scorer.stats["nll_base"])
+        nll_thought.append(scorer.stats["nll_thought"])
+    model.train(was_training)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"gain_mean": mean(gains), "nll_base": mean(nll_base), "nll_thought": mean(nll_thought),
+            "num_windows": len(windows)}

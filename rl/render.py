@@ -74,13 +74,16 @@ def to_jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(rec) + "\n" for rec in records)
 
 
+def logprob_title(step: dict) -> str:
+    return "" if step["logprob"] is None else f' title="logprob {step["logprob"]:.3f}"'
+
+
 def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
     css = "".join(f".{k}{{color:{c}}}" for k, c in CSS_COLOURS.items())
     body = []
     for i, rec in enumerate(records):
         spans = [f'<span class="prompt">{html.escape(rec["prompt"])}</span>']
-        spans += [f'<span class="{s["kind"]}" title="logprob {s["logprob"]:.3f}">{html.escape(s["text"])}</span>'
-                  for s in rec["steps"]]
+        spans += [f'<span class="{s["kind"]}"{logprob_title(s)}>{html.escape(s["text"])}</span>' for s in rec["steps"]]
         body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_real"]} text, '
                     f'{rec["num_thought"]} thought steps</h3><pre>{"".join(spans)}</pre></div>')
     legend = " ".join(f'<span class="{k}">{k}</span>' for k in CSS_COLOURS)
@@ -88,3 +91,15 @@ def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
             f"<style>body{{font-family:sans-serif;margin:2em}}pre{{white-space:pre-wrap;font-size:14px}}{css}"
             f".thought{{font-weight:bold}}</style></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
             f"{''.join(body)}</body></html>\n")
+
+
+def parallel_to_json(real: torch.Tensor, thoughts: torch.Tensor, logprob: torch.Tensor, tokenizer) -> dict:
+    """One parallel-thought window as a rollout record: each real token (given, so no log-prob), then the
+    thought sampled after it. real (T,), thoughts and logprob (T, L) -> the record `to_html`/`to_jsonl` take."""
+    steps = []
+    for tok, thought, lps in zip(real.tolist(), thoughts.tolist(), logprob.tolist()):
+        steps.append({"kind": "real", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None})
+        steps += [{"kind": "thought", "token_id": t, "text": tokenizer.decode([t]), "logprob": lp}
+                  for t, lp in zip(thought, lps)]
+    return {"prompt": "", "mode": "parallel", "steps": steps, "real_text": tokenizer.decode(real.tolist()),
+            "num_real": len(real), "num_thought": thoughts.numel(), "weight_version": 0}

@@ -1,6 +1,8 @@
 """`thinktok train CONFIG [key=value ...]`: the main job. Data flows one way:
 task prompts -> Ray rollout workers (policy copies, any thought mode) -> Ray teacher workers (frozen
 teacher scores the text views) -> TRL learner (GRPO / RLOO / PPO) -> new weights -> rollout workers.
+With rollout=parallel the prompts are windows of the task's text, the rollout workers think at every
+position at once and the scoring workers reward each position's thought by its gain (rl/parallel.py).
 
 Outputs under runs/<name>/: config.yaml (as resolved), metrics.jsonl (one line per step), TensorBoard
 events, checkpoints (HF format + tokenizer with thinking tokens + trainer state, written atomically),
@@ -31,12 +33,14 @@ from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
 from .actors import RayConfig, start_workers, stop_workers
 from .checkpoint import atomic_save, find_checkpoint, save_run_info
 from .evaluate import evaluate_policy
-from .learner import RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
-from .render import to_html, to_json, to_jsonl
+from .learner import ParallelGRPOTrainer, ParallelRollouts, RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
+from .parallel import ParallelConfig, evaluate_parallel, sample_parallel, text_windows
+from .render import parallel_to_json, to_html, to_json, to_jsonl
 from .rewards import RewardConfig
 from .rollout import sample
 
 ALGOS = ("grpo", "rloo", "ppo")
+ROLLOUTS = ("sequential", "parallel")
 EXTRA_STATE = "thinktok_extra.pt"  # thought-mode parameters (learned sigma) and the PPO value head
 
 
@@ -76,6 +80,8 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rollout: str = "sequential"  # sequential: thoughts interleaved in rollouts | parallel: a thought at every position
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     eval_every: int = 10
     eval_examples: int = 64
@@ -85,6 +91,15 @@ class TrainConfig:
     def validate(self) -> None:
         for part in (self.task, self.thought, self.sampling, self.rewards, self.rl):
             part.validate()
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"unknown rollout {self.rollout!r}: expected one of {', '.join(ROLLOUTS)}")
+        if self.rollout == "parallel":
+            self.parallel.validate()
+            if self.thought.mode not in ("vocab", "single"):
+                raise ValueError(f"rollout=parallel samples discrete thinking tokens: thought.mode must be vocab or "
+                                 f"single, got {self.thought.mode}")
+            if self.rl.algo == "ppo":
+                raise ValueError("rollout=parallel trains with grpo or rloo (per-position group baselines), not ppo")
 
     @property
     def out_dir(self) -> Path:
@@ -136,6 +151,8 @@ def extra_state(trainer) -> dict:
     state = {"mode": trainer.thought_mode.state_dict()}
     if hasattr(trainer, "value_head"):
         state["value_head"] = trainer.value_head.state_dict()
+    if getattr(trainer, "mixing_head", None) is not None:
+        state["mixing_head"] = trainer.mixing_head.state_dict()
     return state
 
 
@@ -147,11 +164,16 @@ class PPORun(RunTrainer, ThoughtPPOTrainer):
     pass
 
 
+class ParallelRun(RunTrainer, ParallelGRPOTrainer):
+    pass
+
+
 class RunLogger(TrainerCallback):
     """metrics.jsonl (one line per step), evals, annotated samples."""
 
-    def __init__(self, cfg: TrainConfig, trainer_ref: list, policy, task):
+    def __init__(self, cfg: TrainConfig, trainer_ref: list, policy, task, val_windows: list[list[int]] | None = None):
         self.cfg, self.trainer_ref, self.policy, self.task = cfg, trainer_ref, policy, task
+        self.val_windows = val_windows
         self.out = cfg.out_dir
         self.last = time.perf_counter()
 
@@ -166,10 +188,8 @@ class RunLogger(TrainerCallback):
         now = time.perf_counter()
         n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations
         line = {"step": state.global_step, "reward_mean": logs.get("reward"), "reward_std": logs.get("reward_std"),
-                "thought_steps_mean": trainer.rollout_stats["thought_steps_mean"],
-                "real_tokens_mean": trainer.rollout_stats["real_tokens_mean"], "kl": logs.get("kl", 0.0),
-                "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
-                "weight_version": trainer.rollout_stats["weight_version"]}
+                "kl": logs.get("kl", 0.0), "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
+                **trainer.rollout_stats}
         self.last = now
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -178,6 +198,8 @@ class RunLogger(TrainerCallback):
     def evaluate(self, step: int) -> None:
         trainer = self.trainer_ref[0]
         model = trainer.accelerator.unwrap_model(trainer.model)
+        if self.val_windows is not None:
+            return self.evaluate_parallel(step, trainer, model)
         greedy = make_mode(self.cfg.thought, self.policy.vocab, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}))
         greedy.load_state_dict(trainer.thought_mode.state_dict())
         result = {"step": step, **evaluate_policy(self.policy, greedy.to(model.device), self.task, "validation",
@@ -194,6 +216,24 @@ class RunLogger(TrainerCallback):
         (samples / f"step_{step}.html").write_text(to_html(records, title=f"{self.cfg.name} · step {step}"))
         model.train()
 
+    def evaluate_parallel(self, step: int, trainer, model) -> None:
+        """Validation windows: true-text NLL with and without thoughts (whatever the training scorer), and
+        annotated windows with each position's thought after its token."""
+        p = self.cfg.parallel
+        windows = self.val_windows[: self.cfg.eval_examples]
+        result = {"step": step, **evaluate_parallel(model, trainer.thought_mode, p, windows, trainer.mixing_head, seed=step)}
+        with open(self.out / "evals.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        real = torch.tensor(windows[: self.cfg.samples_per_eval], device=model.device)
+        rollout = sample_parallel(model, trainer.thought_mode, real, p.thought_len, seed=step, weight_version=step)
+        records = [parallel_to_json(rollout.real[i], rollout.thoughts[i], rollout.logprob[i], self.policy.tokenizer)
+                   for i in range(len(real))]
+        samples = self.out / "samples"
+        samples.mkdir(exist_ok=True)
+        (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))
+        (samples / f"step_{step}.html").write_text(to_html(records, title=f"{self.cfg.name} · step {step}"))
+        model.train()
+
 
 class RewardProgress(ProgressCallback):
     """The Trainer's progress bar with reward and throughput on it, instead of a dict printed per step."""
@@ -203,6 +243,12 @@ class RewardProgress(ProgressCallback):
             step_s = max(logs.get("step_time", 0.0), 1e-9)
             self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}",
                                           samples_s=f"{args.per_device_train_batch_size / step_s:.1f}")
+
+
+def task_windows(task, split: str, cfg: ParallelConfig, tokenizer) -> list[list[int]]:
+    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_real tokens."""
+    texts = [tokenizer(r["prompt"] + task.target(r, cfg.format)).input_ids for r in task.dataset[split]]
+    return text_windows(texts, cfg.num_real, tokenizer.eos_token_id)
 
 
 def latest_trainer_checkpoint(out: Path) -> Path | None:
@@ -241,7 +287,13 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = policy.model
     task = load_task(cfg.task)
     train_rows = task.dataset["train"].to_list()
-    workers = start_workers(cfg.ray, str(init_dir), teacher, thought, cfg.sampling, cfg.rewards, cfg.task)
+    parallel = cfg.parallel if cfg.rollout == "parallel" else None
+    if parallel:
+        windows = {split: task_windows(task, split, parallel, policy.tokenizer) for split in ("train", "validation")}
+        prompts = {f"window {i}": w for i, w in enumerate(windows["train"])}
+    else:
+        prompts = {r["prompt"]: r for r in train_rows}
+    workers = start_workers(cfg.ray, str(init_dir), teacher, thought, cfg.sampling, cfg.rewards, cfg.task, parallel)
     rl = cfg.rl
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: we pin trl for it
@@ -253,19 +305,27 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         steps_per_generation=1, num_iterations=1, max_steps=rl.max_steps, learning_rate=rl.lr,
         lr_scheduler_type="constant", beta=rl.beta, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
         scale_rewards="none" if rl.algo == "rloo" else "group",
-        max_completion_length=cfg.sampling.max_new_tokens + thought.max_thought_tokens + 2,
+        max_completion_length=(parallel.num_real * parallel.thought_len if parallel
+                               else cfg.sampling.max_new_tokens + thought.max_thought_tokens + 2),
         save_strategy="steps", save_steps=cfg.save_every, use_cpu=cfg.device == "cpu", bf16=False,
         gradient_checkpointing=False, disable_dropout=True, seed=cfg.seed, log_completions=False,
         dataloader_num_workers=0, weight_decay=0.0, warmup_steps=0,
     )
-    rollout_func = RayRollouts(workers, policy.tokenizer, {r["prompt"]: r for r in train_rows}, cfg.seed, rl.max_staleness)
+    if parallel:
+        rollout_func = ParallelRollouts(workers, prompts, parallel, cfg.seed, rl.max_staleness)
+    else:
+        rollout_func = RayRollouts(workers, policy.tokenizer, prompts, cfg.seed, rl.max_staleness)
     mode = make_mode(thought, policy.vocab, cfg.sampling)
     trainer_ref: list = []
-    logger = RunLogger(cfg, trainer_ref, policy, task)
-    cls = PPORun if rl.algo == "ppo" else GRPORun
-    extra = dict(gamma=rl.gamma, lam=rl.lam, vf_coef=rl.vf_coef) if rl.algo == "ppo" else {}
+    logger = RunLogger(cfg, trainer_ref, policy, task, windows["validation"] if parallel else None)
+    if parallel:
+        cls, extra = ParallelRun, dict(parallel=parallel)
+    elif rl.algo == "ppo":
+        cls, extra = PPORun, dict(gamma=rl.gamma, lam=rl.lam, vf_coef=rl.vf_coef)
+    else:
+        cls, extra = GRPORun, {}
     trainer = cls(model=model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
-                  train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in train_rows]}),
+                  train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
                   rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, **extra)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
@@ -276,6 +336,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         trainer.thought_mode.load_state_dict(state["mode"])
         if "value_head" in state:
             trainer.value_head.load_state_dict(state["value_head"])
+        if "mixing_head" in state:
+            trainer.mixing_head.load_state_dict(state["mixing_head"])
         step = int(resume_from.name.split("-")[1])
         for name in ("metrics.jsonl", "evals.jsonl"):
             truncate_after(out / name, step)

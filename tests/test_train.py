@@ -201,3 +201,40 @@ def test_logps_override_matches_trl_base_method(tmp_path):
         budget[i, : r.num_steps] = r.action == Action.TEXT
     recorded = torch.cat([r.logprob[r.action == Action.TEXT] for r in rollouts])
     assert budget.any() and torch.allclose(ours[budget], recorded, atol=1e-5)
+
+
+PARALLEL = Path(__file__).parents[1] / "configs" / "parallel_quickstart.yaml"
+
+
+@pytest.mark.parametrize("scorer,mixing", [("policy", "true"), ("teacher", "false")])
+def test_parallel_run(tmp_path, teacher, scorer, mixing):
+    """rollout=parallel through Ray and TRL: per-position gains, the kernel's recompute, checkpoints."""
+    cfg = load_config(TrainConfig, PARALLEL, [
+        f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.num_train=32", "task.num_val=8",
+        "task.num_test=8", "thought.num_thinking=8", "parallel.num_real=8", "parallel.thought_len=2",
+        "parallel.lookahead=2", f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}", "rl.prompts_per_step=2",
+        "rl.num_generations=2", "rl.max_steps=2", "rl.lr=1e-2", "eval_every=2", "eval_examples=4", "save_every=2",
+        "samples_per_eval=1"])
+    final = run_train(cfg)
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all({"gain_mean", "nll_base", "nll_thought", "thought_tokens"} <= m.keys() for m in lines)
+    assert lines[0]["thought_tokens"] == 16 and lines[1]["weight_version"] == 1
+    evals = json.loads((tmp_path / "evals.jsonl").read_text().splitlines()[0])
+    assert evals["num_windows"] == 4 and evals["nll_base"] > 0
+    assert "&lt;think" in (tmp_path / "samples" / "step_2.html").read_text()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init")
+    rows = slice(50257, 50265)  # the thinking rows moved: REINFORCE and the NLL reached them
+    assert not torch.allclose(model.get_input_embeddings().weight[rows], init.get_input_embeddings().weight[rows])
+    extra = torch.load(final / "thinktok_extra.pt")
+    assert ("mixing_head" in extra) == (mixing == "true")
+
+
+def test_parallel_config_errors(tmp_path, teacher):
+    with pytest.raises(ValueError, match="thought.mode must be vocab or single"):
+        load_config(TrainConfig, PARALLEL, ["thought.mode=continuous", "thought.num_thinking=0"]).validate()
+    with pytest.raises(ValueError, match="not ppo"):
+        load_config(TrainConfig, PARALLEL, ["rl.algo=ppo"]).validate()
+    with pytest.raises(ValueError, match="unknown rollout"):
+        load_config(TrainConfig, PARALLEL, ["rollout=diagonal"]).validate()
