@@ -5,6 +5,7 @@
     thinktok train configs/quickstart.yaml [key=value ...] [--resume runs/quickstart]
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
+    thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
     thinktok bench attention            (CUDA only)
     thinktok bench train [CONFIG]       (1, 2, 4 rollout actors)
 
@@ -79,13 +80,16 @@ def add_eval(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
-    p.add_argument("what", help="rollout | attention | train")
+    p.add_argument("what", help="rollout | parallel | attention | train")
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="train: the experiment to time")
     p.add_argument("overrides", nargs="*", help="train: key=value overrides")
     p.add_argument("--steps", type=int, default=6, help="train: RL steps per actor count")
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--num-real", type=int, default=64, help="parallel: real tokens per window")
+    p.add_argument("--thought-len", type=int, default=8, help="parallel: thought tokens per position")
+    p.add_argument("--lookahead", type=int, default=4, help="parallel: true tokens scored after each thought")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default="float32")
@@ -175,6 +179,10 @@ def run_bench(a) -> None:
         from thinktok.rl.bench import bench_rollout
 
         bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
+    elif a.what == "parallel":
+        from thinktok.rl.bench import bench_parallel
+
+        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, a.device, a.dtype, Path(a.out))
     elif a.what == "train":
         from thinktok.rl.bench import bench_train
 
@@ -184,7 +192,7 @@ def run_bench(a) -> None:
 
         bench_attention(Path(a.out))
     else:
-        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, attention or train")
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, parallel, attention or train")
 
 
 def main(argv: list[str] | None = None) -> int:
