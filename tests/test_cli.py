@@ -52,6 +52,16 @@ def test_text_and_html_show_thinking_tokens(tmp_path, monkeypatch):
     assert "<think" in text.read_text()
 
 
+def test_parallel_sample_puts_a_thought_after_every_token(capsys):
+    assert main(["sample", "--mode", "parallel", "--num-thinking", "8", "--max-thought-tokens", "2",
+                 "--num-samples", "1", "--format", "jsonl"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    kinds = [s["kind"] for s in rec["steps"]]
+    assert rec["mode"] == "parallel" and rec["num_real"] == 4 and kinds == ["real", "thought", "thought"] * 4
+    assert all(s["text"].startswith("<think") and s["logprob"] <= 0 for s in rec["steps"] if s["kind"] == "thought")
+    assert rec["real_text"] == "12 * 34 ="
+
+
 def test_continuous_marker_shows_nearest_tokens(capsys):
     assert main(["sample", "--mode", "continuous", "--num-samples", "1", "--max-new-tokens", "2",
                  "--max-thought-tokens", "1", "--format", "jsonl"]) == 0

@@ -81,9 +81,16 @@ def test_custom_scale_and_cpu_fallback(monkeypatch):
     q, k, v = inputs(1, 2, 6, 2, 16, torch.float32)
     out = parallel_thought_attention(q, k, v, 6, 2, scale=0.3)
     assert rel(out, parallel_thought_attention_reference(q, k, v, 6, 2, scale=0.3)) < 1e-5
-    if not GPU:  # without the interpreter flag a CPU tensor takes the reference path
+    if not GPU:  # without the interpreter flag a CPU tensor takes the PyTorch path (SDPA, the reference's mask)
         monkeypatch.delenv("TRITON_INTERPRET")
-        assert torch.equal(parallel_thought_attention(q, k, v, 6, 2), parallel_thought_attention_reference(q, k, v, 6, 2))
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            q, k, v = inputs(2, 3, 7, 3, 64, dtype)
+            out = parallel_thought_attention(q, k, v, 7, 3)
+            assert out.dtype == dtype and rel(out, parallel_thought_attention_reference(q, k, v, 7, 3)) < tol
+            ref = parallel_thought_attention_reference(q, k, v, 7, 3)
+            do = torch.randn_like(out)
+            for g, r in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+                assert rel(g, r) < tol
 
 
 @pytest.mark.parametrize("t, l, shape, match", [

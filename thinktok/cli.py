@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample annotated rollouts")
     p.add_argument("--model", default="tiny", help="tiny | small | gpt2 | hub name | checkpoint directory")
-    p.add_argument("--mode", default="vocab", help="vocab | single | continuous | soft | pause")
+    p.add_argument("--mode", default="vocab", help="vocab | single | continuous | soft | pause | parallel")
     p.add_argument("--num-thinking", type=int, default=None, help="thinking tokens (default 64; single: 1; pause: 1)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
@@ -114,8 +114,10 @@ def run_sample(a) -> None:
         raise UsageError(f"unknown format {a.format!r}: expected text, html or jsonl")
     if a.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {a.num_samples}")
-    default_n = {"vocab": 64}.get(a.mode, 1 if a.mode in ("single", "pause") else 0)
-    cfg = ThoughtConfig(mode=a.mode, num_thinking=default_n if a.num_thinking is None else a.num_thinking,
+    parallel = a.mode == "parallel"  # a thought of max_thought_tokens after every prompt token (Quiet-STaR)
+    default_n = {"vocab": 64, "parallel": 64}.get(a.mode, 1 if a.mode in ("single", "pause") else 0)
+    cfg = ThoughtConfig(mode="vocab" if parallel else a.mode,
+                        num_thinking=default_n if a.num_thinking is None else a.num_thinking,
                         max_thought_tokens=a.max_thought_tokens, sigma=a.sigma, noise=a.noise,
                         num_pause=a.num_pause, pause_at=a.pause_at)
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
@@ -125,8 +127,12 @@ def run_sample(a) -> None:
     model = policy.model.to(a.device)
     mode = make_mode(cfg, policy.vocab, sampling).to(a.device)
     texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
-    rollouts = sample(model, mode, [policy.tokenizer(t).input_ids for t in texts], seed=a.seed)
-    records = [to_json(r, policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
+    if parallel:
+        records = [sample_window(model, mode, policy.tokenizer, t, a.max_thought_tokens, a.seed + i)
+                   for i, t in enumerate(texts)]
+    else:
+        rollouts = sample(model, mode, [policy.tokenizer(t).input_ids for t in texts], seed=a.seed)
+        records = [to_json(r, policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
     if a.format == "text":
         with open(a.out, "w") if a.out else open(os.devnull, "w") as f:
             console = Console(file=f if a.out else None, force_terminal=False if a.out else None, soft_wrap=True)
@@ -139,6 +145,18 @@ def run_sample(a) -> None:
         Path(a.out).write_text(payload)
     else:
         sys.stdout.write(payload)
+
+
+def sample_window(model, mode, tokenizer, text: str, thought_len: int, seed: int) -> dict:
+    """--mode parallel: the prompt as one window, a thought sampled after every token at once."""
+    import torch
+
+    from thinktok.rl.parallel import sample_parallel
+    from thinktok.rl.render import parallel_to_json
+
+    real = torch.tensor([tokenizer(text).input_ids], device=model.device)
+    r = sample_parallel(model, mode, real, thought_len, seed)
+    return parallel_to_json(r.real[0], r.thoughts[0], r.logprob[0], tokenizer)
 
 
 def run_sft(a) -> None:
