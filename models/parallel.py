@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from thinktok.kernels import parallel_thought_attention
@@ -84,29 +84,32 @@ def layout_positions(num_real: int, thought_len: int, device=None) -> torch.Tens
     return torch.cat([t, (t[:, None] + 1 + j[None, :]).flatten()])
 
 
-def parallel_hidden(model: PreTrainedModel, ids: torch.Tensor, num_real: int, thought_len: int,
-                    cache: ParallelCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int, cache: ParallelCache | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ids (B, T + T*L) in the layout -> last hidden state (B, N, H), after the final layer norm.
     With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j).
 
     No LM head here: callers project only the rows and columns they need (`project`), because over GPT-2's
-    50k columns the head, not attention, dominates a small model's parallel pass."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = NAME
+    50k columns the head, not attention, dominates a small model's parallel pass. The call still goes
+    through `model` itself (logits for one row only), so a DDP-wrapped learner syncs its gradients."""
+    config = getattr(model, "module", model).config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
     try:
         pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
         # an all-ones mask only tells transformers there is no padding (windows hold EOS ids); the registered
         # mask function turns it into nothing
-        out = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos.expand(ids.shape[0], -1),
-                               num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False)
-        return out.last_hidden_state
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos.expand(ids.shape[0], -1),
+                    num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
     finally:
-        model.config._attn_implementation = previous
+        config._attn_implementation = previous
 
 
-def project(model: PreTrainedModel, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def project(model, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """Logits of vocabulary columns [lo, hi) only: (..., H) -> (..., hi - lo)."""
-    head = model.get_output_embeddings()
+    head = getattr(model, "module", model).get_output_embeddings()
     bias = None if head.bias is None else head.bias[lo:hi]
     return F.linear(hidden, head.weight[lo:hi], bias)
 

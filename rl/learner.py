@@ -326,10 +326,8 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         if len(rows) != input_ids.shape[0]:
             raise RuntimeError(f"{input_ids.shape[0]} rows but {len(rows)} rollouts: batch bookkeeping broke")
         batch = ParallelRollout.cat(rows).to(input_ids.device)
-        # parallel_hidden reaches into the transformers model (base_model, config): the unwrapped module
         with self.accelerator.autocast():
-            scored = score(self.accelerator.unwrap_model(model), self.thought_mode, batch, self.parallel.lookahead,
-                           self.mixing_head)
+            scored = score(model, self.thought_mode, batch, self.parallel.lookahead, self.mixing_head)
         self._nll = scored.nll()
         r = len(rows)
         pad = lambda x: nn.functional.pad(x.reshape(r, -1), (0, logits_to_keep - x[0].numel()))  # noqa: E731

@@ -36,9 +36,9 @@ SCORERS = ("policy", "teacher")
 
 @dataclass
 class ParallelConfig:
-    num_real: int = 32  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
-    thought_len: int = 4  # L: thinking tokens sampled at every position (Quiet-STaR: 12)
-    lookahead: int = 2  # n: true tokens after each thought whose log-prob gain is the reward (Quiet-STaR: 4)
+    num_real: int = 64  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
+    thought_len: int = 12  # L: thinking tokens sampled at every position (Quiet-STaR's 12)
+    lookahead: int = 4  # n: true tokens after each thought whose log-prob gain is the reward (Quiet-STaR's 4)
     scorer: str = "policy"  # policy | teacher
     teacher_top_k: int = 16  # teacher scorer: the teacher's top-k next tokens, renormalised, are the targets
     mixing_head: bool = False  # Quiet-STaR's learned mixing of post- and pre-thought predictions

@@ -43,3 +43,15 @@ def test_malformed_yaml(tmp_path):
         load_config(SFTConfig, write(tmp_path, "name: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(SFTConfig, write(tmp_path, "- a\n- b\n"))
+
+
+def test_every_shipped_config_loads_and_validates():
+    from pathlib import Path
+
+    from thinktok.rl.train import TrainConfig
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = load_config(SFTConfig if path.name.startswith("sft_") else TrainConfig, path)
+        cfg.validate()
