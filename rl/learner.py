@@ -117,6 +117,12 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         extra = [p for p in self.extra_parameters() if p.requires_grad]
         if extra:
             opt.add_param_group({"params": extra, "weight_decay": 0.0})
+
+            def zero_extra_grads(*_):  # the Trainer zeroes model.parameters() only: these would sum over all steps
+                for p in extra:
+                    p.grad = None
+
+            opt.register_step_post_hook(zero_extra_grads)
         return opt
 
     def extra_parameters(self) -> list[nn.Parameter]:

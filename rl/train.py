@@ -100,6 +100,8 @@ class TrainConfig:
                                  f"single, got {self.thought.mode}")
             if self.rl.algo == "ppo":
                 raise ValueError("rollout=parallel trains with grpo or rloo (per-position group baselines), not ppo")
+            if self.parallel.scorer == "teacher" and not self.teacher:
+                raise ValueError("parallel.scorer=teacher needs a teacher checkpoint (teacher=PATH)")
 
     @property
     def out_dir(self) -> Path:

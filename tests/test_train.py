@@ -206,16 +206,18 @@ def test_logps_override_matches_trl_base_method(tmp_path):
 PARALLEL = Path(__file__).parents[1] / "configs" / "parallel_quickstart.yaml"
 
 
+def parallel_config(run_dir, teacher, *overrides):
+    return load_config(TrainConfig, PARALLEL, [
+        f"run_dir={run_dir}", f"teacher={teacher}", "policy=tiny", "task.num_train=32", "task.num_val=8",
+        "task.num_test=8", "thought.num_thinking=8", "parallel.num_real=8", "parallel.thought_len=2",
+        "parallel.lookahead=2", "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_steps=2", "rl.lr=1e-2",
+        "eval_every=2", "eval_examples=4", "save_every=2", "samples_per_eval=1", *overrides])
+
+
 @pytest.mark.parametrize("scorer,mixing", [("policy", "true"), ("teacher", "false")])
 def test_parallel_run(tmp_path, teacher, scorer, mixing):
     """rollout=parallel through Ray and TRL: per-position gains, the kernel's recompute, checkpoints."""
-    cfg = load_config(TrainConfig, PARALLEL, [
-        f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.num_train=32", "task.num_val=8",
-        "task.num_test=8", "thought.num_thinking=8", "parallel.num_real=8", "parallel.thought_len=2",
-        "parallel.lookahead=2", f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}", "rl.prompts_per_step=2",
-        "rl.num_generations=2", "rl.max_steps=2", "rl.lr=1e-2", "eval_every=2", "eval_examples=4", "save_every=2",
-        "samples_per_eval=1"])
-    final = run_train(cfg)
+    final = run_train(parallel_config(tmp_path, teacher, f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}"))
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == [1, 2]
     assert all({"gain_mean", "nll_base", "nll_thought", "thought_tokens"} <= m.keys() for m in lines)
@@ -231,7 +233,40 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     assert ("mixing_head" in extra) == (mixing == "true")
 
 
+def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
+    """The mixing head (weights, Adam state, fresh gradients each step) and the thinking rows come back from
+    the checkpoint: the resumed run's numbers are the uninterrupted run's."""
+    over = ("parallel.mixing_head=true", "rl.max_steps=4", "eval_every=0")
+    run_train(parallel_config(tmp_path / "whole", teacher, *over))
+    from thinktok.rl.train import ParallelRun
+
+    original = ParallelRun.training_step
+    calls = []
+
+    def dies_at_third_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(ParallelRun, "training_step", dies_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(parallel_config(tmp_path / "cut", teacher, *over))
+    monkeypatch.setattr(ParallelRun, "training_step", original)
+    run_train(parallel_config(tmp_path / "cut", teacher, *over), resume=True)
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
+    ha = torch.load(tmp_path / "whole" / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
+    hb = torch.load(tmp_path / "cut" / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
+    assert all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha) and ha["net.2.weight"].abs().sum() > 0
+
+
 def test_parallel_config_errors(tmp_path, teacher):
+    with pytest.raises(ValueError, match="scorer=teacher needs a teacher"):
+        load_config(TrainConfig, PARALLEL, ["parallel.scorer=teacher", "teacher=null"]).validate()
     with pytest.raises(ValueError, match="thought.mode must be vocab or single"):
         load_config(TrainConfig, PARALLEL, ["thought.mode=continuous", "thought.num_thinking=0"]).validate()
     with pytest.raises(ValueError, match="not ppo"):
