@@ -65,13 +65,11 @@ def test_short_run_writes_everything(tmp_path, teacher):
         run_train(config(tmp_path, teacher))
 
 
-def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
-    whole = tmp_path / "whole"
-    run_train(config(whole, teacher, "rl.max_steps=4"))
-    cut = tmp_path / "cut"
-    from thinktok.rl.train import GRPORun
-
-    original = GRPORun.training_step
+def whole_and_resumed(tmp_path, make_config, trainer_cls, monkeypatch):
+    """Run 4 steps straight, and 4 steps killed during the third then resumed: (whole dir, resumed dir)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_train(make_config(whole))
+    original = trainer_cls.training_step
     calls = []
 
     def dies_at_third_step(self, *a, **k):
@@ -80,15 +78,21 @@ def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
             raise KeyboardInterrupt("killed")
         return original(self, *a, **k)
 
-    monkeypatch.setattr(GRPORun, "training_step", dies_at_third_step)
+    monkeypatch.setattr(trainer_cls, "training_step", dies_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        run_train(config(cut, teacher, "rl.max_steps=4"))
-    monkeypatch.setattr(GRPORun, "training_step", original)
+        run_train(make_config(cut))
+    monkeypatch.setattr(trainer_cls, "training_step", original)
     assert len(metrics(cut)) == 2
-    run_train(config(cut, teacher, "rl.max_steps=4"), resume=True)
-    a, b = metrics(whole), metrics(cut)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
+    run_train(make_config(cut), resume=True)
+    assert [m["step"] for m in metrics(cut)] == [1, 2, 3, 4]
+    return whole, cut
+
+
+def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
+    from thinktok.rl.train import GRPORun
+
+    whole, cut = whole_and_resumed(tmp_path, lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun, monkeypatch)
+    for x, y in zip(metrics(whole), metrics(cut)):
         for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean", "weight_version"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     wa = AutoModelForCausalLM.from_pretrained(whole / "trainer" / "checkpoint-4").state_dict()
@@ -236,31 +240,15 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
 def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
     """The mixing head (weights, Adam state, fresh gradients each step) and the thinking rows come back from
     the checkpoint: the resumed run's numbers are the uninterrupted run's."""
-    over = ("parallel.mixing_head=true", "rl.max_steps=4", "eval_every=0")
-    run_train(parallel_config(tmp_path / "whole", teacher, *over))
     from thinktok.rl.train import ParallelRun
 
-    original = ParallelRun.training_step
-    calls = []
-
-    def dies_at_third_step(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(ParallelRun, "training_step", dies_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(parallel_config(tmp_path / "cut", teacher, *over))
-    monkeypatch.setattr(ParallelRun, "training_step", original)
-    run_train(parallel_config(tmp_path / "cut", teacher, *over), resume=True)
-    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
+    over = ("parallel.mixing_head=true", "rl.max_steps=4", "eval_every=0")
+    whole, cut = whole_and_resumed(tmp_path, lambda d: parallel_config(d, teacher, *over), ParallelRun, monkeypatch)
+    for x, y in zip(metrics(whole), metrics(cut)):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
-    ha = torch.load(tmp_path / "whole" / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
-    hb = torch.load(tmp_path / "cut" / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
+    ha = torch.load(whole / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
+    hb = torch.load(cut / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
     assert all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha) and ha["net.2.weight"].abs().sum() > 0
 
 
