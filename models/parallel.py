@@ -3,8 +3,9 @@ the fused kernel as a transformers attention implementation, so the model code s
 
 Also here: Quiet-STaR's mixing head, which weighs post-thought against pre-thought predictions.
 
-Two forms: the full teacher-forced layout (the fused kernel; scoring and the learner's recompute) and the
-incremental form used while sampling (one new thought per position against cached keys/values).
+Two forms, two kernels: the full teacher-forced layout (`parallel_thought_attention`; scoring and the
+learner's recompute) and the incremental form used while sampling (`parallel_thought_decode`: one new
+thought per position against cached keys/values).
 
 The pattern fixes the mask, so the implementation ignores `attention_mask` (no padding inside a layout:
 batch rows share T and L) and a mask function that builds nothing is registered beside it: transformers
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from thinktok.kernels import parallel_thought_attention
+from thinktok.kernels import parallel_thought_attention, parallel_thought_decode
 
 NAME = "parallel_thought"
 
@@ -31,21 +32,6 @@ class ParallelCache:
     def __init__(self):
         self.real: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.thought: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def incremental_attention(q, k_real, v_real, k_thought, v_thought, scale: float) -> torch.Tensor:
-    """Thought step j at every position at once: query t (B, H, T, D) attends real keys <= t and its own
-    position's thoughts 0..j (B, H, T, j+1, D). Cost T*(T + j), nothing spent on other positions' thoughts.
-    The two score blocks share one softmax."""
-    t = q.shape[2]
-    real = torch.einsum("bhtd,bhkd->bhtk", q.float(), k_real.float()) * scale  # (B, H, T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    real = real.masked_fill(~causal, float("-inf"))
-    own = torch.einsum("bhtd,bhtjd->bhtj", q.float(), k_thought.float()) * scale  # (B, H, T, j+1)
-    p = torch.cat([real, own], dim=-1).softmax(-1)
-    out = torch.einsum("bhtk,bhkd->bhtd", p[..., :t], v_real.float())
-    out = out + torch.einsum("bhtj,bhtjd->bhtd", p[..., t:], v_thought.float())
-    return out.to(q.dtype)
 
 
 def parallel_thought_attention_impl(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -63,10 +49,10 @@ def parallel_thought_attention_impl(module, query, key, value, attention_mask, s
             old_k, old_v = parallel_cache.thought[layer]
             k_t, v_t = torch.cat([old_k, k_t], 3), torch.cat([old_v, v_t], 3)
         parallel_cache.thought[layer] = (k_t, v_t)
-        out = incremental_attention(query, *parallel_cache.real[layer], k_t, v_t, scaling)
+        out = parallel_thought_decode(query, *parallel_cache.real[layer], k_t, v_t, scaling)
     elif thought_len == 0:  # real tokens only: plain causal attention
-        if parallel_cache is not None:
-            parallel_cache.real[layer] = (key, value)
+        if parallel_cache is not None:  # contiguous once here, not at every thought step
+            parallel_cache.real[layer] = (key.contiguous(), value.contiguous())
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
         out = parallel_thought_attention(query, key, value, num_real, thought_len, scale=scaling)

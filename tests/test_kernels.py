@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import thinktok.kernels.parallel_thought as pt
-from thinktok.kernels import parallel_thought_attention, parallel_thought_attention_reference, parallel_thought_mask
+from thinktok.kernels import (parallel_thought_attention, parallel_thought_attention_reference, parallel_thought_decode,
+                              parallel_thought_decode_reference, parallel_thought_mask)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -110,3 +111,38 @@ def test_flex_mask_mod_is_the_same_pattern():
     from thinktok.kernels.bench import flex_pattern
 
     assert torch.equal(create_mask(flex_pattern(7, 3), None, None, 28, 28, device="cpu")[0, 0], parallel_thought_mask(7, 3))
+
+
+def decode_inputs(b, h, t, l, j, d, dtype, seed=1):
+    """Step j of the incremental form, cut from one full layout: the queries are thought (t, j) for every t."""
+    q, k, v = (x.detach() for x in inputs(b, h, t, l, d, dtype, seed))
+    rows = t + torch.arange(t, device=q.device) * l + j
+    thought = lambda x: x[:, :, t:].reshape(b, h, t, l, d)[:, :, :, : j + 1]  # noqa: E731
+    return (q[:, :, rows], k[:, :, :t], v[:, :, :t], thought(k), thought(v)), (q, k, v, rows)
+
+
+def test_decode_reference_is_the_full_pattern_at_one_step():
+    t, l, j = 6, 3, 2
+    args, (q, k, v, rows) = decode_inputs(2, 3, t, l, j, 16, torch.float32)
+    full = parallel_thought_attention_reference(q, k, v, t, l)
+    assert rel(parallel_thought_decode_reference(*args), full[:, :, rows]) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 0, 64), (2, 3, 37, 4, 3, 64), (1, 2, 70, 2, 0, 128), (1, 2, 33, 3, 1, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_kernel_matches_reference(shape, dtype, monkeypatch):
+    monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
+    b, h, t, l, j, d = shape
+    args, _ = decode_inputs(b, h, t, l, j, d, dtype)
+    out = parallel_thought_decode(*args)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert rel(out, parallel_thought_decode_reference(*args)) < TOL[dtype]
+
+
+def test_decode_rejects_mismatched_cache():
+    args, _ = decode_inputs(1, 2, 5, 2, 1, 16, torch.float32)
+    q, kr, vr, kt, vt = args
+    with pytest.raises(ValueError, match="k_thought"):
+        parallel_thought_decode(q, kr, vr, kt[:, :, :4], vt[:, :, :4])
+    with pytest.raises(ValueError, match="k_real"):
+        parallel_thought_decode(q, kr[:, :, :4], vr, kt, vt)

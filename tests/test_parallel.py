@@ -143,17 +143,3 @@ def test_text_windows_and_config_errors():
     with pytest.raises(ValueError, match="needs a teacher"):
         policy, mode, _ = setup()
         ParallelScorer(ParallelConfig(scorer="teacher"), policy.model, mode)
-
-
-def test_incremental_attention_equals_reference_rows():
-    from thinktok.kernels import parallel_thought_attention_reference
-    from thinktok.models.parallel import incremental_attention
-
-    g = torch.Generator().manual_seed(5)
-    b, h, d, j = 2, 3, 16, 2  # step j: thoughts 0..j of every position exist
-    q, k, v = (torch.randn(b, h, T * (1 + L), d, generator=g) for _ in range(3))
-    ref = parallel_thought_attention_reference(q, k, v, T, L)
-    rows = T + torch.arange(T) * L + j  # thought (t, j) for every t
-    thought = lambda x: x[:, :, T:].reshape(b, h, T, L, d)[:, :, :, : j + 1]  # noqa: E731
-    out = incremental_attention(q[:, :, rows], k[:, :, :T], v[:, :, :T], thought(k), thought(v), d ** -0.5)
-    assert torch.allclose(out, ref[:, :, rows], atol=1e-5)
