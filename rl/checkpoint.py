@@ -14,12 +14,19 @@ from thinktok.config import from_dict
 from thinktok.envs import TaskConfig
 from thinktok.models.thoughts import ThoughtConfig
 
+from .parallel import ParallelConfig
+
 RUN_INFO = "thinktok_run.yaml"
+EXTRA_STATE = "thinktok_extra.pt"  # RL checkpoints: thought-mode parameters, PPO value head, mixing head
 
 
-def save_run_info(directory: Path, task: TaskConfig, format: str, thought: ThoughtConfig | None) -> None:
+def save_run_info(directory: Path, task: TaskConfig, format: str, thought: ThoughtConfig | None,
+                  parallel: ParallelConfig | None = None) -> None:
+    """format: the SFT text format, "rl", or "parallel" (then `parallel` holds the parallel-thought settings)."""
     info = {"task": dataclasses.asdict(task), "format": format,
             "thought": dataclasses.asdict(thought if thought is not None else ThoughtConfig(mode="none", num_thinking=0))}
+    if parallel is not None:
+        info["parallel"] = dataclasses.asdict(parallel)
     (Path(directory) / RUN_INFO).write_text(yaml.safe_dump(info, sort_keys=False))
 
 
@@ -29,6 +36,11 @@ def load_run_info(directory: Path) -> tuple[TaskConfig, str, ThoughtConfig]:
         raise ValueError(f"{directory} is not a thinktok checkpoint (no {RUN_INFO})")
     info = yaml.safe_load(path.read_text())
     return from_dict(TaskConfig, info["task"]), info["format"], from_dict(ThoughtConfig, info["thought"])
+
+
+def load_parallel_info(directory: Path) -> ParallelConfig | None:
+    info = yaml.safe_load((Path(directory) / RUN_INFO).read_text())
+    return from_dict(ParallelConfig, info["parallel"]) if "parallel" in info else None
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from thinktok.envs import TaskConfig, load_task
+from thinktok.models.parallel import MixingHead
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import SamplingConfig, make_mode
 
-from .checkpoint import find_checkpoint, load_run_info
+from .checkpoint import EXTRA_STATE, find_checkpoint, load_parallel_info, load_run_info
+from .parallel import ParallelConfig, evaluate_parallel, task_windows
 from .rollout import sample
 
 
@@ -34,6 +36,21 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
             "wall_s": time.perf_counter() - start}
 
 
+def evaluate_parallel_checkpoint(ckpt: Path, policy, mode, cfg: ParallelConfig, task, split: str, batch_size: int,
+                                 limit: int | None) -> dict:
+    head = None
+    extra = ckpt / EXTRA_STATE
+    state = torch.load(extra) if extra.exists() else {}
+    if "mixing_head" in state:
+        head = MixingHead(policy.model.config.hidden_size).to(policy.model.device)
+        head.load_state_dict(state["mixing_head"])
+    windows = task_windows(task, split, cfg, policy.tokenizer)[:limit]
+    start = time.perf_counter()
+    out = evaluate_parallel(policy.model, mode, cfg, windows, head, batch_size=batch_size)
+    return {**out, "thought_len": cfg.thought_len, "lookahead": cfg.lookahead, "mixing_head": head is not None,
+            "wall_s": time.perf_counter() - start}
+
+
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None) -> dict:
     ckpt = find_checkpoint(path)
@@ -45,9 +62,14 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
     policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     policy.model.to(device)
     mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
-    with torch.no_grad():
-        result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt, "mode": thought.mode,
-                  **evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit)}
+    result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt, "mode": thought.mode}
+    parallel = load_parallel_info(ckpt)
+    if parallel is not None:  # parallel thoughts: NLL of the split's text with and without them
+        result.update(evaluate_parallel_checkpoint(ckpt, policy, mode.to(device), parallel, load_task(task_cfg), split,
+                                                   batch_size, limit))
+    else:
+        with torch.no_grad():
+            result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit))
     out = Path(path) if Path(path).is_dir() else ckpt
     (out / f"eval_{task_cfg.name}_{split}.json").write_text(json.dumps(result, indent=2))
     return result

@@ -261,6 +261,12 @@ def text_windows(texts: list[list[int]], num_real: int, eos: int) -> list[list[i
     return [ids[i : i + num_real] for i in range(0, len(ids) - num_real + 1, num_real)]
 
 
+def task_windows(task, split: str, cfg: ParallelConfig, tokenizer) -> list[list[int]]:
+    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_real tokens."""
+    texts = [tokenizer(r["prompt"] + task.target(r, cfg.format)).input_ids for r in task.dataset[split]]
+    return text_windows(texts, cfg.num_real, tokenizer.eos_token_id)
+
+
 @torch.no_grad()
 def evaluate_parallel(model, mode: ThoughtMode, cfg: ParallelConfig, windows: list[list[int]],
                       head: MixingHead | None = None, seed: int = 0, batch_size: int = 16) -> dict:

@@ -31,17 +31,16 @@ from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
 
 from .actors import RayConfig, start_workers, stop_workers
-from .checkpoint import atomic_save, find_checkpoint, save_run_info
+from .checkpoint import EXTRA_STATE, atomic_save, find_checkpoint, save_run_info
 from .evaluate import evaluate_policy
 from .learner import ParallelGRPOTrainer, ParallelRollouts, RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
-from .parallel import ParallelConfig, evaluate_parallel, sample_parallel, text_windows
+from .parallel import ParallelConfig, evaluate_parallel, sample_parallel, task_windows
 from .render import parallel_to_json, to_html, to_json, to_jsonl
 from .rewards import RewardConfig
 from .rollout import sample
 
 ALGOS = ("grpo", "rloo", "ppo")
 ROLLOUTS = ("sequential", "parallel")
-EXTRA_STATE = "thinktok_extra.pt"  # thought-mode parameters (learned sigma) and the PPO value head
 
 
 @dataclass
@@ -143,7 +142,9 @@ class RunTrainer:
         tmp = root / ".saving" / name
         self.policy_extras["vocab"].save(tmp)
         torch.save(self.policy_extras["init_rows"], tmp / "thinktok_init_rows.pt")
-        save_run_info(tmp, self.run_cfg.task, "rl", self.run_cfg.thought)
+        parallel = self.run_cfg.rollout == "parallel"
+        save_run_info(tmp, self.run_cfg.task, "parallel" if parallel else "rl", self.run_cfg.thought,
+                      self.run_cfg.parallel if parallel else None)
         torch.save(extra_state(self), tmp / EXTRA_STATE)
         atomic_save(root / name, lambda d: [p.rename(d / p.name) for p in tmp.iterdir()])
         shutil.rmtree(root / ".saving")
@@ -245,12 +246,6 @@ class RewardProgress(ProgressCallback):
             step_s = max(logs.get("step_time", 0.0), 1e-9)
             self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}",
                                           samples_s=f"{args.per_device_train_batch_size / step_s:.1f}")
-
-
-def task_windows(task, split: str, cfg: ParallelConfig, tokenizer) -> list[list[int]]:
-    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_real tokens."""
-    texts = [tokenizer(r["prompt"] + task.target(r, cfg.format)).input_ids for r in task.dataset[split]]
-    return text_windows(texts, cfg.num_real, tokenizer.eos_token_id)
 
 
 def latest_trainer_checkpoint(out: Path) -> Path | None:

@@ -235,6 +235,11 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     assert not torch.allclose(model.get_input_embeddings().weight[rows], init.get_input_embeddings().weight[rows])
     extra = torch.load(final / "thinktok_extra.pt")
     assert ("mixing_head" in extra) == (mixing == "true")
+    from thinktok.rl.evaluate import evaluate  # `thinktok eval` knows a parallel checkpoint by its run info
+
+    result = evaluate(str(tmp_path), None, "test", limit=3)
+    assert result["format"] == "parallel" and result["num_windows"] == 3 and result["mixing_head"] == (mixing == "true")
+    assert result["nll_base"] > 0 and result["nll_thought"] > 0 and result["thought_len"] == 2
 
 
 def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
