@@ -52,11 +52,13 @@ def evaluate_parallel_checkpoint(ckpt: Path, policy, mode, cfg: ParallelConfig, 
 
 
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
-             batch_size: int = 64, device: str = "cpu", limit: int | None = None) -> dict:
+             batch_size: int = 64, device: str = "cpu", limit: int | None = None, task_cfg: TaskConfig | None = None,
+             save: bool = True) -> dict:
+    """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
+    task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run."""
     ckpt = find_checkpoint(path)
-    task_cfg, fmt, thought = load_run_info(ckpt)
-    if task_name and task_name != task_cfg.name:
-        task_cfg = TaskConfig(name=task_name)
+    own_task, fmt, thought = load_run_info(ckpt)
+    task_cfg = task_cfg or (TaskConfig(name=task_name) if task_name and task_name != own_task.name else own_task)
     if split not in ("train", "validation", "test"):
         raise ValueError(f"unknown split {split!r}: expected train, validation or test")
     policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
@@ -70,6 +72,7 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
     else:
         with torch.no_grad():
             result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit))
-    out = Path(path) if Path(path).is_dir() else ckpt
-    (out / f"eval_{task_cfg.name}_{split}.json").write_text(json.dumps(result, indent=2))
+    if save:
+        out = Path(path) if Path(path).is_dir() else ckpt
+        (out / f"eval_{task_cfg.name}_{split}.json").write_text(json.dumps(result, indent=2))
     return result

@@ -69,3 +69,23 @@ def test_continuous_curriculum(tmp_path):
     assert "mode: continuous" in info and "max_thought_tokens: 2" in info
     with pytest.raises(ValueError, match="set format=cot"):
         load_config(SFTConfig, None, ["thought.mode=continuous", "thought.num_thinking=0"])
+
+
+def test_compare_shared_vs_distinct_slots(tmp_path, capsys):
+    """`thinktok compare`: both arms evaluated on the first run's task, rows' movement from the checkpoints."""
+    sft(tmp_path / "shared", "thought.mode=single", "thought.num_thinking=1", "slots=2", steps=10)
+    sft(tmp_path / "distinct", "thought.mode=vocab", "thought.num_thinking=2", "slots=2", steps=10)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "shared"), str(tmp_path / "distinct"), "--limit", "4",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    shared, distinct = report["runs"]
+    assert report["task"] == "multiplication" and shared["num_examples"] == distinct["num_examples"] == 4
+    assert shared["mode"] == distinct["mode"] == "pause"  # supervised slots decode as fixed insertions
+    assert shared["movement"]["num_rows"] == 1 and distinct["movement"]["num_rows"] == 2
+    # the movement is the checkpoint's rows against its saved initial rows, the last SFT record says the same
+    last = json.loads((tmp_path / "distinct" / "checkpoint" / "thinking_rows.json").read_text())["movement"][-1]
+    assert distinct["movement"]["rows"] == pytest.approx(last, rel=1e-4) and max(last) > 0
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "distinct" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "nowhere")]) == 2

@@ -4,6 +4,7 @@
     thinktok sft configs/sft_mult2_tiny.yaml [key=value ...]
     thinktok train configs/quickstart.yaml [key=value ...] [--resume runs/quickstart]
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
+    thinktok compare runs/sft_slots_k runs/rl_vocab runs/parallel_quickstart [--split test]
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
     thinktok bench attention            (CUDA only)
@@ -76,6 +77,16 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="supervised vs RL-trained thinking tokens on one task: eval + row movement")
+    p.add_argument("runs", nargs="+", help="run directories or checkpoints")
+    p.add_argument("--task", default=None, help="task name (default: the first run's task, as configured)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (windows, for parallel runs) only")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
 
 
 def add_bench(sub) -> None:
@@ -192,6 +203,12 @@ def run_eval(a) -> None:
     print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, a.device, a.limit)))
 
 
+def run_compare(a) -> None:
+    from thinktok.rl.compare import compare
+
+    compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
+
+
 def run_bench(a) -> None:
     if a.what == "rollout":
         from thinktok.rl.bench import bench_rollout
@@ -221,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     add_sft(sub)
     add_train(sub)
     add_eval(sub)
+    add_compare(sub)
     add_bench(sub)
     from thinktok.models.policy import PolicyLoadError
 
     try:
         a = parser.parse_args(argv)
-        {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "bench": run_bench}[a.command](a)
+        {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "compare": run_compare,
+         "bench": run_bench}[a.command](a)
     except (UsageError, PolicyLoadError, ValueError, OSError, FloatingPointError) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,103 @@
+"""`thinktok compare RUN [RUN ...]`: supervised and RL-trained thinking tokens side by side on one task.
+
+For every run (or checkpoint): the `eval` numbers on the same task and split (the first run's task unless
+`--task`), and how far its thinking rows moved from their initial values (seed 000's measure: one shared
+embedding barely moves, distinct ones do). Prints a table, saves compare.json and compare.png (accuracy or
+held-out NLL per run, the sorted per-row movement, and movement over training where the run recorded it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training box
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from thinktok.envs import TaskConfig  # noqa: E402
+from thinktok.models.policy import load_policy  # noqa: E402
+from thinktok.models.vocab import row_movement  # noqa: E402
+
+from .checkpoint import find_checkpoint, load_run_info  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .sft import ROWS_FILE  # noqa: E402
+
+
+def movement(ckpt: Path) -> dict:
+    """Thinking-row L2 distance from init now, and its history when training recorded one (SFT runs)."""
+    _, _, thought = load_run_info(ckpt)
+    if thought.vocab_tokens == 0:
+        return {"num_rows": 0, "rows": [], "history": None}
+    policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
+    rows = row_movement(policy.model, policy.vocab, policy.init_rows)
+    history = json.loads((ckpt / ROWS_FILE).read_text()) if (ckpt / ROWS_FILE).exists() else None
+    return {"num_rows": len(rows), "rows": rows.tolist(), "mean": rows.mean().item(), "max": rows.max().item(),
+            "history": history}
+
+
+def compare(paths: list[str], task: str | None, split: str, limit: int | None, device: str, out: Path) -> dict:
+    if not paths:
+        raise ValueError("compare needs at least one run directory or checkpoint")
+    ckpts = [find_checkpoint(p) for p in paths]
+    task_cfg = TaskConfig(name=task) if task else load_run_info(ckpts[0])[0]
+    runs = []
+    for path, ckpt in zip(paths, ckpts):
+        with torch.no_grad():
+            result = evaluate(path, None, split, device=device, limit=limit, task_cfg=task_cfg, save=False)
+        runs.append({"path": path, **result, "movement": movement(ckpt)})
+    report = {"task": task_cfg.name, "split": split, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(report, indent=2))
+    plot(runs, out / "compare.png", f"{task_cfg.name} · {split}")
+    print_table(runs)
+    print(f"saved {out / 'compare.json'} and {out / 'compare.png'}")
+    return report
+
+
+def label(run: dict) -> str:
+    return f"{Path(run['path']).name} ({run['mode']}, {run['format']})"
+
+
+def print_table(runs: list[dict]) -> None:
+    table = Table("run", "mode", "format", "accuracy / nll with→without", "thought steps", "rows", "row movement mean/max")
+    for r in runs:
+        score = (f"{r['nll_thought']:.3f} → {r['nll_base']:.3f}" if r["format"] == "parallel" else f"{r['accuracy']:.3f}")
+        steps = str(r.get("thought_len", "")) if r["format"] == "parallel" else f"{r['thought_steps_mean']:.2f}"
+        m = r["movement"]
+        moved = f"{m['mean']:.3f} / {m['max']:.3f}" if m["num_rows"] else "-"
+        table.add_row(Path(r["path"]).name, r["mode"], r["format"], score, steps, str(m["num_rows"]), moved)
+    console = Console()
+    if not console.is_terminal:  # a log file: no 80-column wrap
+        console.width = 160
+    console.print(table)
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    fig, (ax_score, ax_rows, ax_hist) = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [label(r) for r in runs]
+    scores = [r["nll_thought"] if r["format"] == "parallel" else r["accuracy"] for r in runs]
+    ax_score.barh(names, scores, color=["#c2185b" if r["format"] == "parallel" else "#0a6ebd" for r in runs])
+    ax_score.set_xlabel("accuracy (blue) / held-out NLL with thoughts (pink)")
+    for r, name in zip(runs, names):
+        if r["movement"]["num_rows"]:
+            ax_rows.plot(sorted(r["movement"]["rows"], reverse=True), label=name)
+            h = r["movement"]["history"]
+            if h:
+                steps = [(s, sum(m) / len(m)) for s, m in zip(h["step"], h["movement"]) if m]
+                ax_hist.plot([s for s, _ in steps], [v for _, v in steps], label=name)
+    ax_rows.set(xlabel="thinking row (sorted)", ylabel="L2 distance from init", title="row movement")
+    ax_hist.set(xlabel="training step", ylabel="mean row distance from init", title="movement during training (SFT)")
+    for ax in (ax_rows, ax_hist):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run has data here", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
