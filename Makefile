@@ -32,4 +32,5 @@ test: install
 
 bench: install
 	$(BIN)/thinktok bench rollout
+	$(BIN)/thinktok bench parallel
 	$(BIN)/thinktok bench train
