@@ -99,7 +99,7 @@ def parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought, s
 
 @triton.jit
 def _row_pos(offs_m, N, T, L):
-    """Position of each row: its own index for real rows, t for thought (t, j)."""
+    """Position of each index (query row or key): itself for real tokens, t for thought (t, j)."""
     rows = tl.minimum(offs_m, N - 1)
     return tl.where(rows < T, rows, (rows - T) // L)
 
@@ -122,7 +122,7 @@ def _fwd_block(acc, m_i, l_i, q, K_ptr, V_ptr, stride_kn, offs_m, pos_m, start_n
     v = tl.load(V_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 domain
     if MASKED:
-        pos_n = tl.where(offs_n < T, offs_n, (offs_n - T) // L)
+        pos_n = _row_pos(offs_n, N, T, L)
         # n_end: the real-prefix sweep stops at T so that no thought key is counted twice
         s = tl.where(_allowed(offs_m, pos_m, offs_n, pos_n, T) & (offs_n[None, :] < n_end), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -244,7 +244,7 @@ def _dq_block(dq, q, do, lse, delta, K_ptr, V_ptr, stride_n, offs_m, pos_m, star
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASKED:
-        pos_n = tl.where(offs_n < T, offs_n, (offs_n - T) // L)
+        pos_n = _row_pos(offs_n, N, T, L)
         p = tl.where(_allowed(offs_m, pos_m, offs_n, pos_n, T) & (offs_n[None, :] < n_end), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])

@@ -76,9 +76,8 @@ class RolloutWorker:
     def sample_parallel(self, windows: torch.Tensor, thought_len: int, seed: int, weights: list,
                         version: int) -> ParallelRollout:
         self.load(weights, version)
-        device = self.policy.model.device
-        out = sample_parallel(self.policy.model, self.mode, windows.to(device), thought_len, seed, version)
-        return ParallelRollout(out.real.cpu(), out.thoughts.cpu(), out.logprob.cpu(), weight_version=version)
+        out = sample_parallel(self.policy.model, self.mode, windows.to(self.policy.model.device), thought_len, seed, version)
+        return out.to("cpu")
 
     def pid(self) -> int:
         return os.getpid()
@@ -121,9 +120,7 @@ class TeacherWorker:
 
     def score_parallel(self, rollout: ParallelRollout, weights: list, version: int) -> tuple[ParallelRollout, dict]:
         self.load(weights, version)
-        device = self.model.device
-        scored = self.scorer(rollout.to(device))
-        return scored.to("cpu"), self.scorer.stats
+        return self.scorer(rollout.to(self.model.device)).to("cpu"), self.scorer.stats
 
     def pid(self) -> int:
         return os.getpid()

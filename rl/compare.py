@@ -11,29 +11,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: files only, no display or global state on a training box
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")  # files only: no display on a training box
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from thinktok.envs import TaskConfig
+from thinktok.models.policy import Policy, load_policy
+from thinktok.models.vocab import row_movement
 
-from thinktok.envs import TaskConfig  # noqa: E402
-from thinktok.models.policy import load_policy  # noqa: E402
-from thinktok.models.vocab import row_movement  # noqa: E402
-
-from .checkpoint import find_checkpoint, load_run_info  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .sft import ROWS_FILE  # noqa: E402
+from .checkpoint import find_checkpoint, load_run_info
+from .evaluate import evaluate
+from .sft import ROWS_FILE
 
 
-def movement(ckpt: Path) -> dict:
+def movement(ckpt: Path, policy: Policy) -> dict:
     """Thinking-row L2 distance from init now, and its history when training recorded one (SFT runs)."""
-    _, _, thought = load_run_info(ckpt)
-    if thought.vocab_tokens == 0:
+    if policy.vocab.num_thinking == 0:
         return {"num_rows": 0, "rows": [], "history": None}
-    policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     rows = row_movement(policy.model, policy.vocab, policy.init_rows)
     history = json.loads((ckpt / ROWS_FILE).read_text()) if (ckpt / ROWS_FILE).exists() else None
     return {"num_rows": len(rows), "rows": rows.tolist(), "mean": rows.mean().item(), "max": rows.max().item(),
@@ -47,9 +42,11 @@ def compare(paths: list[str], task: str | None, split: str, limit: int | None, d
     task_cfg = TaskConfig(name=task) if task else load_run_info(ckpts[0])[0]
     runs = []
     for path, ckpt in zip(paths, ckpts):
+        _, _, thought = load_run_info(ckpt)
+        policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
         with torch.no_grad():
-            result = evaluate(path, None, split, device=device, limit=limit, task_cfg=task_cfg, save=False)
-        runs.append({"path": path, **result, "movement": movement(ckpt)})
+            result = evaluate(path, None, split, device=device, limit=limit, task_cfg=task_cfg, save=False, policy=policy)
+        runs.append({"path": path, **result, "movement": movement(ckpt, policy)})
     report = {"task": task_cfg.name, "split": split, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=2))
@@ -78,7 +75,8 @@ def print_table(runs: list[dict]) -> None:
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
-    fig, (ax_score, ax_rows, ax_hist) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = Figure(figsize=(16, 4.5))
+    ax_score, ax_rows, ax_hist = fig.subplots(1, 3)
     names = [label(r) for r in runs]
     scores = [r["nll_thought"] if r["format"] == "parallel" else r["accuracy"] for r in runs]
     ax_score.barh(names, scores, color=["#c2185b" if r["format"] == "parallel" else "#0a6ebd" for r in runs])
@@ -100,4 +98,3 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -53,15 +53,16 @@ def evaluate_parallel_checkpoint(ckpt: Path, policy, mode, cfg: ParallelConfig, 
 
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None, task_cfg: TaskConfig | None = None,
-             save: bool = True) -> dict:
+             save: bool = True, policy=None) -> dict:
     """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
-    task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run."""
+    task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run.
+    policy: the checkpoint's policy when the caller has loaded it already."""
     ckpt = find_checkpoint(path)
     own_task, fmt, thought = load_run_info(ckpt)
     task_cfg = task_cfg or (TaskConfig(name=task_name) if task_name and task_name != own_task.name else own_task)
     if split not in ("train", "validation", "test"):
         raise ValueError(f"unknown split {split!r}: expected train, validation or test")
-    policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
+    policy = policy or load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     policy.model.to(device)
     mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
     result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt, "mode": thought.mode}

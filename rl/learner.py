@@ -61,28 +61,37 @@ class RayRollouts:
             self.published = version
         return [self.weights_ref]
 
+    def call_seed(self, version: int, chunk: int) -> int:
+        """Depends only on (run seed, step, chunk): a call retried after an actor death resamples the same."""
+        return self.seed * 1_000_003 + version * 7919 + chunk
+
+    def check_staleness(self, oldest: int, version: int) -> None:
+        if version - oldest > self.max_staleness:
+            raise RuntimeError(f"rollouts from weight version {oldest} at step {version}: staleness bound "
+                               f"{self.max_staleness} exceeded")
+
+    @staticmethod
+    def get_scores(futures: list, version: int) -> list:
+        try:
+            return ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):  # the scorers' own checks (non-finite rewards or gains)
+                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+            raise
+
     def __call__(self, prompts: list[str], trainer) -> dict:
         version = trainer.state.global_step
         weights = self.publish(trainer, version)
         ids = [self.tokenizer(p).input_ids for p in prompts]
         parts = chunks(list(range(len(prompts))), len(self.workers.rollout))
-        # the seed depends only on (run seed, step, chunk): a retried call after an actor death resamples the same
-        futures = [w.sample.remote([ids[i] for i in part], self.seed * 1_000_003 + version * 7919 + k, weights, version)
+        futures = [w.sample.remote([ids[i] for i in part], self.call_seed(version, k), weights, version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts)) if part]
         rollouts: list[Rollout] = [r for chunk in ray.get(futures) for r in chunk]
-        stale = [r.weight_version for r in rollouts if version - r.weight_version > self.max_staleness]
-        if stale:
-            raise RuntimeError(f"rollouts from weight version {stale[0]} at step {version}: staleness bound "
-                               f"{self.max_staleness} exceeded")
+        self.check_staleness(min(r.weight_version for r in rollouts), version)
         rows = [self.rows[p] for p in prompts]
         groups = chunks(list(range(len(rollouts))), len(self.workers.teacher))
-        try:
-            scored = ray.get([w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)
-                              for w, g in zip(self.workers.teacher, groups) if g])
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, ValueError):  # the reward model's own checks (non-finite rewards)
-                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
-            raise
+        scored = self.get_scores([w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)
+                                  for w, g in zip(self.workers.teacher, groups) if g], version)
         per_step = [s for part in scored for s in part.per_step]
         total = torch.cat([part.total for part in scored])
         check_finite("reward", total, version)
@@ -247,21 +256,13 @@ class ParallelRollouts(RayRollouts):
         weights = self.publish(trainer, version)
         real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
         parts = [p for p in chunks(list(range(len(prompts))), len(self.workers.rollout)) if p]
-        futures = [w.sample_parallel.remote(real[part], self.cfg.thought_len, self.seed * 1_000_003 + version * 7919 + k,
-                                            weights, version)
+        futures = [w.sample_parallel.remote(real[part], self.cfg.thought_len, self.call_seed(version, k), weights, version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
         sampled = ParallelRollout.cat(ray.get(futures))
-        if version - sampled.weight_version > self.max_staleness:
-            raise RuntimeError(f"rollouts from weight version {sampled.weight_version} at step {version}: staleness "
-                               f"bound {self.max_staleness} exceeded")
+        self.check_staleness(sampled.weight_version, version)
         groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.teacher)) if g]
-        try:
-            scored = ray.get([w.score_parallel.remote(sampled.rows(g), weights, version)
-                              for w, g in zip(self.workers.teacher, groups)])
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, ValueError):  # the scorer's own checks (non-finite gains)
-                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
-            raise
+        scored = self.get_scores([w.score_parallel.remote(sampled.rows(g), weights, version)
+                                  for w, g in zip(self.workers.teacher, groups)], version)
         batch = ParallelRollout.cat([part for part, _ in scored])
         check_finite("reward", batch.gain, version)
         stats = {k: sum(s[k] for _, s in scored) / len(scored) for k in scored[0][1]}
@@ -286,7 +287,7 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         self.parallel = parallel
         hidden = kwargs["model"].config.hidden_size
         self.mixing_head = MixingHead(hidden) if parallel.mixing_head else None
-        self._nll = None
+        self._nll = self._parallel_batch = None
         super().__init__(*args, **kwargs)
         if self.mixing_head is not None:
             self.mixing_head.to(self.accelerator.device)
@@ -298,14 +299,15 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         return {**super().worker_modules(), **({"head": self.mixing_head} if self.mixing_head else {})}
 
     def store_parallel(self, batch: ParallelRollout, stats: dict) -> None:
-        self._rollouts = [batch.rows([i]) for i in range(len(batch.real))]  # one record per TRL row
+        self._parallel_batch = batch  # in TRL's row order, for the advantages
+        self._rollouts = [batch.rows([i]) for i in range(len(batch.real))]  # one record per TRL row, for the shuffle
         r, t, l = batch.thoughts.shape
         self.rollout_stats = {"gain_mean": batch.gain[:, :-1].mean().item(), "thought_tokens": t * l,
                               "weight_version": batch.weight_version, **stats}
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        batch = ParallelRollout.cat(self._rollouts)
+        batch = self._parallel_batch
         r, t, l = batch.thoughts.shape
         g = self.num_generations
         adv = position_advantages(batch.gain, g, self.parallel.positive_only)  # (R, T)
@@ -333,8 +335,10 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
             raise RuntimeError(f"{input_ids.shape[0]} rows but {len(rows)} rollouts: batch bookkeeping broke")
         batch = ParallelRollout.cat(rows).to(input_ids.device)
         with self.accelerator.autocast():
-            scored = score(model, self.thought_mode, batch, self.parallel.lookahead, self.mixing_head)
-        self._nll = scored.nll()
+            # the gain was scored by the scoring workers: only the thoughts' log-probs and the NLL term here
+            scored = score(model, self.thought_mode, batch, self.parallel.lookahead, self.mixing_head,
+                           post=self.parallel.nll_coef > 0, base=False)
+        self._nll = scored.nll() if self.parallel.nll_coef else None
         r = len(rows)
         pad = lambda x: nn.functional.pad(x.reshape(r, -1), (0, logits_to_keep - x[0].numel()))  # noqa: E731
         return pad(scored.thought_logprob), pad(scored.thought_entropy) if compute_entropy else None, None

@@ -20,7 +20,7 @@ only real tokens, as everywhere): the gain is then in expected log-prob under th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -76,21 +76,23 @@ class ParallelRollout:
         segments = torch.cat([self.thoughts, continuation(self.real, lookahead)], dim=2)
         return torch.cat([self.real, segments.reshape(r, -1)], dim=1)
 
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weight_version"}
+
+    def apply(self, fn) -> "ParallelRollout":
+        """fn on every tensor field that is set (row selection, device moves)."""
+        return replace(self, **{k: None if x is None else fn(x) for k, x in self.tensors().items()})
+
     def rows(self, idx: list[int]) -> "ParallelRollout":
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return replace(self, real=self.real[idx], thoughts=self.thoughts[idx], logprob=self.logprob[idx],
-                       target_ids=pick(self.target_ids), target_p=pick(self.target_p), gain=pick(self.gain))
+        return self.apply(lambda x: x[idx])
 
     def to(self, device) -> "ParallelRollout":
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return replace(self, real=move(self.real), thoughts=move(self.thoughts), logprob=move(self.logprob),
-                       target_ids=move(self.target_ids), target_p=move(self.target_p), gain=move(self.gain))
+        return self.apply(lambda x: x.to(device))
 
     @staticmethod
     def cat(parts: list["ParallelRollout"]) -> "ParallelRollout":
-        join = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return ParallelRollout(join("real"), join("thoughts"), join("logprob"), join("target_ids"), join("target_p"),
-                               join("gain"), min(p.weight_version for p in parts))
+        joined = {k: None if x is None else torch.cat([p.tensors()[k] for p in parts]) for k, x in parts[0].tensors().items()}
+        return ParallelRollout(**joined, weight_version=min(p.weight_version for p in parts))
 
 
 def continuation(real: torch.Tensor, lookahead: int) -> torch.Tensor:
@@ -164,8 +166,8 @@ def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: i
 class Scored(NamedTuple):
     thought_logprob: torch.Tensor  # (R, T, L) log-prob of each sampled thought token
     thought_entropy: torch.Tensor  # (R, T, L) entropy of the distribution it was drawn from
-    post: torch.Tensor  # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
-    base: torch.Tensor  # (R, T, n) the same without the thought
+    post: torch.Tensor | None  # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
+    base: torch.Tensor | None  # (R, T, n) the same without the thought
     valid: torch.Tensor  # (T, n) which predictions exist
 
     @property
@@ -173,13 +175,17 @@ class Scored(NamedTuple):
         """(R, T) summed over the n valid predictions: Quiet-STaR's reward."""
         return ((self.post - self.base) * self.valid).sum(-1)
 
-    def nll(self) -> torch.Tensor:
-        """Mean post-thought negative log-likelihood of the targets over valid predictions (a scalar)."""
-        return -(self.post * self.valid).sum() / (self.valid.sum() * self.post.shape[0]).clamp_min(1)
+    def nll(self, base: bool = False) -> torch.Tensor:
+        """Mean negative log-likelihood of the targets over valid predictions, after the thought (or without)."""
+        lp = self.base if base else self.post
+        return -(lp * self.valid).sum() / (self.valid.sum() * lp.shape[0]).clamp_min(1)
 
 
-def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, head: MixingHead | None = None) -> Scored:
-    """One teacher-forced pass over the scored layout through the kernel. Differentiable when grads are on."""
+def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, head: MixingHead | None = None,
+          post: bool = True, base: bool = True) -> Scored:
+    """One teacher-forced pass over the scored layout through the kernel. Differentiable when grads are on.
+    post/base: compute the target log-probs after/without the thoughts (each costs (R, T, V_text) head slabs;
+    the learner needs no base, and no post when it trains without the NLL term)."""
     r, t, l = rollout.thoughts.shape
     n, seg, lo = lookahead, l + lookahead - 1, mode.vocab.real_size
     h = parallel_hidden(model, rollout.layout(n), t, seg)  # (R, N, H)
@@ -187,23 +193,28 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     think = thought_logprobs(model, mode, choosing_hidden(h_real, h_seg, l))  # (R, T, L, N_think)
     thought_lp = think.gather(-1, (rollout.thoughts - lo)[..., None])[..., 0]
     entropy = -(think.exp() * think).sum(-1)
+    valid = valid_predictions(t, n, h.device)
+    if not (post or base):
+        return Scored(thought_lp, entropy, None, None, valid)
 
     if rollout.target_ids is None:
         raise ValueError("score needs targets: pass the rollout through ParallelScorer (or set true_targets) first")
     ids, p = rollout.target_ids, rollout.target_p  # (R, T, K)
-    base_logits = project(model, h_real, 0, lo).float()  # (R, T, V_text)
-    base_target = base_logits.gather(-1, ids) - base_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
     rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n, device=h.device)[None]).clamp_max(t - 1)
-    post, base = [], []
-    for k in range(n):  # one (R, T, V) slab at a time: the text head is the memory peak
-        pre = base_logits[:, rows[:, k]]  # (R, T, V): real row t+k
+    pre_logits = project(model, h_real, 0, lo).float() if base or head is not None else None  # (R, T, V_text)
+    post_lp, base_lp = [], []
+    if base:
+        base_target = pre_logits.gather(-1, ids) - pre_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
+        base_lp = [(p[:, rows[:, k]] * base_target[:, rows[:, k]]).sum(-1) for k in range(n)]
+    for k in range(n if post else 0):  # one (R, T, V) slab at a time: the text head is the memory peak
         logits = project(model, h_seg[:, :, l - 1 + k], 0, lo).float()
         if head is not None:
+            pre = pre_logits[:, rows[:, k]]  # (R, T, V): real row t+k
             logits = pre + head(h_real[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
         ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
-        post.append((p_k * (logits.gather(-1, ids_k) - logits.logsumexp(-1, keepdim=True))).sum(-1))
-        base.append((p_k * base_target[:, rows[:, k]]).sum(-1))
-    return Scored(thought_lp, entropy, torch.stack(post, -1), torch.stack(base, -1), valid_predictions(t, n, h.device))
+        post_lp.append((p_k * (logits.gather(-1, ids_k) - logits.logsumexp(-1, keepdim=True))).sum(-1))
+    stack = lambda xs: torch.stack(xs, -1) if xs else None  # noqa: E731
+    return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid)
 
 
 def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> torch.Tensor:
@@ -248,8 +259,7 @@ class ParallelScorer:
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
             raise ValueError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
-        self.stats = {"nll_thought": scored.nll().item(), "nll_base": -(scored.base * scored.valid).sum().item()
-                      / max(int(scored.valid.sum()) * len(gain), 1)}
+        self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item()}
         return replace(rollout, gain=gain)
 
 

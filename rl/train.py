@@ -199,43 +199,39 @@ class RunLogger(TrainerCallback):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
+        """One evals.jsonl line and annotated samples/step_N.{jsonl,html}."""
         trainer = self.trainer_ref[0]
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if self.val_windows is not None:
-            return self.evaluate_parallel(step, trainer, model)
-        greedy = make_mode(self.cfg.thought, self.policy.vocab, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}))
-        greedy.load_state_dict(trainer.thought_mode.state_dict())
-        result = {"step": step, **evaluate_policy(self.policy, greedy.to(model.device), self.task, "validation",
-                                                  limit=self.cfg.eval_examples)}
+        run = self.evaluate_parallel if self.val_windows is not None else self.evaluate_sequential
+        result, records = run(step, trainer, model)
         with open(self.out / "evals.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        rows = list(self.task.dataset["validation"])[: self.cfg.samples_per_eval]
-        rollouts = sample(model, trainer.thought_mode, [self.policy.tokenizer(r["prompt"]).input_ids for r in rows],
-                          seed=step, weight_version=step)
-        records = [to_json(r, self.policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
+            f.write(json.dumps({"step": step, **result}) + "\n")
         samples = self.out / "samples"
         samples.mkdir(exist_ok=True)
         (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))
         (samples / f"step_{step}.html").write_text(to_html(records, title=f"{self.cfg.name} · step {step}"))
         model.train()
 
-    def evaluate_parallel(self, step: int, trainer, model) -> None:
+    def evaluate_sequential(self, step: int, trainer, model) -> tuple[dict, list[dict]]:
+        """Greedy accuracy on validation prompts, and sampled rollouts."""
+        greedy = make_mode(self.cfg.thought, self.policy.vocab, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}))
+        greedy.load_state_dict(trainer.thought_mode.state_dict())
+        result = evaluate_policy(self.policy, greedy.to(model.device), self.task, "validation", limit=self.cfg.eval_examples)
+        rows = list(self.task.dataset["validation"])[: self.cfg.samples_per_eval]
+        rollouts = sample(model, trainer.thought_mode, [self.policy.tokenizer(r["prompt"]).input_ids for r in rows],
+                          seed=step, weight_version=step)
+        return result, [to_json(r, self.policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
+
+    def evaluate_parallel(self, step: int, trainer, model) -> tuple[dict, list[dict]]:
         """Validation windows: true-text NLL with and without thoughts (whatever the training scorer), and
         annotated windows with each position's thought after its token."""
         p = self.cfg.parallel
         windows = self.val_windows[: self.cfg.eval_examples]
-        result = {"step": step, **evaluate_parallel(model, trainer.thought_mode, p, windows, trainer.mixing_head, seed=step)}
-        with open(self.out / "evals.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
+        result = evaluate_parallel(model, trainer.thought_mode, p, windows, trainer.mixing_head, seed=step)
         real = torch.tensor(windows[: self.cfg.samples_per_eval], device=model.device)
         rollout = sample_parallel(model, trainer.thought_mode, real, p.thought_len, seed=step, weight_version=step)
-        records = [parallel_to_json(rollout.real[i], rollout.thoughts[i], rollout.logprob[i], self.policy.tokenizer)
-                   for i in range(len(real))]
-        samples = self.out / "samples"
-        samples.mkdir(exist_ok=True)
-        (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))
-        (samples / f"step_{step}.html").write_text(to_html(records, title=f"{self.cfg.name} · step {step}"))
-        model.train()
+        return result, [parallel_to_json(rollout.real[i], rollout.thoughts[i], rollout.logprob[i], self.policy.tokenizer)
+                        for i in range(len(real))]
 
 
 class RewardProgress(ProgressCallback):
