@@ -114,12 +114,31 @@ def _allowed(offs_m, pos_m, offs_n, pos_n, T):
 
 
 @triton.jit
+def _head_base(pid_bh, H, stride_b, stride_h):
+    """Offset of program axis 1's (batch, head) slice, in int64 (large tensors overflow int32)."""
+    return (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile(ptr, offs, offs_d, n, D, stride):
+    """Rows `offs` of a (n, D) row-major matrix at ptr, as (len(offs), HEAD_DIM); zeros outside it."""
+    mask = (offs[:, None] < n) & (offs_d[None, :] < D)
+    return tl.load(ptr + offs[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, offs, offs_d, n, D, stride):
+    """Write x into rows `offs` of a (n, D) row-major matrix at ptr, nothing outside it."""
+    mask = (offs[:, None] < n) & (offs_d[None, :] < D)
+    tl.store(ptr + offs[:, None] * stride + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, K_ptr, V_ptr, stride_kn, offs_m, pos_m, start_n, n_end, N, T, L, qk_scale,
                offs_d, D, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(K_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V_ptr + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(K_ptr, offs_n, offs_d, N, D, stride_kn)
+    v = _tile(V_ptr, offs_n, offs_d, N, D, stride_kn)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 domain
     if MASKED:
         pos_n = _row_pos(offs_n, N, T, L)
@@ -137,11 +156,10 @@ def _fwd_block(acc, m_i, l_i, q, K_ptr, V_ptr, stride_kn, offs_m, pos_m, start_n
 def _fwd_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_n, H, N, T, L, qk_scale, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    base = (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+    base = _head_base(pid_bh, H, stride_b, stride_h)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _tile(Q + base, offs_m, offs_d, N, D, stride_n)
     pos_m = _row_pos(offs_m, N, T, L)
     pos_lo, pos_hi = tl.min(pos_m, 0), tl.max(pos_m, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -164,7 +182,7 @@ def _fwd_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_n, H, N, T, L, qk_sc
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, Kb, Vb, stride_n, offs_m, pos_m, start_n, N, N, T, L,
                                        qk_scale, offs_d, D, BLOCK_N, True, PRECISION)
     acc = acc / l_i[:, None]
-    tl.store(O + base + offs_m[:, None] * stride_n + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    _store_tile(O + base, acc, offs_m, offs_d, N, D, stride_n)
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
@@ -173,9 +191,8 @@ def _dkdv_block(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_n, offs_
                 qk_scale, offs_d, D, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < row_end
-    q_mask = rows_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q_ptr + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO_ptr + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _tile(Q_ptr, offs_m, offs_d, row_end, D, stride_n)
+    do = _tile(DO_ptr, offs_m, offs_d, row_end, D, stride_n)
     lse = tl.load(LSE_ptr + offs_m, mask=rows_ok, other=0.0)
     delta = tl.load(DELTA_ptr + offs_m, mask=rows_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BN, BM)
@@ -195,13 +212,12 @@ def _dkdv_block(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_n, offs_
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_n, H, N, T, L, qk_scale, sm_scale, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    base = (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+    base = _head_base(pid_bh, H, stride_b, stride_h)
     row_base = pid_bh.to(tl.int64) * N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(K + base + offs_n[:, None] * stride_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + base + offs_n[:, None] * stride_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(K + base, offs_n, offs_d, N, D, stride_n)
+    v = _tile(V + base, offs_n, offs_d, N, D, stride_n)
     pos_n = _row_pos(offs_n, N, T, L)
     first_key = pid_n * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, N) - 1
@@ -230,17 +246,16 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_n, 
         for start_m in range(start, row_end, BLOCK_M):
             dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, row_end, N, T,
                                  L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
-    tl.store(DK + base + offs_n[:, None] * stride_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + offs_n[:, None] * stride_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK + base, dk * sm_scale, offs_n, offs_d, N, D, stride_n)
+    _store_tile(DV + base, dv, offs_n, offs_d, N, D, stride_n)
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, K_ptr, V_ptr, stride_n, offs_m, pos_m, start_n, n_end, N, T, L, qk_scale, offs_d, D,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(K_ptr + offs_n[:, None] * stride_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V_ptr + offs_n[:, None] * stride_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(K_ptr, offs_n, offs_d, N, D, stride_n)
+    v = _tile(V_ptr, offs_n, offs_d, N, D, stride_n)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASKED:
@@ -256,13 +271,12 @@ def _dq_block(dq, q, do, lse, delta, K_ptr, V_ptr, stride_n, offs_m, pos_m, star
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_n, H, N, T, L, qk_scale, sm_scale, D,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    base = (pid_bh // H).to(tl.int64) * stride_b + (pid_bh % H).to(tl.int64) * stride_h
+    base = _head_base(pid_bh, H, stride_b, stride_h)
     row_base = pid_bh.to(tl.int64) * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _tile(Q + base, offs_m, offs_d, N, D, stride_n)
+    do = _tile(DO + base, offs_m, offs_d, N, D, stride_n)
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
     pos_m = _row_pos(offs_m, N, T, L)
@@ -282,7 +296,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_n, H, N, 
         for start_n in range(T + first_thought_pos * L, last_row + 1, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, N, N, T, L, qk_scale, offs_d,
                            D, BLOCK_N, True, PRECISION)
-    tl.store(DQ + base + offs_m[:, None] * stride_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ + base, dq * sm_scale, offs_m, offs_d, N, D, stride_n)
 
 
 @triton.jit
@@ -293,12 +307,11 @@ def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b
     blocks, unmasked below the row block), then each row's own J cached thoughts, one key per row and step
     (a gather, so a row-wise dot product, not a tile matmul)."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    base = b * stride_b + h * stride_h
+    base = _head_base(pid_bh, H, stride_b, stride_h)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _tile(Q + base, offs_m, offs_d, T, D, stride_n)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -309,7 +322,7 @@ def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b
     for start_n in range(full_end, tl.minimum(T, pid_m * BLOCK_M + BLOCK_M), BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, KR + base, VR + base, stride_n, offs_m, offs_m, start_n, T, T, T,
                                    1, qk_scale, offs_d, D, BLOCK_N, True, PRECISION)
-    tbase = b * tstride_b + h * tstride_h
+    tbase = _head_base(pid_bh, H, tstride_b, tstride_h)
     qf = q.to(tl.float32)
     for j in range(0, J):
         ptr = tbase + offs_m[:, None] * tstride_n + j * tstride_j + offs_d[None, :]
@@ -323,7 +336,7 @@ def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b
         acc = acc * alpha[:, None] + p[:, None] * v
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + base + offs_m[:, None] * stride_n + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    _store_tile(O + base, acc, offs_m, offs_d, T, D, stride_n)
 
 
 # ---------------------------------------------------------------------------------------------------
