@@ -101,9 +101,13 @@ def project(model, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> 
 
 
 class MixingHead(nn.Module):
-    """Quiet-STaR's mixing head: w = tanh(MLP([h_pre; h_post])) per prediction, and the mixed logits are
-    pre + w * (post - pre). The last layer starts at zero, so w = 0 and training starts exactly from the base
-    model's predictions; tanh rather than Quiet-STaR's sigmoid because sigmoid(0) = 0.5 would start halfway."""
+    """Quiet-STaR's mixing head: w = max(tanh(MLP([h_pre; h_post])), 0) in [0, 1) per prediction, and the mixed
+    logits are the convex mix pre + w * (post - pre). w < 0 would extrapolate away from the thought, so a
+    harmful thought could score a positive gain. The last layer starts at zero, so w = 0 and training starts
+    exactly from the base model's predictions, with a gradient (the clamp passes it at 0); not Quiet-STaR's
+    sigmoid, whose 0.5 at zero would start halfway. Even convex, mixing can raise the target's log-prob above
+    both passes (log-softmax is concave in the logits): the gain with a head is partly an ensemble of two
+    passes, so scoring reports the unmixed gain beside it."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -113,4 +117,4 @@ class MixingHead(nn.Module):
 
     def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """pre, post (..., H) hidden states -> (..., 1) mixing weight."""
-        return torch.tanh(self.net(torch.cat([pre, post], -1).to(self.net[0].weight.dtype)))
+        return torch.tanh(self.net(torch.cat([pre, post], -1).to(self.net[0].weight.dtype))).clamp_min(0)

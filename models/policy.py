@@ -100,3 +100,10 @@ def load_policy(
     vocab = add_thinking_tokens(tokenizer, num_thinking, markers)
     init_rows = expand_embeddings(model, vocab, init=init, seed=seed)
     return Policy(model, tokenizer, vocab, init_rows)
+
+
+def freeze_rows(policy: Policy, rows: list[int]) -> None:
+    """Zero the gradient of some embedding rows (pause baseline: slots stay at their initial value).
+    The rows are tied with the unembedding, so both uses stay frozen."""
+    idx = torch.tensor(rows)
+    policy.model.get_input_embeddings().weight.register_hook(lambda g: g.index_fill(0, idx.to(g.device), 0.0))

@@ -77,6 +77,10 @@ class ThoughtConfig:
     dirichlet_alpha: float = 1.0
     cold_stop_entropy: float = 0.01
     cold_stop_steps: int = 256
+    # continuous/soft: a vector step's log-density is a sum over D (or k) dimensions, +100 nats and a gradient
+    # 15-400x a token's on the tiny model; per_dim divides it by its dimension (D, or k-1 on the simplex) so a
+    # vector step weighs like a token step in the loss and the clip. joint: the full density.
+    density_scale: str = "per_dim"
     # pause
     num_pause: int = 4
     pause_at: str = "prompt"  # prompt: k pauses after the prompt | every: k pauses before every text token
@@ -101,6 +105,11 @@ class ThoughtConfig:
         if self.mode == "single" and self.num_thinking not in (1, ThoughtConfig.num_thinking):
             raise ValueError(f"mode single has exactly one thinking token (got num_thinking={self.num_thinking}); "
                              "use mode vocab for k distinct tokens")
+        if self.density_scale not in ("per_dim", "joint"):
+            raise ValueError(f"unknown density_scale {self.density_scale!r}: expected per_dim or joint")
+        if self.learned_stop and self.mode != "continuous":
+            raise ValueError(f"learned_stop is a continuous-mode option (mode {self.mode} stops by its own rule): "
+                             "set learned_stop: false")
         if self.noise not in ("none", "gumbel", "dirichlet"):
             raise ValueError(f"unknown soft noise {self.noise!r}: expected none, gumbel or dirichlet")
         if self.pause_at not in ("prompt", "every"):
@@ -109,6 +118,24 @@ class ThoughtConfig:
             raise ValueError(f"sigma must be > 0 (or 0 without learn_sigma), got {self.sigma}")
         if self.gumbel_tau <= 0 or self.dirichlet_alpha <= 0 or self.soft_temperature <= 0:
             raise ValueError("gumbel_tau, dirichlet_alpha and soft_temperature must be > 0")
+
+
+def check_trainable(cfg: ThoughtConfig, sampling: SamplingConfig) -> None:
+    """Settings whose thoughts no RL gradient can reach (fine for sampling and SFT, refused for RL): a thought
+    with log-prob 0 and a deterministic value still counts in the loss normaliser and learns nothing."""
+    if sampling.greedy:
+        raise ValueError("sampling.greedy is for evaluation: RL needs sampled actions with log-probs")
+    if cfg.mode == "continuous" and cfg.sigma == 0:
+        raise ValueError("thought.sigma=0 makes continuous thoughts deterministic (log-prob 0): RL cannot train "
+                         "them; set sigma > 0 (optionally learn_sigma)")
+    if cfg.mode == "soft" and cfg.noise == "none":
+        raise ValueError("thought.noise=none makes soft thoughts deterministic (log-prob 0): RL cannot train "
+                         "them; use gumbel or dirichlet")
+    if cfg.mode == "soft" and cfg.soft_top_k == 0:
+        raise ValueError("thought.soft_top_k=0 (the whole text vocabulary) would record 50k ids and weights per "
+                         "soft step for the learner; set soft_top_k (Soft Thinking uses 10-20)")
+    if cfg.mode == "soft" and cfg.soft_top_k == 1:
+        raise ValueError("thought.soft_top_k=1 gives a one-point mixture with no density: set soft_top_k >= 2")
 
 
 @dataclass
@@ -150,14 +177,27 @@ class ThoughtMode(nn.Module):
                                     TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None) if w]
 
     # ---- distributions -------------------------------------------------------------------------
-    def token_logprobs(self, logits: torch.Tensor, allow_think: torch.Tensor) -> torch.Tensor:
-        """(N, V) logits, (N,) bool -> (N, V) log-probs of the sampling distribution for a token step."""
+    def token_logprobs(self, logits: torch.Tensor, allow_think: torch.Tensor,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, V) logits, (N,) bool -> (N, V) log-probs of the sampling distribution for a token step.
+
+        keep (N,): ids the top-k/top-p filter never removes. The recompute passes the recorded tokens: a
+        logit that differs from the sampler's in the last bit can move a sampled token just past the
+        filter's edge, which would make its log-prob -inf and abort the step."""
         logits = logits.float() / self.sampling.temperature
         banned = self.marker_cols[None, :] | (self.think_cols[None, :] & ~allow_think[:, None])
         logits = logits.masked_fill(banned, float("-inf"))
+        unfiltered = logits
         for warp in self.warpers:
             logits = warp(None, logits)
+        if keep is not None and self.warpers:
+            logits = logits.scatter(1, keep[:, None], unfiltered.gather(1, keep[:, None]))
         return F.log_softmax(logits, dim=-1)
+
+    def text_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) -> (N, V_text): the plain text distribution (text columns only, temperature 1, no filter).
+        What rewards score text with, whatever the sampling settings."""
+        return F.log_softmax(logits[:, : self.vocab.real_size].float(), dim=-1)
 
     def stop_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned stop: (log P(<eot>), log P(not <eot>)) under the full softmax, each (N,)."""
@@ -171,11 +211,14 @@ class ThoughtMode(nn.Module):
         return F.softmax(logits.float().gather(-1, ids) / self.cfg.soft_temperature, dim=-1)
 
     def soft_logprob(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Density of the mixture weights w given the clean probabilities p, both (N, k): (N,)."""
+        """Density of the mixture weights w given the clean probabilities p, both (N, k): (N,).
+        Per dimension of the simplex (k - 1) unless density_scale=joint."""
+        scale = max(p.shape[-1] - 1, 1) if self.cfg.density_scale == "per_dim" else 1
         if self.cfg.noise == "gumbel":
-            return RelaxedOneHotCategorical(torch.tensor(self.cfg.gumbel_tau, device=p.device), probs=p).log_prob(w)
+            tau = torch.tensor(self.cfg.gumbel_tau, device=p.device)
+            return RelaxedOneHotCategorical(tau, probs=p).log_prob(w) / scale
         if self.cfg.noise == "dirichlet":
-            return Dirichlet(self.concentration(p)).log_prob(w)
+            return Dirichlet(self.concentration(p)).log_prob(w) / scale
         return torch.zeros(p.shape[0], device=p.device)
 
     def concentration(self, p: torch.Tensor) -> torch.Tensor:
@@ -193,7 +236,7 @@ class ThoughtMode(nn.Module):
         entropy = torch.zeros_like(out)
         tok = (action == Action.TEXT) | (action == Action.ANY)
         if tok.any():
-            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY)
+            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY, keep=token[tok])
             out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, token[tok, None])[:, 0])
             if with_entropy:
                 entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
@@ -318,10 +361,12 @@ class ContinuousThoughts(MarkedThoughts):
         return self.log_sigma.exp()
 
     def vector_logprob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Gaussian density of continuous action x around hidden state h, summed over D: (N,)."""
+        """Gaussian density of continuous action x around hidden state h: (N,), the mean over the D
+        dimensions (density_scale=per_dim) or their sum (joint)."""
         if self.cfg.sigma == 0:
             return torch.zeros(x.shape[0], device=x.device)
-        return Normal(h.float(), self.sigma).log_prob(x.float()).sum(-1)
+        lp = Normal(h.float(), self.sigma).log_prob(x.float())
+        return lp.mean(-1) if self.cfg.density_scale == "per_dim" else lp.sum(-1)
 
     def thought(self, logits, hidden, state, embed):
         eot = torch.full_like(state.phase, self.vocab.eot_id)

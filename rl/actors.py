@@ -23,7 +23,7 @@ from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
 from thinktok.models.vocab import load_base_tokenizer
 
 from .parallel import ParallelConfig, ParallelRollout, ParallelScorer, sample_parallel
-from .rewards import RewardConfig, RewardModel, Rewards
+from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
 
 
@@ -94,7 +94,7 @@ class TeacherWorker:
         needs_teacher = teacher_path and (parallel is None or parallel.scorer == "teacher")
         teacher = Teacher.load(teacher_path, device) if needs_teacher else None
         self.model = self.mode = self.head = None
-        if "gold_loglik" in rewards.weights or parallel:  # rewards that read thoughts need a policy copy
+        if set(POLICY_REWARDS) & set(rewards.weights) or parallel:  # rewards that read the policy need a copy
             policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
             self.mode = make_mode(thought, policy.vocab, sampling).to(device)
             self.model = policy.model.to(device).eval()
@@ -110,6 +110,7 @@ class TeacherWorker:
         if self.model is not None and version != self.version:
             state = ray.get(weights[0])
             self.model.load_state_dict(state["model"])
+            self.mode.load_state_dict(state["mode"])  # a learned sigma, for densities the scorer computes
             if self.head is not None:
                 self.head.load_state_dict(state["head"])
             self.version = version

@@ -7,7 +7,15 @@ the base method).
     actions) and the scalar rewards.
   * `_get_per_token_logps_and_entropies` computes log-probs with the rollout engine's recompute, so that
     vector actions (continuous, soft) and masked distributions (thought budgets) get exactly the density
-    they were sampled from. Everything else, the clipped surrogate, KL and logging, is TRL's.
+    they were sampled from. The clipped surrogate and logging are TRL's.
+  * The behaviour policy is the sampler's: its recorded log-probs are TRL's old log-probs, so the ratio is
+    pi_learner / pi_sampler (1 up to float error when on-policy, as here; a mismatch, e.g. bf16 workers
+    under an fp32 learner, is corrected and clipped rather than ignored, and logged as `logprob_mismatch`).
+    Rollouts are always sampled with the learner's current weights: no asynchronous or multi-epoch reuse.
+  * KL (rl.beta): not TRL's per-token KL, which would also price thought steps against a reference that
+    barely thinks. Ours is the exact KL(pi_text || ref_text) at text steps only, over the text columns
+    renormalised, at temperature 1.
+  * The loss runs over the steps a rollout's reward depends on (`Rewards.credit`), forced steps excluded.
   * algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO without std scaling
     and with the leave-one-out factor G/(G-1): A_i = r_i - mean_{j!=i} r_j.
   * algo=ppo: `ThoughtPPOTrainer` (TRL dropped its PPOTrainer) replaces only the advantage with GAE over
@@ -45,9 +53,8 @@ def check_finite(name: str, x: torch.Tensor, step: int) -> None:
 class RayRollouts:
     """TRL rollout_func(prompts, trainer): prompts arrive already repeated num_generations times."""
 
-    def __init__(self, workers: Workers, tokenizer, rows_by_prompt: dict[str, dict], seed: int, max_staleness: int):
+    def __init__(self, workers: Workers, tokenizer, rows_by_prompt: dict[str, dict], seed: int):
         self.workers, self.tokenizer, self.rows, self.seed = workers, tokenizer, rows_by_prompt, seed
-        self.max_staleness = max_staleness
         self.weights_ref, self.published = None, -1
 
     def publish(self, trainer, version: int) -> list:
@@ -61,14 +68,10 @@ class RayRollouts:
             self.published = version
         return [self.weights_ref]
 
-    def call_seed(self, version: int, chunk: int) -> int:
-        """Depends only on (run seed, step, chunk): a call retried after an actor death resamples the same."""
-        return self.seed * 1_000_003 + version * 7919 + chunk
-
-    def check_staleness(self, oldest: int, version: int) -> None:
-        if version - oldest > self.max_staleness:
-            raise RuntimeError(f"rollouts from weight version {oldest} at step {version}: staleness bound "
-                               f"{self.max_staleness} exceeded")
+    def call_seed(self, version: int, chunk: int, rank: int) -> int:
+        """Depends only on (run seed, learner rank, step, chunk): a call retried after an actor death resamples
+        the same, and learner processes under accelerate draw different samples."""
+        return ((self.seed * 1_000_003 + rank) * 1_000_003 + version) * 7919 + chunk
 
     @staticmethod
     def get_scores(futures: list, version: int) -> list:
@@ -84,15 +87,16 @@ class RayRollouts:
         weights = self.publish(trainer, version)
         ids = [self.tokenizer(p).input_ids for p in prompts]
         parts = chunks(list(range(len(prompts))), len(self.workers.rollout))
-        futures = [w.sample.remote([ids[i] for i in part], self.call_seed(version, k), weights, version)
+        rank = trainer.accelerator.process_index
+        futures = [w.sample.remote([ids[i] for i in part], self.call_seed(version, k, rank), weights, version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts)) if part]
         rollouts: list[Rollout] = [r for chunk in ray.get(futures) for r in chunk]
-        self.check_staleness(min(r.weight_version for r in rollouts), version)
         rows = [self.rows[p] for p in prompts]
         groups = chunks(list(range(len(rollouts))), len(self.workers.teacher))
         scored = self.get_scores([w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)
                                   for w, g in zip(self.workers.teacher, groups) if g], version)
         per_step = [s for part in scored for s in part.per_step]
+        credit = [c for part in scored for c in part.credit]
         total = torch.cat([part.total for part in scored])
         check_finite("reward", total, version)
         trainer.store(rollouts, per_step)
@@ -101,7 +105,8 @@ class RayRollouts:
             # vector/soft steps have no token: a placeholder id; their log-probs come from the recompute
             "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
             "logprobs": [r.logprob.tolist() for r in rollouts],
-            "env_mask": [(r.action != Action.FORCED).long().tolist() for r in rollouts],
+            # the loss runs over actions (not forced steps) that the reward depends on
+            "env_mask": [((r.action != Action.FORCED) & c).long().tolist() for r, c in zip(rollouts, credit)],
             "reward": total.tolist(),
         }
 
@@ -112,13 +117,28 @@ def rollout_reward(completions, reward, **_):
 
 
 class ThoughtGRPOTrainer(GRPOTrainer):
-    def __init__(self, *args, thought_mode: ThoughtMode, algo: str = "grpo", **kwargs):
+    """kl_ref: the frozen reference for the text-step KL (rl.beta = kl_coef); TRL's own beta must be 0."""
+
+    def __init__(self, *args, thought_mode: ThoughtMode, algo: str = "grpo", kl_ref: nn.Module | None = None,
+                 kl_coef: float = 0.0, **kwargs):
         self.thought_mode, self.algo = thought_mode, algo
+        self.kl_ref, self.kl_coef = kl_ref, kl_coef
         self._rollouts: list[Rollout] = []
         self._per_step: list[torch.Tensor] = []
         self._batch: list[Rollout] | None = None
+        self._recomputed = self._last_logps = None
         self.rollout_stats: dict = {}
         super().__init__(*args, **kwargs)
+        args_ = self.args
+        if args_.num_iterations != 1 or args_.steps_per_generation != 1 or args_.beta != 0:
+            raise ValueError("thinktok's learner trains each batch once, on-policy, with its own text-step KL: "
+                             "num_iterations=1, steps_per_generation=1 and TRL's beta=0 (use kl_coef)")
+        if kl_coef and kl_ref is None:
+            raise ValueError("kl_coef > 0 needs a reference model (kl_ref)")
+        # everything the loss touches lives beside the model (the mode's column masks, a learned sigma)
+        self.thought_mode.to(self.accelerator.device)
+        if kl_ref is not None:
+            self.kl_ref = kl_ref.to(self.accelerator.device).eval().requires_grad_(False)
 
     def create_optimizer(self, model=None):
         """TRL's optimizer plus the thought mode's own parameters (a learned sigma), when there are any."""
@@ -133,6 +153,13 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
             opt.register_step_post_hook(zero_extra_grads)
         return opt
+
+    def _clip_grad_norm(self, model):
+        """The Trainer clips model.parameters() only: the extra parameters are clipped with them, by one norm."""
+        extra = [p for p in self.extra_parameters() if p.requires_grad]
+        if not extra:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(list(model.parameters()) + extra, self.args.max_grad_norm)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.thought_mode.parameters())
@@ -162,12 +189,33 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._batch = [self._rollouts[i] for i in inputs["rollout_idx"].tolist()]
+        # the sampler is the behaviour policy: ratio = pi_learner / pi_sampler, not 1 by construction
+        sampled = inputs["sampling_per_token_logps"]
+        inputs = {**inputs, "old_per_token_logps": sampled}
         try:
             loss = super()._compute_loss(model, inputs)
+            if self.kl_coef:
+                kl = self.text_kl(self._batch)
+                self._metrics["train"]["kl"].append(kl.item())
+                loss = loss + self.kl_coef * kl / self.current_gradient_accumulation_steps
         finally:
             self._batch = None
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        width = self._last_logps.shape[1]
+        gap = ((self._last_logps - sampled[:, :width]).abs() * mask[:, :width]).max()
+        self._metrics["train"]["logprob_mismatch"].append(gap.item())
         check_finite("loss", loss.detach(), self.state.global_step)
         return loss
+
+    def text_kl(self, rollouts: list[Rollout]) -> torch.Tensor:
+        """Mean over text steps of the exact KL(pi_text || ref_text), both over the text columns at temperature
+        1; thought steps carry none. Reads the policy's text log-probs left by this batch's recompute."""
+        policy_lp = self._recomputed.text_logp  # (N_text, V_text), differentiable
+        with torch.no_grad(), self.accelerator.autocast():
+            ref_lp = recompute_logprobs(self.kl_ref, self.thought_mode, rollouts, text=True).text_logp
+        if policy_lp.shape[0] == 0:
+            return policy_lp.sum()
+        return (policy_lp.exp() * (policy_lp - ref_lp.float())).sum(-1).mean()
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **_):
@@ -176,8 +224,8 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         if len(rollouts) != input_ids.shape[0]:
             raise RuntimeError(f"{input_ids.shape[0]} rows but {len(rollouts)} rollouts: batch bookkeeping broke")
         with self.accelerator.autocast():
-            rec = recompute_logprobs(model, self.thought_mode, rollouts)
-        self._hidden, self._valid = rec.hidden, rec.valid
+            rec = recompute_logprobs(model, self.thought_mode, rollouts, text=bool(self.kl_coef))
+        self._recomputed, self._last_logps = rec, rec.logprob.detach()
         width = logits_to_keep - rec.logprob.shape[1]
         pad = lambda x: nn.functional.pad(x, (0, width))  # noqa: E731
         return pad(rec.logprob), pad(rec.entropy) if compute_entropy else None, None
@@ -234,10 +282,11 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         return out
 
     def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)  # leaves the batch's hidden states in self._hidden
-        values = self.value_head(self._hidden.detach().float())[..., 0]
+        loss = super()._compute_loss(model, inputs)  # leaves the batch's recompute in self._recomputed
+        rec = self._recomputed
+        values = self.value_head(rec.hidden.detach().float())[..., 0]
         returns = inputs["returns"][:, : values.shape[1]]
-        value_loss = ((values - returns) ** 2 * self._valid).sum() / self._valid.sum().clamp_min(1)
+        value_loss = ((values - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
         self._metrics["train"]["value_loss"].append(value_loss.item())
         return loss + self.vf_coef * 0.5 * value_loss
 
@@ -246,9 +295,8 @@ class ParallelRollouts(RayRollouts):
     """rollout_func for parallel thoughts: windows -> rollout workers (a thought at every position) ->
     scoring workers (per-position gains) -> TRL rows of T*L thought tokens each."""
 
-    def __init__(self, workers: Workers, windows_by_prompt: dict[str, list[int]], cfg: ParallelConfig, seed: int,
-                 max_staleness: int):
-        super().__init__(workers, None, windows_by_prompt, seed, max_staleness)
+    def __init__(self, workers: Workers, windows_by_prompt: dict[str, list[int]], cfg: ParallelConfig, seed: int):
+        super().__init__(workers, None, windows_by_prompt, seed)
         self.cfg = cfg
 
     def __call__(self, prompts: list[str], trainer) -> dict:
@@ -256,10 +304,11 @@ class ParallelRollouts(RayRollouts):
         weights = self.publish(trainer, version)
         real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
         parts = [p for p in chunks(list(range(len(prompts))), len(self.workers.rollout)) if p]
-        futures = [w.sample_parallel.remote(real[part], self.cfg.thought_len, self.call_seed(version, k), weights, version)
+        rank = trainer.accelerator.process_index
+        futures = [w.sample_parallel.remote(real[part], self.cfg.thought_len, self.call_seed(version, k, rank), weights,
+                                            version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
         sampled = ParallelRollout.cat(ray.get(futures))
-        self.check_staleness(sampled.weight_version, version)
         groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.teacher)) if g]
         scored = self.get_scores([w.score_parallel.remote(sampled.rows(g), weights, version)
                                   for w, g in zip(self.workers.teacher, groups)], version)
@@ -339,6 +388,7 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
             scored = score(model, self.thought_mode, batch, self.parallel.lookahead, self.mixing_head,
                            post=self.parallel.nll_coef > 0, base=False)
         self._nll = scored.nll() if self.parallel.nll_coef else None
+        self._last_logps = scored.thought_logprob.detach().reshape(len(rows), -1)
         r = len(rows)
         pad = lambda x: nn.functional.pad(x.reshape(r, -1), (0, logits_to_keep - x[0].numel()))  # noqa: E731
         return pad(scored.thought_logprob), pad(scored.thought_entropy) if compute_entropy else None, None

@@ -169,11 +169,18 @@ class Scored(NamedTuple):
     post: torch.Tensor | None  # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
     base: torch.Tensor | None  # (R, T, n) the same without the thought
     valid: torch.Tensor  # (T, n) which predictions exist
+    post_raw: torch.Tensor | None = None  # (R, T, n) with a mixing head: the post-thought pass alone, unmixed
 
     @property
     def gain(self) -> torch.Tensor:
         """(R, T) summed over the n valid predictions: Quiet-STaR's reward."""
         return ((self.post - self.base) * self.valid).sum(-1)
+
+    @property
+    def gain_raw(self) -> torch.Tensor:
+        """(R, T) the gain of the post-thought pass alone (= gain without a mixing head)."""
+        post = self.post if self.post_raw is None else self.post_raw
+        return ((post - self.base) * self.valid).sum(-1)
 
     def nll(self, base: bool = False) -> torch.Tensor:
         """Mean negative log-likelihood of the targets over valid predictions, after the thought (or without)."""
@@ -202,19 +209,21 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     ids, p = rollout.target_ids, rollout.target_p  # (R, T, K)
     rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n, device=h.device)[None]).clamp_max(t - 1)
     pre_logits = project(model, h_real, 0, lo).float() if base or head is not None else None  # (R, T, V_text)
-    post_lp, base_lp = [], []
+    post_lp, base_lp, raw_lp = [], [], []
     if base:
         base_target = pre_logits.gather(-1, ids) - pre_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
         base_lp = [(p[:, rows[:, k]] * base_target[:, rows[:, k]]).sum(-1) for k in range(n)]
     for k in range(n if post else 0):  # one (R, T, V) slab at a time: the text head is the memory peak
         logits = project(model, h_seg[:, :, l - 1 + k], 0, lo).float()
+        ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
+        expected = lambda x: (p_k * (x.gather(-1, ids_k) - x.logsumexp(-1, keepdim=True))).sum(-1)  # noqa: E731
         if head is not None:
+            raw_lp.append(expected(logits).detach())
             pre = pre_logits[:, rows[:, k]]  # (R, T, V): real row t+k
             logits = pre + head(h_real[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
-        ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
-        post_lp.append((p_k * (logits.gather(-1, ids_k) - logits.logsumexp(-1, keepdim=True))).sum(-1))
+        post_lp.append(expected(logits))
     stack = lambda xs: torch.stack(xs, -1) if xs else None  # noqa: E731
-    return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid)
+    return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid, stack(raw_lp))
 
 
 def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> torch.Tensor:
@@ -259,7 +268,8 @@ class ParallelScorer:
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
             raise ValueError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
-        self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item()}
+        self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item(),
+                      "gain_unmixed_mean": scored.gain_raw[:, :-1].mean().item()}
         return replace(rollout, gain=gain)
 
 
@@ -285,14 +295,13 @@ def evaluate_parallel(model, mode: ThoughtMode, cfg: ParallelConfig, windows: li
     scorer = ParallelScorer(replace(cfg, scorer="policy"), model, mode, head)
     was_training = model.training
     model.eval()
-    gains, nll_base, nll_thought = [], [], []
+    gains, stats = [], []
     for lo in range(0, len(windows), batch_size):
         real = torch.tensor(windows[lo : lo + batch_size], device=model.device)
         scored = scorer(sample_parallel(model, mode, real, cfg.thought_len, seed + lo))
         gains.append(scored.gain[:, :-1].mean().item())
-        nll_base.append(scorer.stats["nll_base"])
-        nll_thought.append(scorer.stats["nll_thought"])
+        stats.append(scorer.stats)
     model.train(was_training)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"gain_mean": mean(gains), "nll_base": mean(nll_base), "nll_thought": mean(nll_thought),
-            "num_windows": len(windows)}
+    # with a mixing head, gain_mean is the mixed prediction's; gain_unmixed_mean the post-thought pass alone's
+    return {"gain_mean": mean(gains), **{k: mean([s[k] for s in stats]) for k in stats[0]}, "num_windows": len(windows)}

@@ -1,13 +1,23 @@
 """Rewards, in one place. A frozen teacher scores only the real-text view of each rollout.
 
-Modes (combined with weights from config):
-  teacher_loglik  mean teacher log-prob of the rollout's generated text tokens (seed 004)
-  teacher_kl      per text token, teacher log-prob minus policy log-prob (on-policy distillation; the
-                  thoughts are free latent actions), averaged over text tokens
-  gold_loglik     the policy's teacher-forced log-prob of the gold answer given the prompt and its own
-                  thoughts (a dense reward for tasks; the teacher cannot read thoughts, so the policy does)
-  exact_match     answer correctness, 1 or 0
-  thinking_cost   minus `thinking_cost` per thought step (adaptive compute)
+Text is always scored under plain distributions: log-softmax over the text columns at temperature 1,
+without top-k/top-p, whatever the sampling settings (those shape exploration, not the objective).
+x = prompt, y = the rollout's text tokens, z = its thought steps, y* = the gold answer's tokens,
+q = the teacher, pi_text = the policy's text distribution renormalised over text tokens.
+
+  teacher_loglik  (1/|y|) sum_t log q(y_t | x, y_<t)                                       (seed 004)
+  teacher_kl      (1/|y|) sum_t [log q(y_t | x, y_<t) - log pi_text(y_t | x, y_<t, z_<t)]: minus the
+                  per-token reverse KL(pi_text || q) estimated on the sample (on-policy distillation; the
+                  thoughts are free latent actions the teacher never sees)
+  gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), z_open = the thought steps before the
+                  rollout's first text token (the policy scores, since the teacher cannot read thoughts);
+                  with pause_at=every the pause block the policy sees precedes every gold token
+  exact_match     1 if the text's answer is right, else 0
+  thinking_cost   -thinking_cost per thought step the policy chose (markers and pauses are not choices)
+
+Credit: each reward names the steps whose actions it depends on (`Rewards.credit`); the learner's loss runs
+over the union for the weighted terms. gold_loglik depends only on the opening thoughts and the choice to
+stop them (the first text step, when it was chosen against a thought); every other term on every action.
 
 Every mode is laid out per step (S,) so that PPO can use token-wise rewards; per-step values sum to the
 rollout's scalar reward, which GRPO/RLOO use. A non-finite reward is an error naming the rollout.
@@ -22,9 +32,10 @@ import torch
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action, ThoughtMode
 
-from .rollout import Rollout, recompute_logprobs
+from .rollout import Rollout, text_token_logprobs
 
 REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "exact_match")
+POLICY_REWARDS = ("teacher_kl", "gold_loglik")  # rewards that read the policy's own text distribution
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Rewards:
     per_step: list[torch.Tensor]  # (S_b,) per rollout
     total: torch.Tensor  # (B,) = per_step sums
     parts: dict[str, torch.Tensor]  # mode -> (B,) unweighted scalars, for logging
+    credit: list[torch.Tensor]  # (S_b,) bool per rollout: the steps whose actions the reward depends on
 
 
 class RewardModel:
@@ -58,8 +70,9 @@ class RewardModel:
             raise ValueError(f"reward {sorted(needs_teacher)[0]} needs a teacher")
         if {"gold_loglik", "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
             raise ValueError("rewards gold_loglik and exact_match need the task and tokenizer")
-        if "gold_loglik" in cfg.weights and (policy is None or mode is None):
-            raise ValueError("reward gold_loglik needs the policy and its thought mode")
+        reads_policy = sorted(set(cfg.weights) & set(POLICY_REWARDS))
+        if reads_policy and (policy is None or mode is None):
+            raise ValueError(f"reward {reads_policy[0]} needs the policy and its thought mode")
         self.cfg, self.teacher, self.task, self.tokenizer, self.policy, self.mode = cfg, teacher, task, tokenizer, policy, mode
 
     def score(self, rollouts: list[Rollout], rows: list[dict] | None = None) -> Rewards:
@@ -69,11 +82,12 @@ class RewardModel:
         w = self.cfg.weights
         if "teacher_loglik" in w or "teacher_kl" in w:
             teacher_lp = self.teacher.token_logprobs([r.text_view for r in rollouts], [len(r.prompt_ids) for r in rollouts])
-            for name in ("teacher_loglik", "teacher_kl"):
-                if name in w:
-                    steps = [self._spread(r, lp if name == "teacher_loglik" else lp - r.logprob[r.is_real])
-                             for r, lp in zip(rollouts, teacher_lp)]
-                    self._add(name, steps, per_step, parts)
+            if "teacher_loglik" in w:
+                self._add("teacher_loglik", [self._spread(r, lp) for r, lp in zip(rollouts, teacher_lp)], per_step, parts)
+            if "teacher_kl" in w:
+                policy_lp = text_token_logprobs(self.policy, self.mode, rollouts)
+                steps = [self._spread(r, q - p) for r, q, p in zip(rollouts, teacher_lp, policy_lp)]
+                self._add("teacher_kl", steps, per_step, parts)
         if "exact_match" in w:
             ok = [float(self.task.check(self.tokenizer.decode(r.real_ids, skip_special_tokens=True), row))
                   for r, row in zip(rollouts, rows)]
@@ -82,9 +96,22 @@ class RewardModel:
             gold = self.gold_loglik(rollouts, rows)
             self._add("gold_loglik", [self._at_end(r, v) for r, v in zip(rollouts, gold.tolist())], per_step, parts)
         if self.cfg.thinking_cost:
-            steps = [-self.cfg.thinking_cost * (~r.is_real).float() for r in rollouts]
+            steps = [-self.cfg.thinking_cost * r.is_chosen_thought.float() for r in rollouts]
             self._add("thinking_cost", steps, per_step, parts, weight=1.0)
-        return Rewards(per_step, torch.stack([s.sum() for s in per_step]), parts)
+        return Rewards(per_step, torch.stack([s.sum() for s in per_step]), parts, self.credit(rollouts))
+
+    def credit(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
+        """(S,) bool per rollout: the union over the weighted terms of the steps each depends on."""
+        if set(self.cfg.weights) - {"gold_loglik"} or self.cfg.thinking_cost:
+            return [torch.ones(r.num_steps, dtype=torch.bool) for r in rollouts]
+        out = []
+        for r in rollouts:
+            first = opening_thoughts(r)
+            mask = torch.arange(r.num_steps) < first
+            if first < r.num_steps and r.action[first] == Action.ANY:  # the choice to stop thinking
+                mask[first] = True
+            out.append(mask)
+        return out
 
     def _add(self, name, steps, per_step, parts, weight=None):
         weight = self.cfg.weights[name] if weight is None else weight
@@ -110,20 +137,26 @@ class RewardModel:
         out[-1] = value
         return out
 
-    @torch.no_grad()
     def gold_loglik(self, rollouts: list[Rollout], rows: list[dict]) -> torch.Tensor:
-        """Mean log-prob of the gold answer's tokens after prompt + the rollout's opening thought steps,
-        by the rollout engine's own recompute (the gold tokens as text actions)."""
+        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening
+        thought steps (plain text distribution: `text_token_logprobs`)."""
         forced = []
         for r, row in zip(rollouts, rows):
-            first_real = int(r.is_real.nonzero()[0]) if r.num_real else r.num_steps
+            first = opening_thoughts(r)
             gold = torch.tensor(self.tokenizer(self.task.target(row, "answer")).input_ids)
-            cut = lambda x: None if x is None else x[:first_real]  # noqa: E731
-            pad = lambda x: None if x is None else torch.cat([x[:first_real], x.new_zeros(len(gold), *x.shape[1:])])  # noqa: E731
-            forced.append(Rollout(
-                prompt_ids=r.prompt_ids, real_size=r.real_size, mode=r.mode,
-                action=torch.cat([cut(r.action), torch.full((len(gold),), int(Action.TEXT))]),
-                token=torch.cat([cut(r.token), gold]), logprob=torch.zeros(first_real + len(gold)),
-                vector=pad(r.vector), soft_ids=pad(r.soft_ids), soft_w=pad(r.soft_w)))
-        lp = recompute_logprobs(self.policy, self.mode, forced).logprob
-        return torch.stack([lp[i, r.num_steps - r.num_real : r.num_steps].mean() for i, r in enumerate(forced)]).cpu()
+            # pause_at=every: the policy reads its pause block before every text token, so the gold tokens get it too
+            block = r.token[:first] if r.mode == "pause" and self.mode.cfg.pause_at == "every" else r.token[:0]
+            token = torch.cat([r.token[:first]] + [torch.cat([block, g[None]]) if i else g[None]
+                                                   for i, g in enumerate(gold)])
+            action = torch.where(token < r.real_size, int(Action.TEXT), int(Action.FORCED))
+            action[:first] = r.action[:first]
+            pad = lambda x: None if x is None else torch.cat([x[:first], x.new_zeros(len(token) - first, *x.shape[1:])])  # noqa: E731
+            forced.append(Rollout(prompt_ids=r.prompt_ids, real_size=r.real_size, mode=r.mode, action=action,
+                                  token=token, logprob=torch.zeros(len(token)), vector=pad(r.vector),
+                                  soft_ids=pad(r.soft_ids), soft_w=pad(r.soft_w)))
+        return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])
+
+
+def opening_thoughts(r: Rollout) -> int:
+    """Number of steps before the rollout's first text token (all of them if it wrote no text)."""
+    return int(r.is_real.nonzero()[0]) if r.num_real else r.num_steps

@@ -36,6 +36,13 @@ class Rollout:
         return (self.token >= 0) & (self.token < self.real_size)
 
     @property
+    def is_chosen_thought(self) -> torch.Tensor:
+        """(S,) bool: thought steps the policy chose (a thinking token, vector or mixture), not the markers and
+        pauses inserted by rule nor a learned stop."""
+        chosen = (self.action == Action.ANY) | (self.action == Action.VECTOR) | (self.action == Action.SOFT)
+        return chosen & ~self.is_real
+
+    @property
     def kinds(self) -> list[str]:
         return ["real" if r else "thought" for r in self.is_real.tolist()]
 
@@ -189,9 +196,13 @@ class Recomputed(NamedTuple):
     valid: torch.Tensor  # (B, S_max) bool
     entropy: torch.Tensor  # (B, S_max) entropy of the token distribution at token steps, 0 elsewhere
     hidden: torch.Tensor  # (B, S_max, D) last hidden state at the position that chose each step
+    # with text=True: (N_text, V_text) log-softmax of the plain text distribution (temperature 1, no filter)
+    # at every text step, rollouts in order (what rewards and the KL term read); else None
+    text_logp: torch.Tensor | None = None
 
 
-def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout]) -> Recomputed:
+def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout],
+                       text: bool = False) -> Recomputed:
     """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs. Differentiable:
     this is what the learner trains on. `model` may be a DDP/accelerate wrapper: its forward is called."""
     core = model.module if hasattr(model, "module") else model
@@ -216,4 +227,15 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     steps = max(r.num_steps for r in rollouts)
     step_idx = torch.cat([torch.arange(r.num_steps) for r in rollouts]).to(device)
     grid = lambda x: torch.zeros(len(rollouts), steps, *x.shape[1:], device=device, dtype=x.dtype).index_put((rows, step_idx), x)  # noqa: E731
-    return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)), grid(ent), grid(h))
+    text_logp = mode.text_logprobs(logits[cat("is_real")]) if text else None
+    return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)), grid(ent), grid(h), text_logp)
+
+
+def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout]) -> list[torch.Tensor]:
+    """log pi(y_t | x, y_<t, thoughts) of each rollout's text tokens under the plain text distribution (text
+    columns renormalised, temperature 1, no top-k/top-p): one (num_real,) CPU tensor per rollout."""
+    with torch.no_grad():
+        text_logp = recompute_logprobs(model, mode, rollouts, text=True).text_logp
+    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(text_logp.device)
+    lp = text_logp.gather(1, ids[:, None])[:, 0].cpu()
+    return list(lp.split([r.num_real for r in rollouts]))

@@ -24,7 +24,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from thinktok.envs import FORMATS, TaskConfig, load_task
-from thinktok.models.policy import Policy, load_policy
+from thinktok.models.policy import Policy, freeze_rows, load_policy
 from thinktok.models.thoughts import ThoughtConfig
 from thinktok.models.vocab import row_movement
 
@@ -175,12 +175,6 @@ class ThinkingRowRecorder(TrainerCallback):
         self.history["step"].append(step)
         self.history["movement"].append(row_movement(self.policy.model, self.policy.vocab, self.policy.init_rows).tolist())
         self.history["cum_grad_norm"].append(self.cum_grad.tolist())
-
-
-def freeze_rows(policy: Policy, rows: list[int]) -> None:
-    """Zero the gradient of some embedding rows (pause baseline: slots stay at their initial value)."""
-    idx = torch.tensor(rows)
-    policy.model.get_input_embeddings().weight.register_hook(lambda g: g.index_fill(0, idx.to(g.device), 0.0))
 
 
 def run_sft(cfg: SFTConfig) -> Path:

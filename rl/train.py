@@ -28,7 +28,8 @@ from trl import GRPOConfig
 from thinktok.config import load_config, save_config
 from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+from thinktok.models.policy import freeze_rows
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, check_trainable, make_mode
 
 from .actors import RayConfig, start_workers, stop_workers
 from .checkpoint import EXTRA_STATE, atomic_save, find_checkpoint, save_run_info
@@ -50,17 +51,23 @@ class RLConfig:
     prompts_per_step: int = 8
     max_steps: int = 60
     lr: float = 5e-5
-    beta: float = 0.0  # KL to the initial policy
+    beta: float = 0.0  # KL(pi_text || init_text) at text steps, exact over the text columns (rl/learner.py)
     epsilon: float = 0.2  # clip range
     max_grad_norm: float = 1.0
     gamma: float = 1.0  # ppo
     lam: float = 0.95  # ppo
     vf_coef: float = 0.5  # ppo
-    max_staleness: int = 0  # weight versions a rollout may lag the learner (0 = on-policy)
+    # weight versions a rollout may lag the learner. Only 0: rollouts are always sampled with the learner's
+    # current weights (the sampler's log-probs are the behaviour policy of the importance ratio, but nothing
+    # here samples ahead of the learner yet)
+    max_staleness: int = 0
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}: expected one of {', '.join(ALGOS)}")
+        if self.max_staleness != 0:
+            raise ValueError(f"rl.max_staleness={self.max_staleness}: asynchronous (stale) rollouts are not "
+                             "implemented; every rollout uses the learner's current weights (set 0)")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2 (group baselines need two samples)")
 
@@ -92,8 +99,12 @@ class TrainConfig:
             part.validate()
         if self.rollout not in ROLLOUTS:
             raise ValueError(f"unknown rollout {self.rollout!r}: expected one of {', '.join(ROLLOUTS)}")
+        if self.rollout == "sequential":
+            check_trainable(self.thought, self.sampling)
         if self.rollout == "parallel":
             self.parallel.validate()
+            if self.rl.beta:
+                raise ValueError("rl.beta is a KL on text steps, and parallel rollouts generate no text: set 0")
             if self.thought.mode not in ("vocab", "single"):
                 raise ValueError(f"rollout=parallel samples discrete thinking tokens: thought.mode must be vocab or "
                                  f"single, got {self.thought.mode}")
@@ -192,6 +203,7 @@ class RunLogger(TrainerCallback):
         n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations
         line = {"step": state.global_step, "reward_mean": logs.get("reward"), "reward_std": logs.get("reward_std"),
                 "kl": logs.get("kl", 0.0), "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
+                "logprob_mismatch": logs.get("logprob_mismatch"),
                 **trainer.rollout_stats}
         self.last = now
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -278,6 +290,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         atomic_save(init_dir, policy.save)
     policy = load_policy(str(init_dir), thought.vocab_tokens, thought.markers)
     model = policy.model
+    if thought.mode == "pause":  # pause rows stay at their initial values, as in SFT's frozen-pause baseline
+        freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
     task = load_task(cfg.task)
     train_rows = task.dataset["train"].to_list()
     parallel = cfg.parallel if cfg.rollout == "parallel" else None
@@ -296,7 +310,7 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         output_dir=str(out / "trainer"), report_to=["tensorboard"], logging_steps=1,
         per_device_train_batch_size=rl.prompts_per_step * rl.num_generations, num_generations=rl.num_generations,
         steps_per_generation=1, num_iterations=1, max_steps=rl.max_steps, learning_rate=rl.lr,
-        lr_scheduler_type="constant", beta=rl.beta, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
+        lr_scheduler_type="constant", beta=0.0, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
         scale_rewards="none" if rl.algo == "rloo" else "group",
         max_completion_length=(parallel.num_real * parallel.thought_len if parallel
                                else cfg.sampling.max_new_tokens + thought.max_thought_tokens + 2),
@@ -305,9 +319,10 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         dataloader_num_workers=0, weight_decay=0.0, warmup_steps=0,
     )
     if parallel:
-        rollout_func = ParallelRollouts(workers, prompts, parallel, cfg.seed, rl.max_staleness)
+        rollout_func = ParallelRollouts(workers, prompts, parallel, cfg.seed)
     else:
-        rollout_func = RayRollouts(workers, policy.tokenizer, prompts, cfg.seed, rl.max_staleness)
+        rollout_func = RayRollouts(workers, policy.tokenizer, prompts, cfg.seed)
+    kl_ref = load_policy(str(init_dir), thought.vocab_tokens, thought.markers).model if rl.beta else None
     mode = make_mode(thought, policy.vocab, cfg.sampling)
     trainer_ref: list = []
     logger = RunLogger(cfg, trainer_ref, policy, task, windows["validation"] if parallel else None)
@@ -319,7 +334,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         cls, extra = GRPORun, {}
     trainer = cls(model=model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
                   train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
-                  rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, **extra)
+                  rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, kl_ref=kl_ref,
+                  kl_coef=rl.beta, **extra)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
     trainer.run_cfg, trainer.policy_extras = cfg, {"vocab": policy.vocab, "init_rows": policy.init_rows}

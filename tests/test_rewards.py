@@ -1,6 +1,7 @@
 """The frozen teacher and every reward mode against a hand computation on a tiny model."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ def teacher():
     return Teacher(load_policy("tiny", 0, False, seed=7).model)
 
 
-def rollouts_for(case="vocab"):
-    policy, mode = make(case)
+def rollouts_for(case="vocab", **sampling):
+    policy, mode = make(case, **sampling)
     prompts = [policy.tokenizer(r["prompt"]).input_ids for r in ROWS]
     return policy, mode, sample(policy.model, mode, prompts, seed=1)
 
@@ -48,39 +49,103 @@ def test_teacher_sees_no_thinking_token_and_is_frozen(teacher):
         teacher.token_logprobs([[1, 2, policy.vocab.think_id(0)]], [1])
 
 
+def hand_policy_text_lp(policy, r):
+    """log pi_text of each text token, from input ids (no embeddings path, no mode): text columns only,
+    temperature 1, renormalised by an explicit exp/sum."""
+    ids = r.prompt_ids + r.token.tolist()
+    with torch.no_grad():
+        logits = policy.model(torch.tensor([ids])).logits[0].double()
+    out = []
+    for s, tok in enumerate(r.token.tolist()):
+        if tok < policy.vocab.real_size:
+            row = logits[len(r.prompt_ids) - 1 + s, : policy.vocab.real_size]
+            out.append(torch.log(row[tok].exp() / row.exp().sum()))
+    return torch.stack(out).float()
+
+
 def test_teacher_loglik_and_kl_by_hand(teacher):
-    _, _, rollouts = rollouts_for()
-    rewards = RewardModel(RewardConfig(weights={"teacher_loglik": 1.0, "teacher_kl": 0.5}), teacher).score(rollouts)
+    # tempered, filtered sampling: the rewards must not see it (the KL is of the plain text distribution)
+    policy, mode, rollouts = rollouts_for(temperature=0.7, top_k=40)
+    assert sum(r.num_thought for r in rollouts) > 0
+    cfg = RewardConfig(weights={"teacher_loglik": 1.0, "teacher_kl": 0.5})
+    rewards = RewardModel(cfg, teacher, policy=policy.model, mode=mode).score(rollouts)
     for i, r in enumerate(rollouts):
-        lp = hand_teacher_lp(teacher.model, r.text_view, len(r.prompt_ids))
-        assert rewards.parts["teacher_loglik"][i].item() == pytest.approx(lp.mean().item(), abs=1e-5)
-        kl = (lp - r.logprob[r.is_real]).mean()
-        assert rewards.parts["teacher_kl"][i].item() == pytest.approx(kl.item(), abs=1e-4)
-        assert rewards.total[i].item() == pytest.approx(lp.mean().item() + 0.5 * kl.item(), abs=1e-4)
+        q = hand_teacher_lp(teacher.model, r.text_view, len(r.prompt_ids))
+        p = hand_policy_text_lp(policy, r)
+        assert rewards.parts["teacher_loglik"][i].item() == pytest.approx(q.mean().item(), abs=1e-5)
+        assert rewards.parts["teacher_kl"][i].item() == pytest.approx((q - p).mean().item(), abs=1e-4)
+        assert rewards.total[i].item() == pytest.approx(q.mean().item() + 0.5 * (q - p).mean().item(), abs=1e-4)
         # token-wise: each text step carries its own share, thought steps carry nothing
-        assert torch.allclose(rewards.per_step[i][r.is_real], lp / r.num_real + 0.5 * (lp - r.logprob[r.is_real]) / r.num_real, atol=1e-5)
-        assert rewards.per_step[i][~r.is_real].abs().max() == 0 if r.num_thought else True
+        assert torch.allclose(rewards.per_step[i][r.is_real], (q + 0.5 * (q - p)) / r.num_real, atol=1e-5)
+        assert rewards.per_step[i][~r.is_real].abs().sum() == 0
+        assert rewards.credit[i].all()
 
 
-def test_exact_match_gold_loglik_and_thinking_cost():
-    policy, mode, rollouts = rollouts_for("pause-prompt")
+def hand_gold_lp(policy, prefix, gold, pause_block=()):
+    """Mean log pi_text of the gold tokens after prompt + thought ids, each later gold token preceded by the
+    pause block when given: the layout written out by hand, scored from input ids."""
+    ids, at = list(prefix), []
+    for j, g in enumerate(gold):
+        if j:
+            ids += list(pause_block)
+        at.append(len(ids))
+        ids.append(g)
+    with torch.no_grad():
+        logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].double()
+    return torch.stack([logits[k - 1].log_softmax(-1)[ids[k]] for k in at]).mean().item()
+
+
+@pytest.mark.parametrize("case", ["pause-prompt", "pause-every", "vocab"])
+def test_exact_match_gold_loglik_and_thinking_cost(case):
+    # top-k 5 at temperature 0.5: scoring gold under the sampling filter made this -inf or tempered
+    policy, mode, rollouts = rollouts_for(case, temperature=0.5, top_k=5)
     cfg = RewardConfig(weights={"exact_match": 1.0, "gold_loglik": 1.0}, thinking_cost=0.1)
     rm = RewardModel(cfg, task=TASK, tokenizer=policy.tokenizer, policy=policy.model, mode=mode)
     rewards = rm.score(rollouts, ROWS)
     for i, (r, row) in enumerate(zip(rollouts, ROWS)):
         text = policy.tokenizer.decode(r.real_ids)
         assert rewards.parts["exact_match"][i] == float(TASK.check(text, row))
-        assert rewards.parts["thinking_cost"][i].item() == pytest.approx(-0.1 * r.num_thought)
-        # by hand: prompt + the 3 forced pause tokens + gold answer tokens, text-token softmax
+        tokens = r.token.tolist()
+        first = next(k for k, t in enumerate(tokens) if t < policy.vocab.real_size)
+        chosen = sum(t >= policy.vocab.real_size for t in tokens) if case == "vocab" else 0  # pauses are no choice
+        assert rewards.parts["thinking_cost"][i].item() == pytest.approx(-0.1 * chosen)
         gold = policy.tokenizer(TASK.target(row)).input_ids
-        ids = r.prompt_ids + r.token[:3].tolist() + gold
-        with torch.no_grad():
-            logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].float()
-        lp = F.log_softmax(logits, -1)
-        start = len(r.prompt_ids) + 3
-        expect = torch.stack([lp[j - 1, ids[j]] for j in range(start, len(ids))]).mean()
-        assert rewards.parts["gold_loglik"][i].item() == pytest.approx(expect.item(), abs=1e-5)
-        assert rewards.per_step[i][-1] >= rewards.parts["gold_loglik"][i] + rewards.parts["exact_match"][i] - 0.1 - 1e-5
+        block = tokens[:first] if case == "pause-every" else ()
+        expect = hand_gold_lp(policy, r.prompt_ids + tokens[:first], gold, block)
+        assert rewards.parts["gold_loglik"][i].item() == pytest.approx(expect, abs=1e-5)
+    if case == "pause-every":  # the pause the policy reads before every text token changes the score
+        r, row = rollouts[0], ROWS[0]
+        gold = policy.tokenizer(TASK.target(row)).input_ids
+        without = hand_gold_lp(policy, r.prompt_ids + r.token[:2].tolist(), gold)
+        assert abs(without - rewards.parts["gold_loglik"][0].item()) > 1e-3
+
+
+def test_gold_loglik_credits_only_the_opening_thoughts():
+    policy, mode, rollouts = rollouts_for("vocab")
+    rm = RewardModel(RewardConfig(weights={"gold_loglik": 1.0}), task=TASK, tokenizer=policy.tokenizer,
+                     policy=policy.model, mode=mode)
+    rewards = rm.score(rollouts, ROWS)
+    for r, credit in zip(rollouts, rewards.credit):
+        first = int(r.is_real.nonzero()[0])
+        # the opening thoughts and the choice to end them (a text token chosen over a thought) carry the reward
+        assert credit[: first + 1].all() and not credit[first + 1 :].any()
+    # a thought after the first text token does not change the reward: it never gets credit
+    r = rollouts[0]
+    edited = replace(r, token=r.token.clone())
+    later = (~r.is_real).nonzero()[:, 0]
+    later = later[later > int(r.is_real.nonzero()[0])]
+    assert len(later), "the sampled rollout needs a thought after its first text token"
+    edited.token[later[0]] = policy.vocab.think_id(0) if r.token[later[0]] != policy.vocab.think_id(0) else policy.vocab.think_id(1)
+    again = rm.score([edited] + rollouts[1:], ROWS)
+    assert again.parts["gold_loglik"][0].item() == pytest.approx(rewards.parts["gold_loglik"][0].item(), abs=1e-6)
+
+
+def test_thinking_cost_counts_chosen_thoughts_only():
+    policy, mode, rollouts = rollouts_for("continuous")
+    rm = RewardModel(RewardConfig(weights={}, thinking_cost=1.0))
+    costs = rm.score(rollouts).parts["thinking_cost"]
+    # <bot>, 3 vectors, <eot>: only the 3 vectors were chosen
+    assert costs.tolist() == [-3.0] * len(rollouts) and all(r.num_thought == 5 for r in rollouts)
 
 
 def test_non_finite_reward_names_the_rollout(teacher, monkeypatch):

@@ -18,7 +18,8 @@ def close(a, b):
 def test_recompute_matches_sampler(case):
     policy, mode = make(case)
     rollouts = sample(policy.model, mode, PROMPTS, seed=3)
-    lp, valid, _, _ = recompute_logprobs(policy.model, mode, rollouts)
+    rec = recompute_logprobs(policy.model, mode, rollouts)
+    lp, valid = rec.logprob, rec.valid
     for i, r in enumerate(rollouts):
         assert valid[i].sum() == r.num_steps
         assert close(lp[i, : r.num_steps], r.logprob), (case, lp[i, : r.num_steps] - r.logprob)
@@ -27,12 +28,46 @@ def test_recompute_matches_sampler(case):
     assert torch.cat([r.logprob for r in rollouts])[~sampled].eq(0).all()
 
 
+def steps_where(rollouts, rec, pick):
+    """(B, S_max) bool of the steps `pick(rollout)` selects, on the recompute's grid."""
+    mask = torch.zeros_like(rec.valid)
+    for i, r in enumerate(rollouts):
+        mask[i, : r.num_steps] = pick(r)
+    return mask
+
+
 def test_recompute_is_differentiable():
+    """Vector steps alone reach the network through h and reach a learned sigma; thought-token steps alone
+    reach the thinking rows; forced steps reach nothing."""
     policy, mode = make("continuous")
+    mode.log_sigma.requires_grad_(True)
     rollouts = sample(policy.model, mode, PROMPTS, seed=0)
-    lp, valid, _, _ = recompute_logprobs(policy.model, mode, rollouts)
-    lp[valid].sum().backward()
-    assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
+    rec = recompute_logprobs(policy.model, mode, rollouts)
+    vec = steps_where(rollouts, rec, lambda r: r.action == Action.VECTOR)
+    assert vec.sum() == 3 * 3
+    rec.logprob[vec].sum().backward()
+    assert policy.model.transformer.ln_f.weight.grad.abs().sum() > 0  # d log N(x; h, s) / dh flows back
+    assert policy.model.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+    assert mode.log_sigma.grad.abs() > 0
+
+    policy, mode = make("vocab")
+    rollouts = sample(policy.model, mode, PROMPTS, seed=0)
+    rec = recompute_logprobs(policy.model, mode, rollouts)
+    think = steps_where(rollouts, rec, lambda r: r.is_chosen_thought)
+    assert think.sum() > 0
+    rec.logprob[think].sum().backward()
+    rows = policy.model.get_input_embeddings().weight.grad[policy.vocab.real_size : policy.vocab.size]
+    chosen = {t - policy.vocab.real_size for r in rollouts for t in r.token[r.is_chosen_thought].tolist()}
+    assert all(rows[j].abs().sum() > 0 for j in chosen)
+
+    policy, mode = make("pause-prompt")
+    rollouts = sample(policy.model, mode, PROMPTS, seed=0)
+    rec = recompute_logprobs(policy.model, mode, rollouts)
+    forced = steps_where(rollouts, rec, lambda r: r.action == Action.FORCED)
+    assert forced.sum() == 3 * 3 and not rec.logprob[forced].requires_grad or rec.logprob[forced].eq(0).all()
+    policy.model.zero_grad()
+    (rec.logprob * forced).sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in policy.model.parameters())
 
 
 def test_kv_cache_matches_no_cache(case):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, make_mode
+from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, check_trainable, make_mode
 from thinktok.models.vocab import ThinkingVocab
 
 V = ThinkingVocab(real_size=10, num_thinking=3, markers=False, eos_id=9)
@@ -41,12 +41,14 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.isinf(lp[0, 2:]).all()
 
 
-def test_gaussian_and_stop_logprob_by_hand():
+@pytest.mark.parametrize("scale", ["joint", "per_dim"])
+def test_gaussian_and_stop_logprob_by_hand(scale):
     torch.manual_seed(1)
-    m = mode(VM, mode="continuous", num_thinking=0, sigma=0.3, learned_stop=True)
+    m = mode(VM, mode="continuous", num_thinking=0, sigma=0.3, learned_stop=True, density_scale=scale)
     h, x, logits = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 12)
     d = 5
     gauss = -0.5 * (((x - h) / 0.3) ** 2).sum(-1) - d * math.log(0.3) - 0.5 * d * math.log(2 * math.pi)
+    gauss = gauss / d if scale == "per_dim" else gauss  # per dimension; the stop term is a token's, unscaled
     p_eot = logits.softmax(-1)[:, 11]
     action = torch.tensor([Action.VECTOR, Action.STOP])
     got = m.action_logprobs(action, torch.tensor([-1, 11]), logits, h, vector=x)
@@ -54,7 +56,7 @@ def test_gaussian_and_stop_logprob_by_hand():
 
 
 def test_learned_sigma_gets_a_gradient():
-    m = mode(VM, mode="continuous", num_thinking=0, sigma=0.5, learn_sigma=True)
+    m = mode(VM, mode="continuous", num_thinking=0, sigma=0.5, learn_sigma=True, density_scale="joint")
     lp = m.vector_logprob(torch.ones(3, 4), torch.zeros(3, 4))
     lp.sum().backward()
     # d/dlog_sigma of sum_i -0.5 z_i^2 - log sigma, z = 1/sigma  ->  sum_i (z_i^2 - 1)
@@ -68,11 +70,14 @@ def test_soft_densities_by_hand():
     # Concrete (Gumbel-softmax) density, Maddison et al. 2017
     concrete = (math.lgamma(k) + (k - 1) * math.log(tau) + (p.log() - (tau + 1) * w.log()).sum()
                 - k * torch.log((p * w ** -tau).sum()))
-    got = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau).soft_logprob(p, w)
+    got = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau, density_scale="joint").soft_logprob(p, w)
     assert got.item() == pytest.approx(concrete.item(), rel=1e-5)
+    per_dim = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau).soft_logprob(p, w)
+    assert per_dim.item() == pytest.approx(concrete.item() / (k - 1), rel=1e-5)  # the simplex has k-1 dimensions
     a = 2.0 * p[0]
     dirichlet = torch.lgamma(a.sum()) - torch.lgamma(a).sum() + ((a - 1) * w[0].log()).sum()
-    got = mode(VM, mode="soft", num_thinking=0, noise="dirichlet", dirichlet_alpha=2.0).soft_logprob(p, w)
+    got = mode(VM, mode="soft", num_thinking=0, noise="dirichlet", dirichlet_alpha=2.0,
+               density_scale="joint").soft_logprob(p, w)
     assert got.item() == pytest.approx(dirichlet.item(), rel=1e-5)
     assert mode(VM, mode="soft", num_thinking=0, noise="none").soft_logprob(p, w).item() == 0
 
@@ -95,6 +100,8 @@ def test_soft_mixture_is_weighted_embedding():
     (dict(mode="soft", noise="laplace"), "unknown soft noise"),
     (dict(mode="single", num_thinking=5), "exactly one thinking token"),
     (dict(mode="continuous", sigma=0.0, learn_sigma=True), "sigma"),
+    (dict(mode="soft", learned_stop=True), "learned_stop is a continuous-mode option"),
+    (dict(mode="continuous", density_scale="sqrt"), "unknown density_scale"),
 ])
 def test_config_errors_name_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -104,3 +111,38 @@ def test_config_errors_name_the_problem(bad, match):
 def test_mode_must_match_vocabulary():
     with pytest.raises(ValueError, match="needs 64 thinking tokens"):
         make_mode(ThoughtConfig(mode="vocab"), V, SamplingConfig())
+
+
+@pytest.mark.parametrize("thought, sampling, match", [
+    (dict(mode="continuous", sigma=0.0), {}, "sigma=0 makes continuous thoughts deterministic"),
+    (dict(mode="soft", noise="none"), {}, "noise=none makes soft thoughts deterministic"),
+    (dict(mode="soft", soft_top_k=0), {}, "soft_top_k=0"),
+    (dict(mode="soft", soft_top_k=1), {}, "soft_top_k=1"),
+    (dict(mode="vocab"), dict(greedy=True), "greedy is for evaluation"),
+])
+def test_untrainable_settings_are_refused_for_rl(thought, sampling, match):
+    """Log-prob 0 and a constant action: no gradient by any route, yet counted in the loss normaliser."""
+    with pytest.raises(ValueError, match=match):
+        check_trainable(ThoughtConfig(**thought), SamplingConfig(**sampling))
+    check_trainable(ThoughtConfig(mode="soft"), SamplingConfig())  # the defaults train
+
+
+def test_recompute_keeps_the_sampled_token_at_the_filter_edge():
+    """A last-bit difference between sampler and recompute can move a sampled token just past top-k: its
+    log-prob must stay finite (and equal the filtered distribution renormalised with it kept)."""
+    m = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(top_k=2))
+    logits = torch.tensor([[3.0, 2.0, 2.0 - 1e-6] + [-5.0] * 10])  # token 2 sampled when it tied with token 1
+    lp = m.action_logprobs(torch.tensor([Action.ANY]), torch.tensor([2]), logits, torch.zeros(1, 4))
+    kept = torch.tensor([3.0, 2.0, 2.0 - 1e-6])
+    assert lp.item() == pytest.approx((kept[2] - kept.logsumexp(0)).item(), abs=1e-6)
+    inside = m.action_logprobs(torch.tensor([Action.ANY]), torch.tensor([0]), logits, torch.zeros(1, 4))
+    assert inside.item() == pytest.approx((3.0 - torch.tensor([3.0, 2.0]).logsumexp(0)).item(), abs=1e-6)
+
+
+def test_text_logprobs_ignore_sampling_settings():
+    """Rewards read the plain text distribution: text columns renormalised, temperature 1, no filter."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 13)
+    hot = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(temperature=0.5, top_k=2, top_p=0.5))
+    expect = torch.stack([torch.log(logits[i, :10].exp() / logits[i, :10].exp().sum()) for i in range(3)])
+    assert torch.allclose(hot.text_logprobs(logits), expect, atol=1e-6)
