@@ -125,6 +125,27 @@ def test_mixing_head_starts_from_the_base_model_and_learns():
         mixed = score(policy.model, mode, rollout, 2, head)
         plain = score(policy.model, mode, rollout, 2)
     assert torch.allclose(mixed.post * mixed.valid, plain.post * plain.valid, atol=1e-4)
+    assert torch.allclose(mixed.gain_raw, plain.gain, atol=1e-4)  # the unmixed gain is reported beside it
+
+
+def test_mixing_head_is_a_convex_mix():
+    """w < 0 extrapolated away from the thought: a thought that lowers the target's log-prob from -0.69 to
+    -2.13 scored +0.57 at w = -0.995. Bounded to [0, 1], over two tokens the mixed log-prob lies between the
+    two passes', so a harmful thought never scores a positive gain, whatever the head learned."""
+    torch.manual_seed(0)
+    head = MixingHead(8)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 3.0)
+        head.net[-1].bias.fill_(-5.0)  # pushes the raw output negative, where tanh alone went below 0
+    pre_h, post_h = torch.randn(1000, 8), torch.randn(1000, 8)
+    w = head(pre_h, post_h)
+    assert (w >= 0).all() and (w <= 1).all() and (w > 0).any()
+    pre = torch.tensor([0.0, 0.0])  # target (token 0) log-prob -0.69
+    post = torch.tensor([-1.0, 0.75])  # -2.13 after the thought
+    mixed = pre + w * (post - pre)  # (1000, 2)
+    gain = mixed.log_softmax(-1)[:, 0] - pre.log_softmax(-1)[0]
+    assert (gain <= 1e-7).all()
 
 
 def test_position_advantages_by_hand():

@@ -50,9 +50,11 @@ def test_short_run_writes_everything(tmp_path, teacher):
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == [1, 2, 3]
     keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss", "samples_per_s",
-            "weight_version"}
+            "weight_version", "logprob_mismatch"}
     assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
-    assert [m["weight_version"] for m in lines] == [0, 1, 2]  # on-policy: sampled with the latest weights
+    # on-policy: the Ray workers' sampling log-probs are the learner's own, to float error, at every step (the
+    # learner changed its weights in between: a worker that sampled with stale weights would show here)
+    assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
     assert final.name == "checkpoint-3" and (tmp_path / "trainer" / "checkpoint-2").exists()
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == 50257 + 8
@@ -233,6 +235,19 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init")
     rows = slice(50257, 50265)  # the thinking rows moved: REINFORCE and the NLL reached them
     assert not torch.allclose(model.get_input_embeddings().weight[rows], init.get_input_embeddings().weight[rows])
+    # movement alone is weak (Adam moves any row with a gradient): the trained rows also change what the model
+    # predicts after a thought, against the same model with its initial rows put back
+    from thinktok.rl.parallel import ParallelScorer, sample_parallel
+
+    policy = load_policy(str(final), 8, False)
+    real = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
+    rollout = sample_parallel(policy.model, policy_mode(policy), real, 2, seed=0)
+    cfg = parallel_config(tmp_path / "unused", teacher).parallel
+    trained = ParallelScorer(cfg, policy.model, policy_mode(policy))(rollout).gain
+    with torch.no_grad():
+        policy.model.get_input_embeddings().weight[rows] = init.get_input_embeddings().weight[rows]
+    reset = ParallelScorer(cfg, policy.model, policy_mode(policy))(rollout).gain
+    assert (trained - reset).abs().max() > 1e-4
     extra = torch.load(final / "thinktok_extra.pt")
     assert ("mixing_head" in extra) == (mixing == "true")
     from thinktok.rl.evaluate import evaluate  # `thinktok eval` knows a parallel checkpoint by its run info
@@ -255,6 +270,21 @@ def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
     ha = torch.load(whole / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
     hb = torch.load(cut / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
     assert all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha) and ha["net.2.weight"].abs().sum() > 0
+
+
+def policy_mode(policy):
+    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+
+    return make_mode(ThoughtConfig(mode="vocab", num_thinking=8), policy.vocab, SamplingConfig())
+
+
+def test_config_refuses_what_the_learner_cannot_do(tmp_path, teacher):
+    with pytest.raises(ValueError, match="max_staleness=2: asynchronous"):
+        config(tmp_path, teacher, "rl.max_staleness=2").validate()
+    with pytest.raises(ValueError, match="noise=none makes soft thoughts deterministic"):
+        config(tmp_path, teacher, "thought.mode=soft", "thought.num_thinking=0", "thought.noise=none").validate()
+    with pytest.raises(ValueError, match="rl.beta is a KL on text steps"):
+        load_config(TrainConfig, PARALLEL, ["rl.beta=0.1"]).validate()
 
 
 def test_parallel_config_errors(tmp_path, teacher):

@@ -1,0 +1,209 @@
+"""The learner's signal on toy problems, without Ray: per algorithm, one update makes the known better action
+likelier; the sampler is the behaviour policy (a stale batch is corrected); forced steps carry no gradient; the
+KL is over text steps only; extra parameters are clipped; the mode sits on the model's device."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import GRPOConfig
+
+from conftest import boost_thinking
+from thinktok.models.policy import load_policy
+from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, make_mode
+from thinktok.rl.learner import RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
+from thinktok.rl.rollout import recompute_logprobs, sample
+
+PROMPTS = {"p0": [1105, 1635, 4974, 796], "p1": [15496]}
+
+
+def policy_and_mode(thought: dict, boost: float | None = None, seed: int = 0):
+    cfg = ThoughtConfig(**thought)
+    policy = load_policy("tiny", cfg.vocab_tokens, cfg.markers, seed=seed)
+    if boost:
+        boost_thinking(policy, boost)
+    return policy, make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=4))
+
+
+def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0):
+    """The real trainer classes with a local rollout_func: sample here, `reward(rollout)` at the last step."""
+
+    def rollout_func(prompts, trainer):
+        rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=trainer.state.global_step)
+        per_step = []
+        for r in rollouts:
+            steps = torch.zeros(r.num_steps)
+            steps[-1] = reward(r)
+            per_step.append(steps)
+        trainer.store(rollouts, per_step)
+        return {"prompt_ids": [r.prompt_ids for r in rollouts],
+                "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
+                "logprobs": [r.logprob.tolist() for r in rollouts],
+                "env_mask": [(r.action != Action.FORCED).long().tolist() for r in rollouts],
+                "reward": [float(s.sum()) for s in per_step]}
+
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                      per_device_train_batch_size=len(PROMPTS) * group, num_generations=group, max_steps=1,
+                      learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, beta=0.0,
+                      scale_rewards="none" if algo == "rloo" else "group", report_to=[], save_strategy="no",
+                      logging_steps=1, disable_dropout=True, seed=0, max_completion_length=16)
+    cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
+    return cls(model=policy.model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
+               train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), rollout_func=rollout_func,
+               thought_mode=mode, kl_ref=kl_ref, kl_coef=kl_coef, **extra)
+
+
+@torch.no_grad()
+def p_think_first(policy) -> float:
+    """Mean over the prompts of P(first step is a thinking token), the softmax over text + thinking tokens."""
+    v = policy.vocab
+    return sum(policy.model(torch.tensor([p])).logits[0, -1].softmax(-1)[v.real_size : v.size].sum().item()
+               for p in PROMPTS.values()) / len(PROMPTS)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
+def test_one_update_makes_the_better_discrete_action_likelier(tmp_path, algo):
+    """Reward 1 when the rollout opens with a thinking token (P ~ 0.2-0.3 at the start), else 0."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
+    before = p_think_first(policy)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size), algo=algo)
+    rollouts = trainer.rollout_func(list(PROMPTS) * 8, trainer)
+    assert 0 < sum(rollouts["reward"]) < 16  # both actions sampled: the group baseline has something to compare
+    trainer.train()
+    assert p_think_first(policy) > before + 0.01, (before, p_think_first(policy))
+
+
+@torch.no_grad()
+def first_thought_mean(policy, u: torch.Tensor) -> float:
+    """h . u at the position that chooses the first continuous thought (after the prompt and <bot>)."""
+    out = []
+    for p in PROMPTS.values():
+        hidden = policy.model(torch.tensor([p + [policy.vocab.bot_id]]), output_hidden_states=True).hidden_states
+        out.append(hidden[-1][0, -1] @ u)
+    return sum(out).item() / len(out)
+
+
+@pytest.mark.parametrize("scale", ["per_dim", "joint"])
+def test_one_update_moves_continuous_thoughts_toward_the_rewarded_direction(tmp_path, scale):
+    """Reward x_0 . u for the first thought vector x_0 ~ N(h, sigma^2): the mean h must move along u."""
+    policy, mode = policy_and_mode(dict(mode="continuous", num_thinking=0, max_thought_tokens=2, sigma=0.5,
+                                        density_scale=scale))
+    u = torch.nn.functional.normalize(torch.randn(policy.model.config.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0)
+    before = first_thought_mean(policy, u)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.vector[1] @ u), lr=1e-3)
+    trainer.train()
+    assert first_thought_mean(policy, u) > before + 0.01, (before, first_thought_mean(policy, u))
+
+
+def generated_batch(trainer):
+    """One generation batch through TRL's own pipeline (advantages, masks, sampler log-probs), train mode."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer._generate_and_score_completions([{"prompt": p} for p in list(PROMPTS) * 8])
+
+
+def hand_loss(trainer, inputs, old_shift: float, eps: float = 0.2) -> torch.Tensor:
+    """TRL's clipped surrogate (loss_type dapo) over the action steps, written out: the behaviour log-probs are
+    the sampler's, shifted by old_shift; forced steps take no part, in the sum or in the normaliser."""
+    rollouts = [trainer._rollouts[i] for i in inputs["rollout_idx"].tolist()]
+    lp = recompute_logprobs(trainer.model, trainer.thought_mode, rollouts).logprob
+    total, count = 0.0, 0
+    for b, r in enumerate(rollouts):
+        a = inputs["advantages"][b]
+        for s in range(r.num_steps):
+            if r.action[s] == Action.FORCED:
+                continue
+            ratio = torch.exp(lp[b, s] - (r.logprob[s] + old_shift))
+            total = total - torch.min(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+            count += 1
+    return total / count
+
+
+def grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_stale_batch_is_corrected_against_the_sampler(tmp_path):
+    """Rollouts whose sampler gave their actions e^-1 of today's probability: the ratio is e, not 1, and the
+    clip acts. Forced (pause) steps carry nothing: garbage behaviour log-probs there change nothing."""
+    policy, mode = policy_and_mode(dict(mode="pause", num_thinking=1, num_pause=2))
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.real_ids[0] % 5))
+    inputs = generated_batch(trainer)
+    assert inputs["advantages"].abs().sum() > 0
+    fresh = trainer._compute_loss(trainer.model, inputs)
+    assert trainer._metrics["train"]["logprob_mismatch"][-1] < 1e-4  # on-policy: sampler == learner
+    assert fresh.item() == pytest.approx(hand_loss(trainer, inputs, 0.0).item(), abs=1e-5)
+
+    stale = dict(inputs)
+    action = inputs["tool_mask"].bool()
+    stale["sampling_per_token_logps"] = torch.where(action, inputs["sampling_per_token_logps"] - 1.0, -7.0)
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, stale)
+    assert trainer._metrics["train"]["logprob_mismatch"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert loss.item() == pytest.approx(hand_loss(trainer, inputs, -1.0).item(), abs=1e-5)
+    assert abs(loss.item() - fresh.item()) > 1e-3
+    loss.backward()
+    ours = grads(trainer.model)
+    trainer.model.zero_grad()
+    hand_loss(trainer, inputs, -1.0).backward()
+    assert torch.allclose(ours, grads(trainer.model), atol=1e-6)
+
+
+def test_text_kl_is_exact_over_text_steps_only(tmp_path):
+    """KL(pi_text || ref_text) averaged over text steps, by an explicit sum over the text vocabulary."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
+    ref = load_policy("tiny", 8, False, seed=5).model
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_ref=ref, kl_coef=0.1)
+    rollouts = sample(policy.model, mode, list(PROMPTS.values()) * 4, seed=1)
+    assert sum(r.num_thought for r in rollouts) > 0
+    trainer._recomputed = recompute_logprobs(policy.model, mode, rollouts, text=True)
+    got = trainer.text_kl(rollouts)
+    terms = []
+    with torch.no_grad():
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.token.tolist()])
+            p_logits, q_logits = policy.model(ids).logits[0].double(), ref(ids).logits[0].double()
+            for s in r.is_real.nonzero()[:, 0].tolist():
+                pos = len(r.prompt_ids) - 1 + s
+                p = p_logits[pos, : policy.vocab.real_size].exp()
+                q = q_logits[pos, : policy.vocab.real_size].exp()
+                p, q = p / p.sum(), q / q.sum()
+                terms.append((p * (p / q).log()).sum())
+    assert len(terms) == sum(r.num_real for r in rollouts)
+    assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-4)
+
+
+def test_extra_parameters_are_clipped_with_the_model(tmp_path):
+    policy, mode = policy_and_mode(dict(mode="continuous", num_thinking=0, sigma=0.5, learn_sigma=True))
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0)
+    for p in policy.model.parameters():
+        p.grad = torch.zeros_like(p)
+    mode.log_sigma.grad = torch.tensor(100.0)
+    norm = trainer._clip_grad_norm(policy.model)
+    assert norm.item() == pytest.approx(100.0) and mode.log_sigma.grad.abs().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_the_mode_moves_to_the_learner_device(tmp_path, monkeypatch):
+    """On a GPU the mode's column masks and sigma must follow the model: the trainer moves the mode to its
+    accelerator's device (spied here, since a CPU has one device)."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
+    moved = []
+    original = type(mode).to
+    monkeypatch.setattr(type(mode), "to", lambda self, *a, **k: moved.append(a or k) or original(self, *a, **k))
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0)
+    assert moved and torch.device(moved[0][0]) == trainer.accelerator.device
+    devices = {t.device for t in list(mode.buffers()) + list(mode.parameters()) + list(policy.model.parameters())}
+    assert devices == {trainer.accelerator.device}
+
+
+def test_learner_refuses_reuse_and_trl_kl(tmp_path):
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
+    with pytest.raises(ValueError, match="kl_coef > 0 needs a reference"):
+        local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_coef=0.1)
+
+
+def test_call_seeds_differ_across_learner_ranks():
+    rollouts = RayRollouts(None, None, {}, seed=3)
+    seeds = {rollouts.call_seed(v, c, rank) for v in range(3) for c in range(4) for rank in range(4)}
+    assert len(seeds) == 3 * 4 * 4 and not math.isnan(float(min(seeds)))
