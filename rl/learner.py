@@ -37,7 +37,7 @@ from thinktok.models.thoughts import Action, ThoughtMode
 
 from .actors import Workers, chunks
 from .parallel import ParallelConfig, ParallelRollout, position_advantages, score
-from .rollout import Rollout, recompute_logprobs
+from .rollout import Rollout, recompute_logprobs, with_gold
 
 
 class PoisonedStep(FloatingPointError):
@@ -53,8 +53,10 @@ def check_finite(name: str, x: torch.Tensor, step: int) -> None:
 class RayRollouts:
     """TRL rollout_func(prompts, trainer): prompts arrive already repeated num_generations times."""
 
-    def __init__(self, workers: Workers, tokenizer, rows_by_prompt: dict[str, dict], seed: int):
+    def __init__(self, workers: Workers, tokenizer, rows_by_prompt: dict[str, dict], seed: int,
+                 gold_by_prompt: dict[str, list[int]] | None = None):
         self.workers, self.tokenizer, self.rows, self.seed = workers, tokenizer, rows_by_prompt, seed
+        self.gold = gold_by_prompt  # gold answer ids, for the learner's latent term
         self.weights_ref, self.published = None, -1
 
     def publish(self, trainer, version: int) -> list:
@@ -99,7 +101,7 @@ class RayRollouts:
         credit = [c for part in scored for c in part.credit]
         total = torch.cat([part.total for part in scored])
         check_finite("reward", total, version)
-        trainer.store(rollouts, per_step)
+        trainer.store(rollouts, per_step, [self.gold[p] for p in prompts] if self.gold else None)
         return {
             "prompt_ids": [r.prompt_ids for r in rollouts],
             # vector/soft steps have no token: a placeholder id; their log-probs come from the recompute
@@ -117,13 +119,16 @@ def rollout_reward(completions, reward, **_):
 
 
 class ThoughtGRPOTrainer(GRPOTrainer):
-    """kl_ref: the frozen reference for the text-step KL (rl.beta = kl_coef); TRL's own beta must be 0."""
+    """kl_ref: the frozen reference for the text-step KL (rl.beta = kl_coef); TRL's own beta must be 0.
+    latent_coef: weight of the supervised latent term, -log pi_text(y* | x, z_open) (rollout_func stores the
+    gold ids): it teaches the model to read its own thoughts (STaR / Quiet-STaR's latent-variable objective)."""
 
     def __init__(self, *args, thought_mode: ThoughtMode, algo: str = "grpo", kl_ref: nn.Module | None = None,
-                 kl_coef: float = 0.0, **kwargs):
+                 kl_coef: float = 0.0, latent_coef: float = 0.0, **kwargs):
         self.thought_mode, self.algo = thought_mode, algo
-        self.kl_ref, self.kl_coef = kl_ref, kl_coef
+        self.kl_ref, self.kl_coef, self.latent_coef = kl_ref, kl_coef, latent_coef
         self._rollouts: list[Rollout] = []
+        self._gold: list[list[int]] | None = None
         self._per_step: list[torch.Tensor] = []
         self._batch: list[Rollout] | None = None
         self._recomputed = self._last_logps = None
@@ -168,8 +173,8 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         """Modules besides the model whose weights the workers need at every version."""
         return {"mode": self.thought_mode}
 
-    def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor]) -> None:
-        self._rollouts, self._per_step = rollouts, per_step
+    def store(self, rollouts: list[Rollout], per_step: list[torch.Tensor], gold: list[list[int]] | None = None) -> None:
+        self._rollouts, self._per_step, self._gold = rollouts, per_step, gold
         n = len(rollouts)
         self.rollout_stats = {
             "thought_steps_mean": sum(r.num_thought for r in rollouts) / n,
@@ -188,7 +193,8 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         return out
 
     def _compute_loss(self, model, inputs):
-        self._batch = [self._rollouts[i] for i in inputs["rollout_idx"].tolist()]
+        idx = inputs["rollout_idx"].tolist()
+        self._batch = [self._rollouts[i] for i in idx]
         # the sampler is the behaviour policy: ratio = pi_learner / pi_sampler, not 1 by construction
         sampled = inputs["sampling_per_token_logps"]
         inputs = {**inputs, "old_per_token_logps": sampled}
@@ -198,6 +204,10 @@ class ThoughtGRPOTrainer(GRPOTrainer):
                 kl = self.text_kl(self._batch)
                 self._metrics["train"]["kl"].append(kl.item())
                 loss = loss + self.kl_coef * kl / self.current_gradient_accumulation_steps
+            if self.latent_coef:
+                nll = self.latent_nll(model, self._batch, [self._gold[i] for i in idx])
+                self._metrics["train"]["latent_nll"].append(nll.item())
+                loss = loss + self.latent_coef * nll / self.current_gradient_accumulation_steps
         finally:
             self._batch = None
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
@@ -206,6 +216,18 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["logprob_mismatch"].append(gap.item())
         check_finite("loss", loss.detach(), self.state.global_step)
         return loss
+
+    def latent_nll(self, model, rollouts: list[Rollout], gold: list[list[int]]) -> torch.Tensor:
+        """Mean over rollouts of -(1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t): the gold answer after each
+        rollout's own opening thoughts (the layout gold_loglik scores), differentiable."""
+        cfg = self.thought_mode.cfg
+        forced = [with_gold(r, torch.tensor(g), cfg.mode == "pause" and cfg.pause_at == "every")
+                  for r, g in zip(rollouts, gold)]
+        with self.accelerator.autocast():
+            text_logp = recompute_logprobs(model, self.thought_mode, forced, text=True).text_logp
+        ids = torch.cat([torch.tensor(g) for g in gold]).to(text_logp.device)
+        lp = text_logp.gather(1, ids[:, None])[:, 0].split([len(g) for g in gold])
+        return -torch.stack([x.mean() for x in lp]).mean()
 
     def text_kl(self, rollouts: list[Rollout]) -> torch.Tensor:
         """Mean over text steps of the exact KL(pi_text || ref_text), both over the text columns at temperature

@@ -12,11 +12,14 @@ q = the teacher, pi_text = the policy's text distribution renormalised over text
   gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), z_open = the thought steps before the
                   rollout's first text token (the policy scores, since the teacher cannot read thoughts);
                   with pause_at=every the pause block the policy sees precedes every gold token
+  thought_gain    gold_loglik minus the same without any thought step: what the opening thoughts add to the
+                  gold answer (the subtracted term is constant within a prompt's group, so GRPO's advantage
+                  equals gold_loglik's; the reward's value says whether thinking helps at all)
   exact_match     1 if the text's answer is right, else 0
   thinking_cost   -thinking_cost per thought step the policy chose (markers and pauses are not choices)
 
 Credit: each reward names the steps whose actions it depends on (`Rewards.credit`); the learner's loss runs
-over the union for the weighted terms. gold_loglik depends only on the opening thoughts and the choice to
+over the union for the weighted terms. gold_loglik and thought_gain depend only on the opening thoughts and the choice to
 stop them (the first text step, when it was chosen against a thought); every other term on every action.
 
 Every mode is laid out per step (S,) so that PPO can use token-wise rewards; per-step values sum to the
@@ -32,10 +35,11 @@ import torch
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action, ThoughtMode
 
-from .rollout import Rollout, text_token_logprobs
+from .rollout import Rollout, opening_thoughts, text_token_logprobs, with_gold
 
-REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "exact_match")
-POLICY_REWARDS = ("teacher_kl", "gold_loglik")  # rewards that read the policy's own text distribution
+REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "thought_gain", "exact_match")
+POLICY_REWARDS = ("teacher_kl", "gold_loglik", "thought_gain")  # rewards that read the policy's text distribution
+GOLD_REWARDS = ("gold_loglik", "thought_gain")  # depend only on the opening thoughts (and the choice to stop)
 
 
 @dataclass
@@ -68,8 +72,8 @@ class RewardModel:
         needs_teacher = {"teacher_loglik", "teacher_kl"} & set(cfg.weights)
         if needs_teacher and teacher is None:
             raise ValueError(f"reward {sorted(needs_teacher)[0]} needs a teacher")
-        if {"gold_loglik", "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
-            raise ValueError("rewards gold_loglik and exact_match need the task and tokenizer")
+        if {"gold_loglik", "thought_gain", "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
+            raise ValueError("rewards gold_loglik, thought_gain and exact_match need the task and tokenizer")
         reads_policy = sorted(set(cfg.weights) & set(POLICY_REWARDS))
         if reads_policy and (policy is None or mode is None):
             raise ValueError(f"reward {reads_policy[0]} needs the policy and its thought mode")
@@ -92,9 +96,13 @@ class RewardModel:
             ok = [float(self.task.check(self.tokenizer.decode(r.real_ids, skip_special_tokens=True), row))
                   for r, row in zip(rollouts, rows)]
             self._add("exact_match", [self._at_end(r, v) for r, v in zip(rollouts, ok)], per_step, parts)
-        if "gold_loglik" in w:
+        if "gold_loglik" in w or "thought_gain" in w:
             gold = self.gold_loglik(rollouts, rows)
+        if "gold_loglik" in w:
             self._add("gold_loglik", [self._at_end(r, v) for r, v in zip(rollouts, gold.tolist())], per_step, parts)
+        if "thought_gain" in w:
+            gain = gold - self.gold_loglik(rollouts, rows, thoughts=False)
+            self._add("thought_gain", [self._at_end(r, v) for r, v in zip(rollouts, gain.tolist())], per_step, parts)
         if self.cfg.thinking_cost:
             steps = [-self.cfg.thinking_cost * r.is_chosen_thought.float() for r in rollouts]
             self._add("thinking_cost", steps, per_step, parts, weight=1.0)
@@ -102,7 +110,7 @@ class RewardModel:
 
     def credit(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
         """(S,) bool per rollout: the union over the weighted terms of the steps each depends on."""
-        if set(self.cfg.weights) - {"gold_loglik"} or self.cfg.thinking_cost:
+        if set(self.cfg.weights) - set(GOLD_REWARDS) or self.cfg.thinking_cost:
             return [torch.ones(r.num_steps, dtype=torch.bool) for r in rollouts]
         out = []
         for r in rollouts:
@@ -137,26 +145,12 @@ class RewardModel:
         out[-1] = value
         return out
 
-    def gold_loglik(self, rollouts: list[Rollout], rows: list[dict]) -> torch.Tensor:
-        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening
-        thought steps (plain text distribution: `text_token_logprobs`)."""
-        forced = []
-        for r, row in zip(rollouts, rows):
-            first = opening_thoughts(r)
-            gold = torch.tensor(self.tokenizer(self.task.target(row, "answer")).input_ids)
-            # pause_at=every: the policy reads its pause block before every text token, so the gold tokens get it too
-            block = r.token[:first] if r.mode == "pause" and self.mode.cfg.pause_at == "every" else r.token[:0]
-            token = torch.cat([r.token[:first]] + [torch.cat([block, g[None]]) if i else g[None]
-                                                   for i, g in enumerate(gold)])
-            action = torch.where(token < r.real_size, int(Action.TEXT), int(Action.FORCED))
-            action[:first] = r.action[:first]
-            pad = lambda x: None if x is None else torch.cat([x[:first], x.new_zeros(len(token) - first, *x.shape[1:])])  # noqa: E731
-            forced.append(Rollout(prompt_ids=r.prompt_ids, real_size=r.real_size, mode=r.mode, action=action,
-                                  token=token, logprob=torch.zeros(len(token)), vector=pad(r.vector),
-                                  soft_ids=pad(r.soft_ids), soft_w=pad(r.soft_w)))
+    def gold_loglik(self, rollouts: list[Rollout], rows: list[dict], thoughts: bool = True) -> torch.Tensor:
+        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening thought
+        steps (none with thoughts=False), under the plain text distribution (`text_token_logprobs`)."""
+        pause_every = self.mode.cfg.mode == "pause" and self.mode.cfg.pause_at == "every"
+        forced = [with_gold(r, self.gold_ids(row), pause_every, thoughts) for r, row in zip(rollouts, rows)]
         return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])
 
-
-def opening_thoughts(r: Rollout) -> int:
-    """Number of steps before the rollout's first text token (all of them if it wrote no text)."""
-    return int(r.is_real.nonzero()[0]) if r.num_real else r.num_steps
+    def gold_ids(self, row: dict) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(self.task.target(row, "answer")).input_ids)

@@ -69,6 +69,29 @@ class Rollout:
         return len(self.token)
 
 
+def opening_thoughts(r: Rollout) -> int:
+    """Number of steps before the rollout's first text token (all of them if it wrote no text)."""
+    return int(r.is_real.nonzero()[0]) if r.num_real else r.num_steps
+
+
+def with_gold(r: Rollout, gold: torch.Tensor, pause_every: bool = False, thoughts: bool = True) -> Rollout:
+    """The rollout's opening thought steps (none with thoughts=False), then the gold tokens as text actions:
+    what gold-answer rewards and the latent term score. pause_every: the opening pause block also precedes
+    every later gold token, as the policy sees pauses (pause_at=every)."""
+    first = opening_thoughts(r) if thoughts else 0
+    block = r.token[:first] if pause_every else r.token[:0]
+    token = torch.cat([r.token[:first]] + [torch.cat([block, g[None]]) if i else g[None] for i, g in enumerate(gold)])
+    action = torch.where(token < r.real_size, int(Action.TEXT), int(Action.FORCED))
+    action[:first] = r.action[:first]
+
+    def keep_opening(x):  # payloads of the opening steps; zeros after (gold steps are tokens)
+        return None if x is None else torch.cat([x[:first], x.new_zeros(len(token) - first, *x.shape[1:])])
+
+    return Rollout(prompt_ids=r.prompt_ids, real_size=r.real_size, mode=r.mode, action=action, token=token,
+                   logprob=torch.zeros(len(token)), vector=keep_opening(r.vector), soft_ids=keep_opening(r.soft_ids),
+                   soft_w=keep_opening(r.soft_w), weight_version=r.weight_version)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids (B, P), attention mask (B, P), prompts right-aligned so that every row decodes in step."""
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -52,6 +52,9 @@ class RLConfig:
     max_steps: int = 60
     lr: float = 5e-5
     beta: float = 0.0  # KL(pi_text || init_text) at text steps, exact over the text columns (rl/learner.py)
+    # weight of the supervised latent term -log pi_text(gold answer | prompt, the rollout's opening thoughts):
+    # teaches the model to read its thoughts (STaR / Quiet-STaR); the parallel path has parallel.nll_coef
+    latent_coef: float = 0.0
     epsilon: float = 0.2  # clip range
     max_grad_norm: float = 1.0
     gamma: float = 1.0  # ppo
@@ -105,6 +108,8 @@ class TrainConfig:
             self.parallel.validate()
             if self.rl.beta:
                 raise ValueError("rl.beta is a KL on text steps, and parallel rollouts generate no text: set 0")
+            if self.rl.latent_coef:
+                raise ValueError("rl.latent_coef is for sequential rollouts: the parallel path has parallel.nll_coef")
             if self.thought.mode not in ("vocab", "single"):
                 raise ValueError(f"rollout=parallel samples discrete thinking tokens: thought.mode must be vocab or "
                                  f"single, got {self.thought.mode}")
@@ -120,6 +125,10 @@ class TrainConfig:
 
 def ensure_teacher(cfg: TrainConfig) -> str | None:
     """The teacher checkpoint, trained first from `teacher_sft` when it is missing (fresh machines)."""
+    if cfg.teacher is not None and Path(cfg.teacher).resolve() == Path(cfg.policy).resolve():
+        warnings.warn(f"the teacher is the policy's own starting checkpoint ({cfg.teacher}): it knows nothing the "
+                      "student does not, so teacher rewards pay for imitating it, not for useful thoughts",
+                      stacklevel=2)
     if cfg.teacher is None or Path(cfg.teacher).exists() or not cfg.teacher_sft:
         return cfg.teacher
     from .sft import SFTConfig, run_sft
@@ -204,6 +213,7 @@ class RunLogger(TrainerCallback):
         line = {"step": state.global_step, "reward_mean": logs.get("reward"), "reward_std": logs.get("reward_std"),
                 "kl": logs.get("kl", 0.0), "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
                 "logprob_mismatch": logs.get("logprob_mismatch"),
+                **({"latent_nll": logs.get("latent_nll")} if self.cfg.rl.latent_coef else {}),
                 **trainer.rollout_stats}
         self.last = now
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -321,7 +331,9 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     if parallel:
         rollout_func = ParallelRollouts(workers, prompts, parallel, cfg.seed)
     else:
-        rollout_func = RayRollouts(workers, policy.tokenizer, prompts, cfg.seed)
+        gold = ({r["prompt"]: policy.tokenizer(task.target(r, "answer")).input_ids for r in train_rows}
+                if rl.latent_coef else None)
+        rollout_func = RayRollouts(workers, policy.tokenizer, prompts, cfg.seed, gold)
     kl_ref = load_policy(str(init_dir), thought.vocab_tokens, thought.markers).model if rl.beta else None
     mode = make_mode(thought, policy.vocab, cfg.sampling)
     trainer_ref: list = []
@@ -335,7 +347,7 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     trainer = cls(model=model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
                   train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
                   rollout_func=rollout_func, callbacks=[logger], thought_mode=mode, algo=rl.algo, kl_ref=kl_ref,
-                  kl_coef=rl.beta, **extra)
+                  kl_coef=rl.beta, latent_coef=rl.latent_coef, **extra)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
     trainer.run_cfg, trainer.policy_extras = cfg, {"vocab": policy.vocab, "init_rows": policy.init_rows}

@@ -26,17 +26,22 @@ def policy_and_mode(thought: dict, boost: float | None = None, seed: int = 0):
     return policy, make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=4))
 
 
-def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0):
+GOLD = {"p0": [1065, 2078], "p1": [11, 995]}  # answers for the latent term
+
+
+def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0,
+                  latent_coef=0.0):
     """The real trainer classes with a local rollout_func: sample here, `reward(rollout)` at the last step."""
 
     def rollout_func(prompts, trainer):
         rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=trainer.state.global_step)
+        trainer.model.train()  # sample() leaves the model in eval mode; the Ray path samples on copies
         per_step = []
         for r in rollouts:
             steps = torch.zeros(r.num_steps)
             steps[-1] = reward(r)
             per_step.append(steps)
-        trainer.store(rollouts, per_step)
+        trainer.store(rollouts, per_step, [GOLD[p] for p in prompts])
         return {"prompt_ids": [r.prompt_ids for r in rollouts],
                 "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
                 "logprobs": [r.logprob.tolist() for r in rollouts],
@@ -51,7 +56,7 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
     return cls(model=policy.model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
                train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), rollout_func=rollout_func,
-               thought_mode=mode, kl_ref=kl_ref, kl_coef=kl_coef, **extra)
+               thought_mode=mode, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
 
 
 @torch.no_grad()
@@ -207,3 +212,31 @@ def test_call_seeds_differ_across_learner_ranks():
     rollouts = RayRollouts(None, None, {}, seed=3)
     seeds = {rollouts.call_seed(v, c, rank) for v in range(3) for c in range(4) for rank in range(4)}
     assert len(seeds) == 3 * 4 * 4 and not math.isnan(float(min(seeds)))
+
+
+def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
+    """-log pi_text(gold | prompt, opening thoughts), per gold token, written out from input ids; with a
+    constant reward (zero advantages) one update with the latent term alone makes the gold likelier."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=30)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, latent_coef=1.0, lr=1e-3)
+    names = list(PROMPTS) * 4
+    rollouts = sample(policy.model, mode, [PROMPTS[p] for p in names], seed=0)
+    assert any(r.is_real.nonzero()[0] > 0 for r in rollouts)  # some rollouts open with thoughts
+    gold = [GOLD[p] for p in names]
+
+    def hand():
+        out = []
+        with torch.no_grad():
+            for r, g in zip(rollouts, gold):
+                first = int(r.is_real.nonzero()[0])
+                ids = r.prompt_ids + r.token[:first].tolist() + g
+                logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].double()
+                start = len(ids) - len(g)
+                out.append(-torch.stack([logits[k - 1].log_softmax(-1)[ids[k]] for k in range(start, len(ids))]).mean())
+        return torch.stack(out).mean().item()
+
+    before = hand()
+    assert trainer.latent_nll(policy.model, rollouts, gold).item() == pytest.approx(before, abs=1e-5)
+    trainer.train()
+    assert hand() < before - 1e-3
+    assert trainer.state.log_history[0]["latent_nll"] > 0

@@ -161,3 +161,16 @@ def test_reward_config_errors():
         RewardModel(RewardConfig(weights={"vibes": 1.0}))
     with pytest.raises(ValueError, match="needs a teacher"):
         RewardModel(RewardConfig())
+
+
+def test_thought_gain_by_hand():
+    """log pi_text(gold | prompt, opening thoughts) - log pi_text(gold | prompt), per gold token, written out."""
+    policy, mode, rollouts = rollouts_for("pause-prompt")
+    rm = RewardModel(RewardConfig(weights={"thought_gain": 1.0}), task=TASK, tokenizer=policy.tokenizer,
+                     policy=policy.model, mode=mode)
+    rewards = rm.score(rollouts, ROWS)
+    for i, (r, row) in enumerate(zip(rollouts, ROWS)):
+        gold = policy.tokenizer(TASK.target(row)).input_ids
+        expect = hand_gold_lp(policy, r.prompt_ids + r.token[:3].tolist(), gold) - hand_gold_lp(policy, r.prompt_ids, gold)
+        assert rewards.parts["thought_gain"][i].item() == pytest.approx(expect, abs=1e-5)
+        assert abs(expect) > 1e-4 and rewards.credit[i][:3].all() and not rewards.credit[i][4:].any()
