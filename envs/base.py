@@ -64,6 +64,11 @@ class Task:
             return " " + " ; ".join(row["steps"] + [row["answer"]])
         raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
+    def reasoning(self, row: dict) -> str:
+        """The gold chain of thought that precedes the answer in the cot format (" s1 ; s2 ;"), "" without
+        steps: the privileged context a teacher may read (rewards.teacher_context=gold_cot)."""
+        return " " + " ; ".join(row["steps"]) + " ;" if row["steps"] else ""
+
     def check(self, text: str, row: dict) -> bool:
         """Is the generated continuation's final answer right? (Text after the last ';' is the answer.)"""
         return norm(text.split(";")[-1]) == norm(row["answer"])

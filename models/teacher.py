@@ -25,6 +25,17 @@ class Teacher:
         return cls(model.to(device), batch_size)
 
     @torch.no_grad()
+    def think(self, prompt: list[int], separator: int, max_new_tokens: int, eos: int) -> list[int]:
+        """The teacher's own chain of thought for a prompt: its greedy continuation up to and including the last
+        `separator` (the answer after it is dropped: the student's answer is what gets scored)."""
+        ids = torch.tensor([prompt], device=self.model.device)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)[0, len(prompt):]
+        out = out.tolist()
+        cut = max((i + 1 for i, t in enumerate(out) if t == separator), default=0)
+        return out[:cut]
+
+    @torch.no_grad()
     def token_logprobs(self, seqs: list[list[int]], start: list[int]) -> list[torch.Tensor]:
         """log p(seq[i] | seq[:i]) for i >= start[b], per sequence: a (len - start,) tensor each."""
         out = []

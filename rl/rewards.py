@@ -5,8 +5,10 @@ without top-k/top-p, whatever the sampling settings (those shape exploration, no
 x = prompt, y = the rollout's text tokens, z = its thought steps, y* = the gold answer's tokens,
 q = the teacher, pi_text = the policy's text distribution renormalised over text tokens.
 
-  teacher_loglik  (1/|y|) sum_t log q(y_t | x, y_<t)                                       (seed 004)
-  teacher_kl      (1/|y|) sum_t [log q(y_t | x, y_<t) - log pi_text(y_t | x, y_<t, z_<t)]: minus the
+  teacher_loglik  (1/|y|) sum_t log q(y_t | x, c, y_<t)                                    (seed 004)
+                  c = what the teacher reads besides the prompt (teacher_context): nothing, the gold chain
+                  of thought, or its own; never the student's thoughts
+  teacher_kl      (1/|y|) sum_t [log q(y_t | x, c, y_<t) - log pi_text(y_t | x, y_<t, z_<t)]: minus the
                   per-token reverse KL(pi_text || q) estimated on the sample (on-policy distillation; the
                   thoughts are free latent actions the teacher never sees)
   gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), z_open = the thought steps before the
@@ -42,15 +44,26 @@ POLICY_REWARDS = ("teacher_kl", "gold_loglik", "thought_gain")  # rewards that r
 GOLD_REWARDS = ("gold_loglik", "thought_gain")  # depend only on the opening thoughts (and the choice to stop)
 
 
+CONTEXTS = ("none", "gold_cot", "own_cot")
+
+
 @dataclass
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"teacher_loglik": 1.0})
     thinking_cost: float = 0.0
+    # what the teacher reads between the prompt and the student's text, so that it knows more than the student
+    # in one pass: none | gold_cot (the task's gold chain of thought: privileged context) | own_cot (its own
+    # greedy chain of thought up to the last " ;", the answer it would give dropped). A CoT-trained teacher
+    # then scores an answer-only student's text as the answer after the reasoning.
+    teacher_context: str = "none"
+    teacher_think_tokens: int = 64  # own_cot: budget of the teacher's greedy chain of thought
 
     def validate(self) -> None:
         unknown = set(self.weights) - set(REWARD_MODES)
         if unknown:
             raise ValueError(f"unknown reward mode {sorted(unknown)[0]!r}: expected {', '.join(REWARD_MODES)}")
+        if self.teacher_context not in CONTEXTS:
+            raise ValueError(f"unknown rewards.teacher_context {self.teacher_context!r}: expected {', '.join(CONTEXTS)}")
         if not self.weights and not self.thinking_cost:
             raise ValueError("rewards: give at least one weight")
 
@@ -74,6 +87,8 @@ class RewardModel:
             raise ValueError(f"reward {sorted(needs_teacher)[0]} needs a teacher")
         if {"gold_loglik", "thought_gain", "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
             raise ValueError("rewards gold_loglik, thought_gain and exact_match need the task and tokenizer")
+        if cfg.teacher_context != "none" and (task is None or tokenizer is None):
+            raise ValueError(f"rewards.teacher_context={cfg.teacher_context} needs the task and tokenizer")
         reads_policy = sorted(set(cfg.weights) & set(POLICY_REWARDS))
         if reads_policy and (policy is None or mode is None):
             raise ValueError(f"reward {reads_policy[0]} needs the policy and its thought mode")
@@ -85,7 +100,9 @@ class RewardModel:
         parts: dict[str, torch.Tensor] = {}
         w = self.cfg.weights
         if "teacher_loglik" in w or "teacher_kl" in w:
-            teacher_lp = self.teacher.token_logprobs([r.text_view for r in rollouts], [len(r.prompt_ids) for r in rollouts])
+            context = self.teacher_context(rollouts, rows)
+            views = [r.prompt_ids + c + r.real_ids for r, c in zip(rollouts, context)]
+            teacher_lp = self.teacher.token_logprobs(views, [len(r.prompt_ids) + len(c) for r, c in zip(rollouts, context)])
             if "teacher_loglik" in w:
                 self._add("teacher_loglik", [self._spread(r, lp) for r, lp in zip(rollouts, teacher_lp)], per_step, parts)
             if "teacher_kl" in w:
@@ -107,6 +124,18 @@ class RewardModel:
             steps = [-self.cfg.thinking_cost * r.is_chosen_thought.float() for r in rollouts]
             self._add("thinking_cost", steps, per_step, parts, weight=1.0)
         return Rewards(per_step, torch.stack([s.sum() for s in per_step]), parts, self.credit(rollouts))
+
+    def teacher_context(self, rollouts: list[Rollout], rows: list[dict] | None) -> list[list[int]]:
+        """Token ids the teacher reads between each rollout's prompt and its text (rewards.teacher_context)."""
+        how = self.cfg.teacher_context
+        if how == "gold_cot":
+            return [self.tokenizer(self.task.reasoning(row)).input_ids for row in rows]
+        if how == "own_cot":  # once per prompt: a group's G rollouts share it
+            sep, eos = self.tokenizer(" ;").input_ids[-1], self.tokenizer.eos_token_id
+            thought = {tuple(p): self.teacher.think(list(p), sep, self.cfg.teacher_think_tokens, eos)
+                       for p in {tuple(r.prompt_ids) for r in rollouts}}
+            return [thought[tuple(r.prompt_ids)] for r in rollouts]
+        return [[] for _ in rollouts]
 
     def credit(self, rollouts: list[Rollout]) -> list[torch.Tensor]:
         """(S,) bool per rollout: the union over the weighted terms of the steps each depends on."""

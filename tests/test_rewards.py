@@ -174,3 +174,30 @@ def test_thought_gain_by_hand():
         expect = hand_gold_lp(policy, r.prompt_ids + r.token[:3].tolist(), gold) - hand_gold_lp(policy, r.prompt_ids, gold)
         assert rewards.parts["thought_gain"][i].item() == pytest.approx(expect, abs=1e-5)
         assert abs(expect) > 1e-4 and rewards.credit[i][:3].all() and not rewards.credit[i][4:].any()
+
+
+def test_teacher_reads_the_gold_chain_of_thought(teacher):
+    """gold_cot: q(y | x, gold steps, y_<t), written out: prompt + " s1 ; s2 ;" + the student's text."""
+    policy, mode, rollouts = rollouts_for()
+    cfg = RewardConfig(weights={"teacher_loglik": 1.0}, teacher_context="gold_cot")
+    rewards = RewardModel(cfg, teacher, task=TASK, tokenizer=policy.tokenizer).score(rollouts, ROWS)
+    for i, (r, row) in enumerate(zip(rollouts, ROWS)):
+        steps = policy.tokenizer(" " + " ; ".join(row["steps"]) + " ;").input_ids
+        q = hand_teacher_lp(teacher.model, r.prompt_ids + steps + r.real_ids, len(r.prompt_ids) + len(steps))
+        assert rewards.parts["teacher_loglik"][i].item() == pytest.approx(q.mean().item(), abs=1e-5)
+    plain = RewardModel(RewardConfig(), teacher).score(rollouts)
+    assert (plain.total - rewards.total).abs().max() > 1e-3
+
+
+def test_teacher_own_chain_of_thought_stops_before_its_answer(teacher, monkeypatch):
+    policy, mode, rollouts = rollouts_for()
+    sep = policy.tokenizer(" ;").input_ids[-1]
+    prompt = rollouts[0].prompt_ids
+    fake = torch.tensor([prompt + [5, sep, 6, sep, 7, 50256]])
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **kw: fake)
+    assert teacher.think(prompt, sep, 8, 50256) == [5, sep, 6, sep]  # " 7" (its answer) dropped
+    cfg = RewardConfig(weights={"teacher_loglik": 1.0}, teacher_context="own_cot")
+    rm = RewardModel(cfg, teacher, task=TASK, tokenizer=policy.tokenizer)
+    assert rm.teacher_context(rollouts[:1], None) == [[5, sep, 6, sep]]
+    with pytest.raises(ValueError, match="teacher_context=gold_cot needs the task"):
+        RewardModel(RewardConfig(teacher_context="gold_cot"), teacher)
