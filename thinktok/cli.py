@@ -5,6 +5,7 @@
     thinktok train configs/quickstart.yaml [key=value ...] [--resume runs/quickstart]
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok compare runs/sft_slots_k runs/rl_vocab runs/parallel_quickstart [--split test]
+    thinktok signal configs/quickstart.yaml [key=value ...]   (does the reward favour thinking, at step 0?)
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
     thinktok bench attention            (CUDA only)
@@ -87,6 +88,15 @@ def add_compare(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples (windows, for parallel runs) only")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
+
+
+def add_signal(sub) -> None:
+    p = sub.add_parser("signal", help="before training: advantages of rollouts with vs without thoughts, reward vs "
+                                      "correctness, for a train config")
+    p.add_argument("config", help="YAML experiment, as for train")
+    p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields")
+    p.add_argument("--batches", type=int, default=4, help="batches of prompts_per_step x num_generations rollouts")
+    p.add_argument("--out", default=None, help="also write the JSON here")
 
 
 def add_bench(sub) -> None:
@@ -209,6 +219,17 @@ def run_compare(a) -> None:
     compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
 
 
+def run_signal(a) -> None:
+    import json
+
+    from thinktok.config import load_config
+    from thinktok.rl.signal import run_signal
+    from thinktok.rl.train import TrainConfig
+
+    cfg = load_config(TrainConfig, a.config, a.overrides)
+    print(json.dumps(run_signal(cfg, a.batches, Path(a.out) if a.out else None), indent=2))
+
+
 def run_bench(a) -> None:
     if a.what == "rollout":
         from thinktok.rl.bench import bench_rollout
@@ -239,13 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     add_train(sub)
     add_eval(sub)
     add_compare(sub)
+    add_signal(sub)
     add_bench(sub)
     from thinktok.models.policy import PolicyLoadError
 
     try:
         a = parser.parse_args(argv)
         {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "compare": run_compare,
-         "bench": run_bench}[a.command](a)
+         "signal": run_signal, "bench": run_bench}[a.command](a)
     except (UsageError, PolicyLoadError, ValueError, OSError, FloatingPointError) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,90 @@
+"""`thinktok signal CONFIG [key=value ...]`: does a run's learning signal point where it should, before any
+training? Samples a few batches with the initial policy exactly as `thinktok train` would (same rewards,
+same group size), computes GRPO's advantages, and reports what they reward:
+
+  * the mean advantage of rollouts with chosen thoughts vs without (negative: every update lowers P(think));
+  * for tasks with answers, the reward's correlation with correctness and accuracy with vs without thoughts;
+  * the mean of each reward term, with vs without thoughts.
+
+No Ray and no learner: the policy, teacher and reward model run in this process, once per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from thinktok.envs import load_task
+from thinktok.models.policy import load_policy
+from thinktok.models.teacher import Teacher
+from thinktok.models.thoughts import make_mode
+
+from .rewards import POLICY_REWARDS, RewardModel
+from .rollout import sample
+from .train import TrainConfig, ensure_teacher
+
+
+def group_advantages(total: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
+    """(B,) rewards, consecutive groups of G -> GRPO's advantages: minus the group mean, over the group std."""
+    g = total.reshape(-1, group)
+    adv = g - g.mean(1, keepdim=True)
+    return (adv / (g.std(1, keepdim=True) + 1e-4) if scale else adv).flatten()
+
+
+def mean_where(x: torch.Tensor, mask: torch.Tensor) -> float | None:
+    return x[mask].mean().item() if mask.any() else None
+
+
+@torch.no_grad()
+def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
+    cfg.validate()
+    if cfg.rollout != "sequential":
+        raise ValueError("thinktok signal measures sequential rollouts (parallel runs log their gains per step)")
+    torch.manual_seed(cfg.seed)
+    thought = cfg.thought
+    policy = load_policy(cfg.policy, thought.vocab_tokens, thought.markers, init=thought.init, seed=cfg.seed)
+    teacher_path = ensure_teacher(cfg)
+    teacher = Teacher.load(teacher_path) if teacher_path else None
+    task = load_task(cfg.task)
+    mode = make_mode(thought, policy.vocab, cfg.sampling)
+    reads_policy = set(POLICY_REWARDS) & set(cfg.rewards.weights)
+    rewards = RewardModel(cfg.rewards, teacher, task, policy.tokenizer, policy.model if reads_policy else None,
+                          mode if reads_policy else None)
+    rows_all = task.dataset["train"].to_list()
+    rng = random.Random(cfg.seed)
+    g = cfg.rl.num_generations
+    totals, thinks, correct, parts = [], [], [], {}
+    for b in range(batches):
+        rows = [row for row in rng.sample(rows_all, cfg.rl.prompts_per_step) for _ in range(g)]
+        rollouts = sample(policy.model, mode, [policy.tokenizer(r["prompt"]).input_ids for r in rows], seed=b)
+        scored = rewards.score(rollouts, rows)
+        totals.append(scored.total)
+        thinks.append(torch.tensor([bool(r.is_chosen_thought.any()) for r in rollouts]))
+        correct.append(torch.tensor([float(task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row))
+                                     for r, row in zip(rollouts, rows)]))
+        for name, value in scored.parts.items():
+            parts.setdefault(name, []).append(value)
+    total, think, ok = torch.cat(totals), torch.cat(thinks), torch.cat(correct)
+    adv = group_advantages(total, g, scale=cfg.rl.algo != "rloo")
+    corr = torch.corrcoef(torch.stack([total, ok]))[0, 1].item() if ok.std() > 0 and total.std() > 0 else None
+    return {
+        "rollouts": len(total), "with_thoughts": int(think.sum()),
+        "advantage_with_thoughts": mean_where(adv, think), "advantage_without_thoughts": mean_where(adv, ~think),
+        "reward_correctness_corr": corr, "accuracy": ok.mean().item(),
+        "accuracy_with_thoughts": mean_where(ok, think), "accuracy_without_thoughts": mean_where(ok, ~think),
+        "terms": {name: {"mean": torch.cat(v).mean().item(), "with_thoughts": mean_where(torch.cat(v), think),
+                         "without_thoughts": mean_where(torch.cat(v), ~think)} for name, v in parts.items()},
+    }
+
+
+def run_signal(cfg: TrainConfig, batches: int, out: Path | None) -> dict:
+    result = {"config": {"policy": cfg.policy, "teacher": cfg.teacher, "rewards": cfg.rewards.weights,
+                         "teacher_context": cfg.rewards.teacher_context, "thought": cfg.thought.mode},
+              **measure_signal(cfg, batches)}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result

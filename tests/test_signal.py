@@ -1,0 +1,35 @@
+"""`thinktok signal`: the advantage of rollouts with vs without thoughts, on rewards whose sign is known."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinktok.config import load_config
+from thinktok.rl.signal import group_advantages, measure_signal
+from thinktok.rl.train import TrainConfig
+
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+
+
+def cfg(*overrides):
+    base = ["policy=tiny", "teacher=null", "teacher_sft=null", "task.num_train=64", "task.num_val=4",
+            "task.num_test=4", "thought.num_thinking=256", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
+            "rl.prompts_per_step=4", "rl.num_generations=8", "rewards.weights={}"]
+    return load_config(TrainConfig, QUICKSTART, base + list(overrides))
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    assert torch.allclose(group_advantages(r, 2, scale=False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    std = torch.tensor([1.0, 3.0]).std()
+    assert torch.allclose(group_advantages(r, 2, scale=True)[:2], torch.tensor([-1.0, 1.0]) / (std + 1e-4))
+
+
+@pytest.mark.parametrize("cost", [1.0, -1.0])
+def test_signal_sees_which_way_a_reward_pushes_thinking(cost):
+    out = measure_signal(cfg(f"rewards.thinking_cost={cost}"), batches=2)
+    assert 0 < out["with_thoughts"] < out["rollouts"] == 64
+    with_, without = out["advantage_with_thoughts"], out["advantage_without_thoughts"]
+    assert (with_ < 0 < without) if cost > 0 else (with_ > 0 > without)
+    assert out["terms"]["thinking_cost"]["without_thoughts"] == 0
