@@ -20,7 +20,7 @@ class TaskConfig:
     branching: int = 2  # prosqa: dead-end branches off the gold path
     distractors: int = 1  # prosqa: disjoint chains (one of them holds the wrong option)
     path: str | None = None  # prosqa: import a Coconut-format JSON; text: a file or folder of .txt
-    dataset: str | None = None  # text: a `datasets` name
+    dataset: str | None = None  # text: a `datasets` name, or "pydoc": CPython's documentation topics (offline)
     prompt_words: int = 24  # text: words of prefix
     answer_words: int = 24  # text: words to continue
     num_train: int = 2000

@@ -1,5 +1,7 @@
-"""Free text (seed 004's setting): a prefix as prompt, the model continues. From local .txt files or a
-`datasets` name; the "answer" is the true continuation, which only likelihood rewards use."""
+"""Free text (seed 004's setting): a prefix as prompt, the model continues. From local .txt files, a
+`datasets` name, or `pydoc`: the English documentation topics that ship with CPython (`pydoc_data.topics`,
+~65k words), an offline corpus on any machine. The "answer" is the true continuation, which only likelihood
+rewards use."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ class Text(Task):
             if not files or not all(f.exists() for f in files):
                 raise ValueError(f"text task: no readable .txt files at {p}")
             return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        if c.dataset == "pydoc":
+            from pydoc_data.topics import topics
+
+            return [topics[k] for k in sorted(topics)]
         if c.dataset:
             from datasets import load_dataset
 

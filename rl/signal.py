@@ -24,7 +24,7 @@ from thinktok.models.thoughts import make_mode
 
 from .rewards import POLICY_REWARDS, RewardModel
 from .rollout import sample
-from .train import TrainConfig, ensure_teacher
+from .train import TrainConfig, ensure_checkpoint, ensure_teacher
 
 
 def group_advantages(total: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
@@ -45,6 +45,7 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
         raise ValueError("thinktok signal measures sequential rollouts (parallel runs log their gains per step)")
     torch.manual_seed(cfg.seed)
     thought = cfg.thought
+    ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy")
     policy = load_policy(cfg.policy, thought.vocab_tokens, thought.markers, init=thought.init, seed=cfg.seed)
     teacher_path = ensure_teacher(cfg)
     teacher = Teacher.load(teacher_path) if teacher_path else None

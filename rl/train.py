@@ -84,6 +84,7 @@ class TrainConfig:
     policy: str = "tiny"  # initial policy: built-in config, hub name or checkpoint directory
     teacher: str | None = None  # frozen teacher checkpoint
     teacher_sft: str | None = None  # SFT config that trains the teacher when `teacher` does not exist yet
+    policy_sft: str | None = None  # SFT config that trains the initial policy when `policy` does not exist yet
     task: TaskConfig = field(default_factory=TaskConfig)
     thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -123,22 +124,28 @@ class TrainConfig:
         return Path(self.run_dir or f"runs/{self.name}")
 
 
+def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> str | None:
+    """A checkpoint the run needs (teacher, initial policy), trained first from its SFT config when it is
+    missing (fresh machines). Built-in names (tiny, gpt2, ...) are not paths and pass through."""
+    if path is None or Path(path).exists() or not sft_config:
+        return path
+    from .sft import SFTConfig, run_sft
+
+    sft = load_config(SFTConfig, sft_config)
+    print(f"{role} {path} not found: training it with {sft_config} first")
+    ckpt = run_sft(sft)
+    if ckpt.resolve() != Path(path).resolve():
+        raise ValueError(f"{sft_config} writes {ckpt}, but {role}={path}")
+    return path
+
+
 def ensure_teacher(cfg: TrainConfig) -> str | None:
-    """The teacher checkpoint, trained first from `teacher_sft` when it is missing (fresh machines)."""
+    """The teacher checkpoint (trained first when missing), with a warning when it is the policy's own start."""
     if cfg.teacher is not None and Path(cfg.teacher).resolve() == Path(cfg.policy).resolve():
         warnings.warn(f"the teacher is the policy's own starting checkpoint ({cfg.teacher}): it knows nothing the "
                       "student does not, so teacher rewards pay for imitating it, not for useful thoughts",
                       stacklevel=2)
-    if cfg.teacher is None or Path(cfg.teacher).exists() or not cfg.teacher_sft:
-        return cfg.teacher
-    from .sft import SFTConfig, run_sft
-
-    sft = load_config(SFTConfig, cfg.teacher_sft)
-    print(f"teacher {cfg.teacher} not found: training it with {cfg.teacher_sft} first")
-    ckpt = run_sft(sft)
-    if ckpt.resolve() != Path(cfg.teacher).resolve():
-        raise ValueError(f"{cfg.teacher_sft} writes {ckpt}, but teacher={cfg.teacher}")
-    return cfg.teacher
+    return ensure_checkpoint(cfg.teacher, cfg.teacher_sft, "teacher")
 
 
 class RunTrainer:
@@ -292,6 +299,7 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     teacher = ensure_teacher(cfg)
+    ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy")
     thought = cfg.thought
     init_dir = out / "policy_init"
     if not (init_dir / "config.json").exists():

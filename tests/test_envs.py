@@ -101,6 +101,18 @@ def test_text_task_from_file(tmp_path):
         load_task(TaskConfig(name="text"))
 
 
+def test_text_task_from_pydoc_topics():
+    """The offline English corpus: the first row is the first topic's first words, by hand."""
+    from pydoc_data.topics import topics
+
+    t = load_task(TaskConfig(name="text", dataset="pydoc", prompt_words=8, answer_words=8, num_train=1000,
+                             num_val=100, num_test=100))
+    words = topics[sorted(topics)[0]].split()
+    row = t.dataset["train"][0]
+    assert row["prompt"] == " ".join(words[:8]) and row["answer"] == " ".join(words[8:16])
+    assert len({r["prompt"] for r in t.dataset["test"]} & {r["prompt"] for r in t.dataset["train"]}) == 0
+
+
 def test_gsm8k_offline_is_a_clear_error():
     with pytest.raises(ValueError, match="GSM8K needs the Hugging Face hub"):
         load_task(TaskConfig(name="gsm8k"))
