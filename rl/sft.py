@@ -8,6 +8,11 @@ thinking-token arms that RL is compared against.
     with `single`, k distinct with `vocab`), or frozen (`train_slots: false`, the pause-token baseline);
   * continuous (Coconut's curriculum): stage s replaces the first s reasoning steps by c continuous
     thoughts each; the thought inputs are the previous position's last hidden state; loss masked there.
+  * discrete (the same curriculum for a thinking vocabulary, mode vocab with format cot): stage s rewrites
+    the first s reasoning steps in thinking tokens, text token t -> <think_{code(t) mod N}> with code(t) the
+    index of t among the training steps' distinct ids, and trains the model to emit them. The final stage
+    answers after thoughts alone: an RL warm start whose thoughts already carry the steps' content, in a
+    vocabulary that matches no text (its code is only the starting point RL can move from).
 
 While training, every thinking row's L2 distance from its initial value and cumulative gradient norm are
 recorded (seed 000, figures 2, 4, 5) and saved with the checkpoint for `compare`.
@@ -83,21 +88,45 @@ class SFTConfig:
                 raise ValueError("soft thoughts have no supervised arm here: train them with RL (thinktok train)")
             if self.thought.mode == "continuous" and self.format != "cot":
                 raise ValueError("the continuous curriculum replaces chain-of-thought steps: set format=cot")
-            if self.thought.mode != "continuous" and self.slots < 1:
+            if self.discrete_curriculum:
+                if self.curriculum.stages < 1:
+                    raise ValueError("the discrete curriculum (mode vocab, format cot) needs curriculum.stages >= 1")
+            elif self.thought.mode != "continuous" and self.slots < 1:
                 raise ValueError(f"thought mode {self.thought.mode} needs slots >= 1")
+
+    @property
+    def discrete_curriculum(self) -> bool:
+        """mode vocab with format cot and no slots: reasoning steps are rewritten in thinking tokens."""
+        return self.thought is not None and self.thought.mode == "vocab" and self.format == "cot" and not self.slots
 
     @property
     def out_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
 
 
-def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: int = 0) -> dict:
-    """One training example: ids, labels (-100 on prompt and thought positions), latent positions."""
+def step_codebook(tokenizer, rows) -> dict[int, int]:
+    """Each distinct text id of the rows' reasoning steps -> its index (sorted ids): the discrete curriculum's
+    code, so that distinct step tokens get distinct thinking tokens while N covers them."""
+    ids = {t for row in rows for step in row["steps"] for t in tokenizer(" " + step).input_ids}
+    return {t: i for i, t in enumerate(sorted(ids))}
+
+
+def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: int = 0,
+           code: dict[int, int] | None = None) -> dict:
+    """One training example: ids, labels (-100 on prompt and thought positions; on the discrete curriculum's
+    thinking tokens, the tokens themselves), latent positions."""
     v = policy.vocab
     prompt = tokenizer(row["prompt"]).input_ids
     thought: list[int] = []
     n_latent = 0
-    if cfg.thought is not None and cfg.thought.mode == "continuous":
+    emit_thought = False
+    if cfg.discrete_curriculum:
+        done = min(stage, len(row["steps"]))
+        thought = [v.think_id(code[t] % v.num_thinking) for step in row["steps"][:done]
+                   for t in tokenizer(" " + step).input_ids]
+        target = tokenizer(task.target({**row, "steps": row["steps"][done:]}, "cot")).input_ids
+        emit_thought = True
+    elif cfg.thought is not None and cfg.thought.mode == "continuous":
         done = min(stage, len(row["steps"]))
         n_latent = done * cfg.curriculum.thoughts_per_step
         rest = {**row, "steps": row["steps"][done:]}
@@ -108,7 +137,7 @@ def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: in
         if cfg.thought is not None:
             thought = [v.think_id(j % v.num_thinking) for j in range(cfg.slots)]
     ids = prompt + thought + target + [v.eos_id]
-    labels = [-100] * (len(prompt) + len(thought)) + target + [v.eos_id]
+    labels = [-100] * len(prompt) + (thought if emit_thought else [-100] * len(thought)) + target + [v.eos_id]
     start = len(prompt) + 1
     return {"input_ids": ids, "labels": labels, "latent_pos": list(range(start, start + n_latent))}
 
@@ -190,10 +219,13 @@ def run_sft(cfg: SFTConfig) -> Path:
         freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
     recorder = ThinkingRowRecorder(policy)
     recorder.record(0)
-    stages = range(cfg.curriculum.stages + 1) if thought is not None and thought.mode == "continuous" else [0]
+    curriculum = thought is not None and (thought.mode == "continuous" or cfg.discrete_curriculum)
+    stages = range(cfg.curriculum.stages + 1) if curriculum else [0]
+    code = step_codebook(policy.tokenizer, task.dataset["train"]) if cfg.discrete_curriculum else None
     t = cfg.train
     for stage in stages:
-        data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage) for row in task.dataset["train"]])
+        data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage, code)
+                                  for row in task.dataset["train"]])
         epochs = cfg.curriculum.epochs_per_stage if len(stages) > 1 else t.epochs
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
@@ -208,6 +240,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     policy.save(ckpt)
     (ckpt / ROWS_FILE).write_text(json.dumps(recorder.history))
     latents = cfg.curriculum.stages * cfg.curriculum.thoughts_per_step
+    if cfg.discrete_curriculum:  # the longest rewritten reasoning is the thought budget at inference
+        latents = max(sum(len(policy.tokenizer(" " + step).input_ids) for step in row["steps"][: cfg.curriculum.stages])
+                      for row in task.dataset["train"])
     save_run_info(ckpt, task=cfg.task, format=cfg.format, thought=inference_thought(cfg, latents))
     (out / "losses.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))
     return ckpt
@@ -221,5 +256,7 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
         return None
     if th.mode == "continuous":
         return ThoughtConfig(mode="continuous", num_thinking=0, max_thought_tokens=latents, sigma=th.sigma)
+    if cfg.discrete_curriculum:  # the policy emits its thinking tokens itself, as RL's vocab mode
+        return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, max_thought_tokens=latents, init=th.init)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 

@@ -89,3 +89,32 @@ def test_compare_shared_vs_distinct_slots(tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 10_000
     assert "distinct" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
+
+
+def test_discrete_curriculum_rewrites_steps_in_thinking_tokens(tmp_path):
+    """Stage s: the first s reasoning steps become thinking tokens (distinct step tokens -> distinct thinking
+    tokens), which the model is trained to emit; the rest stays text. Written out for one row."""
+    from thinktok.envs import load_task
+    from thinktok.rl.sft import encode, step_codebook
+
+    cfg = load_config(SFTConfig, None, ["thought.mode=vocab", "thought.num_thinking=16", "format=cot",
+                                        "curriculum.stages=2", "task.spaced=true", *BASE])
+    policy = load_policy("tiny", 16, False)
+    task = load_task(cfg.task)
+    tok, v = policy.tokenizer, policy.vocab
+    code = step_codebook(tok, task.dataset["train"])
+    assert len(code) == 10  # spaced digits: one code each, ten distinct thinking tokens
+    row = task.dataset["train"][0]
+    ex = encode(tok, policy, cfg, task, row, stage=1, code=code)
+    prompt = tok(row["prompt"]).input_ids
+    first = [v.think_id(code[t]) for t in tok(" " + row["steps"][0]).input_ids]
+    rest = tok(" " + " ; ".join(row["steps"][1:] + [row["answer"]])).input_ids
+    assert ex["input_ids"] == prompt + first + rest + [v.eos_id]
+    assert ex["labels"] == [-100] * len(prompt) + first + rest + [v.eos_id]  # trained to emit its thoughts
+    cfg_run, ckpt = sft(tmp_path, "thought.mode=vocab", "thought.num_thinking=16", "format=cot", "task.spaced=true",
+                        "curriculum.stages=2", "curriculum.epochs_per_stage=0.2", steps=-1)
+    info = (ckpt / "thinktok_run.yaml").read_text()
+    assert "mode: vocab" in info and "num_thinking: 16" in info
+    with pytest.raises(ValueError, match="needs curriculum.stages >= 1"):
+        load_config(SFTConfig, None, ["thought.mode=vocab", "thought.num_thinking=4", "format=cot",
+                                      "curriculum.stages=0"])
