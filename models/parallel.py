@@ -101,20 +101,23 @@ def project(model, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> 
 
 
 class MixingHead(nn.Module):
-    """Quiet-STaR's mixing head: w = max(tanh(MLP([h_pre; h_post])), 0) in [0, 1) per prediction, and the mixed
-    logits are the convex mix pre + w * (post - pre). w < 0 would extrapolate away from the thought, so a
-    harmful thought could score a positive gain. The last layer starts at zero, so w = 0 and training starts
-    exactly from the base model's predictions, with a gradient (the clamp passes it at 0); not Quiet-STaR's
-    sigmoid, whose 0.5 at zero would start halfway. Even convex, mixing can raise the target's log-prob above
-    both passes (log-softmax is concave in the logits): the gain with a head is partly an ensemble of two
-    passes, so scoring reports the unmixed gain beside it."""
+    """Quiet-STaR's mixing head: w = sigmoid(MLP([h_pre; h_post])) in (0, 1) per prediction, and the mixed
+    logits are the convex mix pre + w * (post - pre). (A tanh head let w < 0 extrapolate away from the
+    thought, so a harmful thought could score a positive gain; clamping it at 0 made a unit that died for good
+    after one update in which thoughts hurt.) The last layer starts with zero weights and bias INIT_BIAS, so
+    w = 0.0067 everywhere: training starts within 1% of the base model's predictions, with a gradient that
+    never vanishes. Even convex, a mix can raise the target's log-prob above both passes (log-softmax is
+    concave in the logits): the gain with a head is partly an ensemble of two passes, so scoring reports the
+    unmixed gain beside it."""
+
+    INIT_BIAS = -5.0
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        nn.init.constant_(self.net[-1].bias, self.INIT_BIAS)
 
     def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """pre, post (..., H) hidden states -> (..., 1) mixing weight."""
-        return torch.tanh(self.net(torch.cat([pre, post], -1).to(self.net[0].weight.dtype))).clamp_min(0)
+        return torch.sigmoid(self.net(torch.cat([pre, post], -1).to(self.net[0].weight.dtype)))

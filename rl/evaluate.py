@@ -14,26 +14,44 @@ from thinktok.models.parallel import MixingHead
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import SamplingConfig, make_mode
 
+from .controls import CONTROLS, control_modes, derange, thought_inputs
 from .checkpoint import EXTRA_STATE, find_checkpoint, load_parallel_info, load_run_info
 from .parallel import ParallelConfig, evaluate_parallel, task_windows
 from .rollout import sample
 
 
-def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None) -> dict:
-    rows = list(task.dataset[split])[:limit]
-    start = time.perf_counter()
-    correct, real, thought = 0, 0, 0
-    mode = mode.to(policy.model.device)
+def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict, list]:
+    """Greedy answers for `rows`, `modes(lo, hi)` the mode for rows[lo:hi] -> metrics, rollouts."""
+    correct, real, thought, rollouts = 0, 0, 0, []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        rollouts = sample(policy.model, mode, [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
-        for r, row in zip(rollouts, chunk):
+        out = sample(policy.model, modes(lo, lo + len(chunk)), [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
+        for r, row in zip(out, chunk):
             correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
             real += r.num_real
             thought += r.num_thought
+        rollouts += out
     n = len(rows)
-    return {"accuracy": correct / n, "num_examples": n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n,
-            "wall_s": time.perf_counter() - start}
+    return {"accuracy": correct / n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n}, rollouts
+
+
+def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None,
+                    controls: bool = True) -> dict:
+    """Greedy accuracy and steps per answer; with `controls`, the same metrics with thoughts removed, replaced
+    by a fixed pause input, and shuffled across examples (rl/controls.py)."""
+    rows = list(task.dataset[split])[:limit]
+    mode = mode.to(policy.model.device)
+    start = time.perf_counter()
+    result, rollouts = decode(policy, lambda lo, hi: mode, task, rows, batch_size)
+    result.update(num_examples=len(rows), wall_s=time.perf_counter() - start)
+    if controls and mode.cfg.mode != "none":
+        embed = policy.model.get_input_embeddings()
+        shuffled = derange(thought_inputs(rollouts, mode, embed))
+        result["controls"] = {
+            name: decode(policy, lambda lo, hi, name=name: control_modes(mode, shuffled[lo:hi], embed)[name], task,
+                         rows, batch_size)[0]
+            for name in CONTROLS}
+    return result
 
 
 def evaluate_parallel_checkpoint(ckpt: Path, policy, mode, cfg: ParallelConfig, task, split: str, batch_size: int,

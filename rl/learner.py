@@ -10,7 +10,9 @@ the base method).
     they were sampled from. The clipped surrogate and logging are TRL's.
   * The behaviour policy is the sampler's: its recorded log-probs are TRL's old log-probs, so the ratio is
     pi_learner / pi_sampler (1 up to float error when on-policy, as here; a mismatch, e.g. bf16 workers
-    under an fp32 learner, is corrected and clipped rather than ignored, and logged as `logprob_mismatch`).
+    under an fp32 learner, enters the ratio rather than being ignored, and is logged as `logprob_mismatch`).
+    With density_scale=per_dim a vector step's ratio is (pi/mu)^(1/D): its clip bounds D times that
+    log-ratio, and its logged mismatch is per dimension.
     Rollouts are always sampled with the learner's current weights: no asynchronous or multi-epoch reuse.
   * KL (rl.beta): not TRL's per-token KL, which would also price thought steps against a reference that
     barely thinks. Ours is the exact KL(pi_text || ref_text) at text steps only, over the text columns
@@ -310,7 +312,7 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         returns = inputs["returns"][:, : values.shape[1]]
         value_loss = ((values - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
         self._metrics["train"]["value_loss"].append(value_loss.item())
-        return loss + self.vf_coef * 0.5 * value_loss
+        return loss + self.vf_coef * 0.5 * value_loss / self.current_gradient_accumulation_steps
 
 
 class ParallelRollouts(RayRollouts):
@@ -394,7 +396,7 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         loss = super()._compute_loss(model, inputs)  # its log-prob pass leaves the batch's post-thought NLL
         if self.parallel.nll_coef:
             self._metrics["train"]["nll_thought"].append(self._nll.item())
-            loss = loss + self.parallel.nll_coef * self._nll
+            loss = loss + self.parallel.nll_coef * self._nll / self.current_gradient_accumulation_steps
             check_finite("loss", loss.detach(), self.state.global_step)
         return loss
 

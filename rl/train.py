@@ -37,7 +37,7 @@ from .evaluate import evaluate_policy
 from .learner import ParallelGRPOTrainer, ParallelRollouts, RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
 from .parallel import ParallelConfig, evaluate_parallel, sample_parallel, task_windows
 from .render import parallel_to_json, to_html, to_json, to_jsonl
-from .rewards import RewardConfig
+from .rewards import GOLD_REWARDS, RewardConfig
 from .rollout import sample
 
 ALGOS = ("grpo", "rloo", "ppo")
@@ -105,6 +105,15 @@ class TrainConfig:
             raise ValueError(f"unknown rollout {self.rollout!r}: expected one of {', '.join(ROLLOUTS)}")
         if self.rollout == "sequential":
             check_trainable(self.thought, self.sampling)
+            s = self.sampling
+            if "teacher_kl" in self.rewards.weights and (s.temperature != 1 or s.top_k or s.top_p < 1):
+                raise ValueError("rewards teacher_kl estimates -KL(pi_text || teacher) only from samples of pi_text: "
+                                 "sample at temperature 1 without top_k/top_p (else it estimates "
+                                 "KL(pi_s || pi_text) - KL(pi_s || teacher) for the sampling distribution pi_s)")
+            gold_only = set(self.rewards.weights) <= set(GOLD_REWARDS) and not self.rewards.thinking_cost
+            if self.thought.mode == "pause" and gold_only and not self.rl.latent_coef:
+                raise ValueError("with pause thoughts (inserted by rule, no choice) gold_loglik/thought_gain credit no "
+                                 "action: nothing would train. Add rl.latent_coef or another reward")
         if self.rollout == "parallel":
             self.parallel.validate()
             if self.rl.beta:

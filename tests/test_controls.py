@@ -1,0 +1,104 @@
+"""The eval controls (no thoughts, pause, shuffled thoughts): what they feed the model, and their verdict on a
+toy model whose thoughts are known to matter and on one whose thoughts cannot matter."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import boost_thinking
+from thinktok.envs.base import norm
+from thinktok.models.policy import load_policy
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+from thinktok.rl.controls import control_modes, derange, thought_inputs
+from thinktok.rl.evaluate import evaluate_policy
+from thinktok.rl.rollout import sample
+
+DIGITS = [f" {d}" for d in range(10)]
+
+
+def toy_task(policy, n=10):
+    rows = [{"prompt": f"{d} =", "answer": str(d), "steps": []} for d in range(n)]
+    return SimpleNamespace(dataset={"test": rows}, check=lambda text, row: norm(text) == norm(row["answer"]))
+
+
+def greedy_mode(policy, **cfg):
+    return make_mode(ThoughtConfig(**cfg), policy.vocab, SamplingConfig(max_new_tokens=2, greedy=True))
+
+
+def test_replay_feeds_the_donor_thoughts_at_the_thought_steps():
+    policy = load_policy("tiny", 8, False, seed=0)
+    boost_thinking(policy, 25)
+    mode = greedy_mode(policy, mode="vocab", num_thinking=8, max_thought_tokens=3)
+    prompts = [policy.tokenizer(p).input_ids for p in ["12 * 34 =", "hello", "a b c", "x ="]]
+    embed = policy.model.get_input_embeddings()
+    main = sample(policy.model, mode, prompts)
+    donors = thought_inputs(main, mode, embed)
+    assert sum(len(d) for d in donors) > 0
+    shuffled = derange(donors)
+    controls = control_modes(mode, shuffled, embed)
+    fed = []
+    hook = policy.model.base_model.register_forward_pre_hook(
+        lambda m, a, kw: fed.append(kw["inputs_embeds"][:, -1].clone()), with_kwargs=True)
+    out = sample(policy.model, controls["shuffled_thoughts"], prompts)
+    hook.remove()
+    for b, r in enumerate(out):
+        thought_steps = [s for s in range(r.num_steps) if r.token[s] >= policy.vocab.real_size]
+        for k, s in enumerate(thought_steps):  # step s's input is fed by the sampler's (s+1)-th forward
+            want = shuffled[b][k % len(shuffled[b])] if len(shuffled[b]) else embed.weight[policy.vocab.think_id(0)]
+            assert torch.allclose(fed[s + 1][b], want), (b, k)
+    none = sample(policy.model, controls["no_thoughts"], prompts)
+    assert all(r.num_thought == 0 for r in none)
+
+
+def test_controls_agree_when_thoughts_cannot_matter():
+    """init=mean: every thinking row is the same vector, so learned, pause and shuffled thoughts feed identical
+    inputs: their numbers must be identical (a replay that fed anything else would show)."""
+    policy = load_policy("tiny", 8, False, init="mean", seed=0)
+    mode = greedy_mode(policy, mode="vocab", num_thinking=8, max_thought_tokens=2)
+    boost_thinking(policy, 25)  # scales every (identical) thinking row alike: the model thinks, rows stay equal
+    result = evaluate_policy(policy, mode, toy_task(policy), "test")
+    main = {k: result[k] for k in ("accuracy", "real_tokens_mean", "thought_steps_mean")}
+    assert main["thought_steps_mean"] > 0
+    assert result["controls"]["pause"] == main and result["controls"]["shuffled_thoughts"] == main
+
+
+def train_copy_model(steps: int = 150):
+    """A tiny model whose answer is whatever digit its thought names: trained to think <think_d> after "d =",
+    and to answer the digit of the thought it reads, which is corrupted half of the time in training (so the
+    answer cannot be read off the prompt alone)."""
+    torch.manual_seed(0)
+    policy = load_policy("tiny", 10, False, seed=0)
+    tok, v = policy.tokenizer, policy.vocab
+    digit = [tok(d).input_ids[0] for d in DIGITS]  # " 3": the answer after the thought
+    bare = [tok(str(d)).input_ids[0] for d in range(10)]  # "3": the prompt "3 =" starts without a space
+    eq = tok(" =").input_ids[0]
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    policy.model.train()
+    for _ in range(steps):
+        d = torch.randint(0, 10, (64,), generator=gen)
+        j = torch.where(torch.rand(64, generator=gen) < 0.5, d, torch.randint(0, 10, (64,), generator=gen))
+        think = torch.tensor([v.think_id(int(x)) for x in j])
+        ids = torch.stack([torch.tensor(bare)[d], torch.full_like(d, eq), think, torch.tensor(digit)[j],
+                           torch.full_like(d, v.eos_id)], 1)
+        labels = ids.clone()
+        labels[:, 0] = -100
+        labels[:, 2] = torch.where(j == d, think, -100)  # emit the right thought; never learn a corrupted one
+        loss = policy.model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.model.eval()
+    return policy
+
+
+def test_controls_on_a_model_whose_thoughts_matter():
+    policy = train_copy_model()
+    mode = greedy_mode(policy, mode="vocab", num_thinking=10, max_thought_tokens=1)
+    result = evaluate_policy(policy, mode, toy_task(policy), "test")
+    c = result["controls"]
+    assert result["accuracy"] >= 0.9 and result["thought_steps_mean"] == pytest.approx(1.0)
+    # shuffled: each example copies its neighbour's digit; pause: every answer reads <think0> ("0")
+    assert c["shuffled_thoughts"]["accuracy"] <= 0.2 and c["pause"]["accuracy"] <= 0.2
+    assert c["no_thoughts"]["thought_steps_mean"] == 0
