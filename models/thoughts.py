@@ -267,9 +267,9 @@ class PauseThoughts(ThoughtMode):
 
     def step(self, logits, hidden, state, embed):
         pausing = state.phase > 0
-        out = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
-        if not pausing.all():  # sample text only on steps where some row writes text
-            out = select(pausing, out, self.text_step(logits, embed))
+        # the text token is sampled on every step (see MarkedThoughts.step)
+        out = select(pausing, self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed),
+                     self.text_step(logits, embed))
         state.n_thought += pausing
         state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
         refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0
@@ -289,16 +289,13 @@ class MarkedThoughts(ThoughtMode):
         raise NotImplementedError
 
     def step(self, logits, hidden, state, embed):
-        # each branch runs only on steps where some row is in its phase (the soft branch is a top-k over the
-        # vocabulary: not worth paying on the text steps that make up most of a rollout)
-        out = self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed)
+        # Every branch runs on every step, whatever phase the rows are in: no host sync (`.any()`) decides the
+        # work, so the step can be compiled and captured as a CUDA graph, and the random stream a seed gives
+        # is the same on the dynamic and the static/compiled path (a skipped branch would draw nothing).
         thinking = state.phase == 1
-        ends = torch.zeros_like(thinking)
-        if thinking.any():
-            think, ends = self.thought(logits, hidden, state, embed)
-            out = select(thinking, think, out)
-        if (state.phase == 2).any():
-            out = select(state.phase == 2, self.text_step(logits, embed), out)
+        think, ends = self.thought(logits, hidden, state, embed)
+        out = select(thinking, think, self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed))
+        out = select(state.phase == 2, self.text_step(logits, embed), out)
         state.n_thought += state.phase < 2
         state.phase = torch.where(thinking & ends, 2, torch.where(state.phase == 0, 1, state.phase))
         return out
