@@ -217,7 +217,7 @@ class ThoughtMode(nn.Module):
     def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
         lp = self.token_logprobs(logits, allow_think)
-        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else torch.multinomial(lp.exp(), 1)
+        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
         return tok[:, 0], lp.gather(1, tok)[:, 0]
 
     def text_step(self, logits: torch.Tensor, embed: nn.Embedding) -> StepOut:
@@ -234,6 +234,16 @@ class ThoughtMode(nn.Module):
     def max_thought_steps(self, max_new_tokens: int) -> int:
         """Upper bound on thought steps (markers included) in one rollout: sizes the decoding loop."""
         return self.cfg.max_thought_tokens + 2 * self.vocab.markers
+
+
+def inverse_cdf(p: torch.Tensor) -> torch.Tensor:
+    """(N, V) probabilities -> (N, 1) sampled ids, from one uniform per row against the cumulative sum (fp64).
+    torch.multinomial draws an exponential per entry: on a CPU that was most of a decoding step at V = 50k."""
+    cdf = p.double().cumsum(-1)
+    total = cdf[:, -1:]
+    # the first id whose cumulative mass exceeds u * total: never a zero-probability id (u * total < total)
+    u = torch.minimum(torch.rand_like(total) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def select(cond: torch.Tensor, a: StepOut, b: StepOut) -> StepOut:

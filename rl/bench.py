@@ -39,20 +39,23 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str, out: Path) -> dict:
+# the sampler's paths: the dynamic KV cache (the reference) and the static cache with a compiled decoding step
+ENGINES = {"dynamic": {}, "compiled": {"compile": True}}
+
+
+def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str, out: Path,
+                  modes: tuple[str, ...] = tuple(BENCH_MODES)) -> dict:
     torch_dtype = getattr(torch, dtype)
     prompt = [[1105, 1635, 4974, 796]] * batch  # "12 * 34 ="
     results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype, "modes": {}}
     baseline = None
-    for name, kw in BENCH_MODES.items():
+    for name in modes:
         # thoughts take a quarter of the steps, so every mode runs `new_tokens` decoding steps in all
-        cfg = ThoughtConfig(max_thought_tokens=new_tokens // 4, **kw)
+        cfg = ThoughtConfig(max_thought_tokens=new_tokens // 4, **BENCH_MODES[name])
         policy = load_policy(model_name, cfg.vocab_tokens, cfg.markers, dtype=torch_dtype)
         model = policy.model.to(device).eval()
         text_tokens = new_tokens - (cfg.max_thought_tokens + 2 if cfg.markers else cfg.num_pause if name == "pause" else 0)
         mode = make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=text_tokens, stop_at_eos=False)).to(device)
-        steps = sum(r.num_steps for r in sample(model, mode, prompt))
-        secs = timed(lambda: sample(model, mode, prompt), repeats, device)
         if baseline is None:  # HF generate on the same model, batch and length
             ids = torch.tensor(prompt, device=device)
 
@@ -64,9 +67,16 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
             gen_tokens = (generate().shape[1] - ids.shape[1]) * batch
             baseline = gen_tokens / timed(generate, repeats, device)
             results["generate_tokens_per_s"] = baseline
-        results["modes"][name] = {"tokens_per_s": steps / secs, "steps": steps, "ratio_vs_generate": steps / secs / baseline}
-        print(f"{name:>10}: {steps / secs:10.1f} tokens/s  = {steps / secs / baseline:5.2f}x generate "
-              f"({baseline:.1f} tokens/s)")
+        row = results["modes"][name] = {}
+        for engine, kw in ENGINES.items():
+            run = lambda: sample(model, mode, prompt, **kw)  # noqa: E731
+            steps = sum(r.num_steps for r in run())  # (the compiled path compiles here)
+            rate = steps / timed(run, repeats, device)
+            row[engine] = {"tokens_per_s": rate, "steps": steps, "ratio_vs_generate": rate / baseline}
+        row["compiled_vs_dynamic"] = row["compiled"]["tokens_per_s"] / row["dynamic"]["tokens_per_s"]
+        print(f"{name:>10}: dynamic {row['dynamic']['ratio_vs_generate']:5.2f}x generate, compiled static "
+              f"{row['compiled']['ratio_vs_generate']:5.2f}x generate ({row['compiled_vs_dynamic']:.2f}x dynamic); "
+              f"generate {baseline:.1f} tokens/s")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rollout.json"
     path.write_text(json.dumps(results, indent=2))

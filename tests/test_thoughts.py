@@ -104,3 +104,14 @@ def test_config_errors_name_the_problem(bad, match):
 def test_mode_must_match_vocabulary():
     with pytest.raises(ValueError, match="needs 64 thinking tokens"):
         make_mode(ThoughtConfig(mode="vocab"), V, SamplingConfig())
+
+
+def test_inverse_cdf_sampling():
+    """One uniform per row: frequencies follow p, zero-probability ids (banned columns) never come out."""
+    from thinktok.models.thoughts import inverse_cdf
+
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    torch.manual_seed(0)
+    ids = inverse_cdf(p.expand(20000, -1))[:, 0]
+    freq = torch.bincount(ids, minlength=6).float() / len(ids)
+    assert freq[p == 0].sum() == 0 and (freq - p).abs().max() < 0.02
