@@ -93,3 +93,21 @@ def test_make_target_takes_an_interpreter():
     done = subprocess.run(["make", "-n", "gpu-suite", "PYTHON=python3", "GPU_SUITE_OUT=/tmp/x"], cwd=ROOT,
                           capture_output=True, text=True)
     assert "GPU_SUITE_OUT=/tmp/x python3 -m thinktok.gpu_suite" in done.stdout
+
+
+def test_parts_run_at_tiny_sizes_on_cpu(tmp_path, monkeypatch):
+    """The parts' own code (bench calls, kernel error records), shrunk to a CPU: the GPU visit runs the same."""
+    monkeypatch.setattr(suite, "SIZES", suite.Sizes(
+        device="cpu", model="tiny", dtype="float32", new_tokens=16, batches=(2,), compiled_batch=2,
+        compiled_modes=("vocab",), repeats=1, parallel=(2, 8, 2, 2), kernel=(1, 8, 2, 16), kernel_dtypes=("float32",),
+        tiles=("fixed",)))
+    for name in ("kernel_errors", "rollout_batches", "rollout_compiled", "parallel"):
+        record = suite.run_in_process(suite.BY_NAME[name], tmp_path)
+        assert record["status"] == "ok", record["error"]
+        assert json.loads((tmp_path / f"{name}.json").read_text())["status"] == "ok"
+    errors = json.loads((tmp_path / "kernel_errors.json").read_text())["results"]["float32/fixed"]
+    assert set(errors) == {"forward", "dq", "dk", "dv", "decode"} and max(errors.values()) < 1e-5
+    compiled = json.loads((tmp_path / "rollout_compiled.json").read_text())["results"]["modes"]["vocab"]
+    assert compiled["compiled"]["ratio_vs_generate"] > 0 and compiled["compiled_vs_dynamic"] > 0
+    batches = json.loads((tmp_path / "rollout_batches.json").read_text())["results"]
+    assert list(batches) == ["2"] and set(batches["2"]["modes"]) == {"vocab", "continuous", "soft", "pause"}

@@ -124,10 +124,32 @@ def env_info(out: Path) -> dict:
     return {"nvidia_smi": smi, "versions": versions}
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What the parts run at. The CPU tests shrink it (tiny model, CPU, the interpreter) to run the parts' own
+    code without a GPU."""
+
+    device: str = "cuda"
+    model: str = "base"  # GPT-2 small's shape
+    dtype: str = "bfloat16"
+    new_tokens: int = 128
+    batches: tuple[int, ...] = (1, 64, 256)
+    compiled_batch: int = 64
+    compiled_modes: tuple[str, ...] = ("vocab", "continuous", "soft", "pause")
+    repeats: int = 2
+    parallel: tuple[int, int, int, int] = (8, 64, 8, 4)  # batch, T, L, n
+    kernel: tuple[int, int, int, int] = (4, 1024, 16, 64)  # heads, T, L, head dim
+    kernel_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    tiles: tuple[str, ...] = ("fixed", "autotune")
+
+
+SIZES = Sizes()
+
+
 def need_cuda() -> None:
     import torch
 
-    if not torch.cuda.is_available():
+    if SIZES.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU")
 
 
@@ -137,7 +159,8 @@ def kernel_tests(out: Path) -> dict:
 
     need_cuda()
     junit = out / "kernel_tests.xml"
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"), f"--junitxml={junit}"])
+    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"),
+                        f"--junitxml={junit}"])
     cases = list(ElementTree.parse(junit).getroot().iter("testcase"))
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
     if code != 0:
@@ -147,7 +170,7 @@ def kernel_tests(out: Path) -> dict:
 
 def kernel_errors(out: Path) -> dict:
     """Relative errors against the fp32 references at full length (T=1024, L=16; forward, dQ, dK, dV) and of
-    the decode step (T=1024, step 15), for fixed and autotuned tiles, fp32/bf16/fp16."""
+    the decode step (T=1024, last thought step), per tile setting and dtype."""
     import torch
 
     from thinktok.kernels import (parallel_thought_attention, parallel_thought_attention_reference,
@@ -155,25 +178,25 @@ def kernel_errors(out: Path) -> dict:
 
     need_cuda()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    t, l, d = 1024, 16, 64
-    results = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        g = torch.Generator(device="cuda").manual_seed(0)
+    heads, t, l, d = SIZES.kernel
+    device, results = SIZES.device, {}
+    for dtype in (getattr(torch, name) for name in SIZES.kernel_dtypes):
+        g = torch.Generator(device=device).manual_seed(0)
         # batch 1 x 4 heads: the reference's (B, H, N, N) fp32 scores at N = 17408 take 1.2 GB a head
-        q, k, v = (torch.randn(1, 4, t * (1 + l), d, device="cuda", generator=g, dtype=dtype).requires_grad_()
+        q, k, v = (torch.randn(1, heads, t * (1 + l), d, device=device, generator=g, dtype=dtype).requires_grad_()
                    for _ in range(3))
         ref = parallel_thought_attention_reference(q, k, v, t, l)
         do = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), do)
         dec = [x.detach()[:, :, :t] for x in (q, k, v)]
-        kt, vt = (torch.randn(1, 4, t, l, d, device="cuda", generator=g, dtype=dtype) for _ in range(2))
-        dec_ref = parallel_thought_decode_reference(dec[0], dec[1], dec[2], kt, vt)
-        for tiles in ("fixed", "autotune"):
+        kt, vt = (torch.randn(1, heads, t, l, d, device=device, generator=g, dtype=dtype) for _ in range(2))
+        dec_ref = parallel_thought_decode_reference(*dec, kt, vt)
+        for tiles in SIZES.tiles:
             o = parallel_thought_attention(q, k, v, t, l, tiles=tiles)
             grads = torch.autograd.grad(o, (q, k, v), do)
             results[f"{str(dtype)[6:]}/{tiles}"] = {
                 "forward": rel(o, ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)},
-                "decode": rel(parallel_thought_decode(dec[0], dec[1], dec[2], kt, vt, tiles=tiles), dec_ref)}
+                "decode": rel(parallel_thought_decode(*dec, kt, vt, tiles=tiles), dec_ref)}
     print(json.dumps(results, indent=1))
     return results
 
@@ -190,8 +213,8 @@ def rollout_batches(out: Path) -> dict:
     from thinktok.rl.bench import bench_rollout
 
     need_cuda()
-    return {b: bench_rollout("base", b, 128, 1, "cuda", "bfloat16", out / f"rollout_b{b}", engines=("dynamic",))
-            for b in (1, 64, 256)}
+    return {b: bench_rollout(SIZES.model, b, SIZES.new_tokens, 1, SIZES.device, SIZES.dtype, out / f"rollout_b{b}",
+                             engines=("dynamic",)) for b in SIZES.batches}
 
 
 def rollout_compiled(out: Path) -> dict:
@@ -199,14 +222,15 @@ def rollout_compiled(out: Path) -> dict:
     from thinktok.rl.bench import bench_rollout
 
     need_cuda()
-    return bench_rollout("base", 64, 128, 2, "cuda", "bfloat16", out / "rollout_compiled")
+    return bench_rollout(SIZES.model, SIZES.compiled_batch, SIZES.new_tokens, SIZES.repeats, SIZES.device,
+                         SIZES.dtype, out / "rollout_compiled", modes=SIZES.compiled_modes)
 
 
 def parallel(out: Path) -> dict:
     from thinktok.rl.bench import bench_parallel
 
     need_cuda()
-    return bench_parallel("base", 8, 64, 8, 4, 3, "cuda", "bfloat16", out / "parallel")
+    return bench_parallel(SIZES.model, *SIZES.parallel, SIZES.repeats, SIZES.device, SIZES.dtype, out / "parallel")
 
 
 def suite_teacher(out: Path, config: str) -> list[str]:
