@@ -111,3 +111,22 @@ def test_parts_run_at_tiny_sizes_on_cpu(tmp_path, monkeypatch):
     assert compiled["compiled"]["ratio_vs_generate"] > 0 and compiled["compiled_vs_dynamic"] > 0
     batches = json.loads((tmp_path / "rollout_batches.json").read_text())["results"]
     assert list(batches) == ["2"] and set(batches["2"]["modes"]) == {"vocab", "continuous", "soft", "pause"}
+
+
+def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
+    """Both training parts' own code on the GPU configs, shrunk to a CPU: the missing teacher is trained (2 SFT
+    steps of a tiny model) into the suite's folder, then 2 RL steps each report samples/s."""
+    small = ("device=cpu", "ray.gpus_per_rollout_worker=0", "ray.gpus_per_teacher_worker=0", "task.num_train=32",
+             "task.num_val=4", "task.num_test=4", "thought.num_thinking=8", "rl.prompts_per_step=2",
+             "rl.num_generations=2", "sampling.max_new_tokens=4", "thought.max_thought_tokens=2",
+             "parallel.num_real=8", "parallel.thought_len=2", "parallel.lookahead=2", "eval_examples=2",
+             "teacher=" + str(tmp_path / "missing"))
+    monkeypatch.setattr(suite, "SIZES", suite.Sizes(
+        device="cpu", train_steps=2, train_overrides=small,
+        teacher_overrides=("model.name=tiny", "train.device=cpu", "train.max_steps=2", "task.num_train=32",
+                           "task.num_val=4", "task.num_test=4")))
+    for name in ("train_gpt2small", "train_parallel_gpt2small"):
+        record = suite.run_in_process(suite.BY_NAME[name], tmp_path)
+        assert record["status"] == "ok", record["error"]
+        assert record["results"]["samples_per_s"] > 0 and record["results"]["last"]["step"] == 2
+    assert (tmp_path / "teacher" / "checkpoint").is_dir()

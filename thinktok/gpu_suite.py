@@ -141,6 +141,10 @@ class Sizes:
     kernel: tuple[int, int, int, int] = (4, 1024, 16, 64)  # heads, T, L, head dim
     kernel_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     tiles: tuple[str, ...] = ("fixed", "autotune")
+    train_steps: int = 20
+    train_overrides: tuple[str, ...] = ()
+    # a missing teacher: 150 steps of batch 128 on 4096 examples
+    teacher_overrides: tuple[str, ...] = ("train.max_steps=150", "task.num_train=4096")
 
 
 SIZES = Sizes()
@@ -233,20 +237,16 @@ def parallel(out: Path) -> dict:
     return bench_parallel(SIZES.model, *SIZES.parallel, SIZES.repeats, SIZES.device, SIZES.dtype, out / "parallel")
 
 
-def suite_teacher(out: Path, config: str) -> list[str]:
-    """Overrides that point a config at its teacher: itself when present, else one trained briefly here."""
+def suite_teacher(out: Path, cfg) -> list[str]:
+    """Overrides that point a train config at its teacher: itself when present, else one trained briefly here."""
     from thinktok.config import load_config
     from thinktok.rl.sft import SFTConfig, run_sft
-    from thinktok.rl.train import TrainConfig
 
-    cfg = load_config(TrainConfig, ROOT / config)
-    if Path(cfg.teacher).exists():
+    if cfg.teacher is None or Path(cfg.teacher).exists():
         return []
     ckpt = out / "teacher" / "checkpoint"
-    if not ckpt.exists():  # 150 steps of batch 128 on 4096 examples: a model, not a good one
-        sft = load_config(SFTConfig, ROOT / cfg.teacher_sft,
-                          [f"run_dir={out / 'teacher'}", "train.max_steps=150", "task.num_train=4096"])
-        run_sft(sft)
+    if not ckpt.exists():  # a model, not a good one: what 20 RL steps need to run at all
+        run_sft(load_config(SFTConfig, ROOT / cfg.teacher_sft, [f"run_dir={out / 'teacher'}", *SIZES.teacher_overrides]))
     return [f"policy={ckpt}", f"teacher={ckpt}"]
 
 
@@ -265,15 +265,17 @@ class PeakMemory:
 
     def __enter__(self):
         self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
+        if SIZES.device == "cuda":
+            self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
-def train(config: str, steps: int = 20) -> Callable[[Path], dict]:
+def train(config: str) -> Callable[[Path], dict]:
     def run(out: Path) -> dict:
         import torch
 
@@ -281,19 +283,22 @@ def train(config: str, steps: int = 20) -> Callable[[Path], dict]:
         from thinktok.rl.train import TrainConfig, run_train
 
         need_cuda()
-        run_dir = out / Path(config).stem
-        overrides = [*suite_teacher(out, config), f"run_dir={run_dir}", f"rl.max_steps={steps}", "eval_every=0",
+        run_dir, steps = out / Path(config).stem, SIZES.train_steps
+        overrides = [*SIZES.train_overrides, f"run_dir={run_dir}", f"rl.max_steps={steps}", "eval_every=0",
                      f"save_every={steps}"]
+        overrides += suite_teacher(out, load_config(TrainConfig, ROOT / config, overrides))
         cfg = load_config(TrainConfig, ROOT / config, overrides)
         start = time.perf_counter()
         with PeakMemory() as peak:
             run_train(cfg)
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [m["samples_per_s"] for m in metrics[1:] if m.get("samples_per_s")]  # the first step warms up
+        cuda = SIZES.device == "cuda"
         return {"config": config, "steps": steps, "overrides": overrides, "seconds": time.perf_counter() - start,
                 "samples_per_s": sum(rates) / len(rates) if rates else None,
-                "peak_gpu_memory_gb": peak.peak / 2**30,
-                "learner_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30, "last": metrics[-1]}
+                "peak_gpu_memory_gb": peak.peak / 2**30 if cuda else None,
+                "learner_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "last": metrics[-1]}
 
     return run
 
