@@ -1,5 +1,5 @@
-"""`make gpu-suite` (`python -m thinktok.gpu_suite`): every measurement the first GPU visit must bring back, in
-one command, from the repository root of a CUDA machine. Each part runs in its own process under a wall-clock
+"""`make gpu-suite` (`python -m thinktok.gpu_suite`): every measurement the first GPU visit must bring back,
+in one command, from the repository root of a CUDA machine. Each part runs in its own process under a time
 limit (a CUDA error poisons its process's context; a hung capture must not eat the others' time), writes
 `<part>.json` into GPU_SUITE_OUT (default runs/gpu-suite/), and the suite ends with a summary table that says
 which parts failed and why. On a machine without CUDA it says so in one line and exits 1.
@@ -39,9 +39,11 @@ def where(exc: BaseException) -> str:
     """The innermost frame of the project's own code in exc's traceback (else the innermost of all)."""
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if f.filename.startswith(str(ROOT)) and "/site-packages/" not in f.filename]
-    f = (ours or frames or [None])[-1]
-    return f"{Path(f.filename).relative_to(ROOT) if f.filename.startswith(str(ROOT)) else f.filename}:{f.lineno} " \
-           f"in {f.name}" if f else "?"
+    if not frames:
+        return "?"
+    f = (ours or frames)[-1]
+    name = Path(f.filename).relative_to(ROOT) if f.filename.startswith(str(ROOT)) else f.filename
+    return f"{name}:{f.lineno} in {f.name}"
 
 
 def write(out: Path, name: str, record: dict) -> None:
@@ -50,14 +52,17 @@ def write(out: Path, name: str, record: dict) -> None:
 
 
 def run_in_process(part: Part, out: Path) -> dict:
-    """Run one part here: its record (status ok or failed with error type, message and where), also written."""
+    """Run one part here -> its record (ok, or failed with error type, message, where), also written."""
     start = time.perf_counter()
     record = {"name": part.name, "status": "ok", "error": None, "results": None, "budget_s": part.budget_s}
     try:
         record["results"] = part.run(out)
     except Exception as e:  # noqa: BLE001 -- any failure is recorded and the suite goes on
         traceback.print_exc()
-        record |= {"status": "failed", "error": {"type": type(e).__name__, "message": str(e)[:2000], "where": where(e)}}
+        record |= {
+            "status": "failed",
+            "error": {"type": type(e).__name__, "message": str(e)[:2000], "where": where(e)},
+        }
     record["seconds"] = round(time.perf_counter() - start, 1)
     write(out, part.name, record)
     return record
@@ -73,13 +78,23 @@ def run_isolated(part: Part, out: Path) -> dict:
         subprocess.run(cmd, timeout=part.budget_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if path.exists():
             return json.loads(path.read_text())
-        error = {"type": "Crashed", "message": "the part's process ended without writing its record", "where": "?"}
+        error = {
+            "type": "Crashed",
+            "message": "the part's process ended without writing its record",
+            "where": "?",
+        }
         status = "failed"
     except subprocess.TimeoutExpired:
         error = {"type": "Timeout", "message": f"killed after its budget of {part.budget_s} s", "where": "?"}
         status = "timeout"
-    record = {"name": part.name, "status": status, "error": error, "results": None, "budget_s": part.budget_s,
-              "seconds": round(time.perf_counter() - start, 1)}
+    record = {
+        "name": part.name,
+        "status": status,
+        "error": error,
+        "results": None,
+        "budget_s": part.budget_s,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     write(out, part.name, record)
     return record
 
@@ -90,8 +105,11 @@ def run_suite(parts: list[Part], out: Path, isolate: bool = True) -> list[dict]:
     for part in parts:
         print(f"\n=== {part.name} (budget {part.budget_s} s): {part.help}", flush=True)
         records.append((run_isolated if isolate else run_in_process)(part, out))
-    write(out, "summary", {"parts": [{k: r[k] for k in ("name", "status", "seconds", "budget_s", "error")}
-                                     for r in records]})
+    write(
+        out,
+        "summary",
+        {"parts": [{k: r[k] for k in ("name", "status", "seconds", "budget_s", "error")} for r in records]},
+    )
     print(summary_table(records))
     return records
 
@@ -100,14 +118,22 @@ def summary_table(records: list[dict]) -> str:
     lines = [f"{'part':<22} {'status':<8} {'seconds':>8} {'budget':>7}  why", "-" * 100]
     for r in records:
         e = r["error"]
-        why = f"{e['type']}: {e['message'].splitlines()[0][:80] if e['message'] else ''} ({e['where']})" if e else ""
+        why = (
+            f"{e['type']}: {e['message'].splitlines()[0][:80] if e['message'] else ''} ({e['where']})"
+            if e
+            else ""
+        )
         lines.append(f"{r['name']:<22} {r['status']:<8} {r['seconds']:>8.1f} {r['budget_s']:>7}  {why}")
     failed = [r["name"] for r in records if r["status"] != "ok"]
-    lines.append(f"{len(records) - len(failed)}/{len(records)} parts ok" + (f"; not ok: {', '.join(failed)}" if failed else ""))
+    lines.append(
+        f"{len(records) - len(failed)}/{len(records)} parts ok"
+        + (f"; not ok: {', '.join(failed)}" if failed else "")
+    )
     return "\n".join(lines)
 
 
 # ---- the parts ------------------------------------------------------------------------------------
+
 
 def env_info(out: Path) -> dict:
     """nvidia-smi's report and the package versions (printed at the top of the output)."""
@@ -158,18 +184,23 @@ def need_cuda() -> None:
 
 
 def kernel_tests(out: Path) -> dict:
-    """tests/test_kernels.py on the GPU: every kernel test at bf16/fp16/fp32, the full-size and decode ones."""
+    """tests/test_kernels.py on the GPU: every kernel test, bf16/fp16/fp32, full size and decode included."""
     import pytest
 
     need_cuda()
     junit = out / "kernel_tests.xml"
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"),
-                        f"--junitxml={junit}"])
+    code = pytest.main(
+        ["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py"), f"--junitxml={junit}"]
+    )
     cases = list(ElementTree.parse(junit).getroot().iter("testcase"))
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
     if code != 0:
         raise AssertionError(f"pytest exit code {int(code)}; failed: {', '.join(failed) or '?'}")
-    return {"tests": len(cases), "skipped": sum(c.find("skipped") is not None for c in cases), "junit": str(junit)}
+    return {
+        "tests": len(cases),
+        "skipped": sum(c.find("skipped") is not None for c in cases),
+        "junit": str(junit),
+    }
 
 
 def kernel_errors(out: Path) -> dict:
@@ -177,8 +208,12 @@ def kernel_errors(out: Path) -> dict:
     the decode step (T=1024, last thought step), per tile setting and dtype."""
     import torch
 
-    from thinktok.kernels import (parallel_thought_attention, parallel_thought_attention_reference,
-                                  parallel_thought_decode, parallel_thought_decode_reference)
+    from thinktok.kernels import (
+        parallel_thought_attention,
+        parallel_thought_attention_reference,
+        parallel_thought_decode,
+        parallel_thought_decode_reference,
+    )
 
     need_cuda()
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
@@ -187,8 +222,10 @@ def kernel_errors(out: Path) -> dict:
     for dtype in (getattr(torch, name) for name in SIZES.kernel_dtypes):
         g = torch.Generator(device=device).manual_seed(0)
         # batch 1 x 4 heads: the reference's (B, H, N, N) fp32 scores at N = 17408 take 1.2 GB a head
-        q, k, v = (torch.randn(1, heads, t * (1 + l), d, device=device, generator=g, dtype=dtype).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, heads, t * (1 + l), d, device=device, generator=g, dtype=dtype).requires_grad_()
+            for _ in range(3)
+        )
         ref = parallel_thought_attention_reference(q, k, v, t, l)
         do = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), do)
@@ -199,8 +236,10 @@ def kernel_errors(out: Path) -> dict:
             o = parallel_thought_attention(q, k, v, t, l, tiles=tiles)
             grads = torch.autograd.grad(o, (q, k, v), do)
             results[f"{str(dtype)[6:]}/{tiles}"] = {
-                "forward": rel(o, ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)},
-                "decode": rel(parallel_thought_decode(*dec, kt, vt, tiles=tiles), dec_ref)}
+                "forward": rel(o, ref),
+                **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)},
+                "decode": rel(parallel_thought_decode(*dec, kt, vt, tiles=tiles), dec_ref),
+            }
     print(json.dumps(results, indent=1))
     return results
 
@@ -217,8 +256,19 @@ def rollout_batches(out: Path) -> dict:
     from thinktok.rl.bench import bench_rollout
 
     need_cuda()
-    return {b: bench_rollout(SIZES.model, b, SIZES.new_tokens, 1, SIZES.device, SIZES.dtype, out / f"rollout_b{b}",
-                             engines=("dynamic",)) for b in SIZES.batches}
+    return {
+        b: bench_rollout(
+            SIZES.model,
+            b,
+            SIZES.new_tokens,
+            1,
+            SIZES.device,
+            SIZES.dtype,
+            out / f"rollout_b{b}",
+            engines=("dynamic",),
+        )
+        for b in SIZES.batches
+    }
 
 
 def rollout_compiled(out: Path) -> dict:
@@ -226,19 +276,29 @@ def rollout_compiled(out: Path) -> dict:
     from thinktok.rl.bench import bench_rollout
 
     need_cuda()
-    return bench_rollout(SIZES.model, SIZES.compiled_batch, SIZES.new_tokens, SIZES.repeats, SIZES.device,
-                         SIZES.dtype, out / "rollout_compiled", modes=SIZES.compiled_modes)
+    return bench_rollout(
+        SIZES.model,
+        SIZES.compiled_batch,
+        SIZES.new_tokens,
+        SIZES.repeats,
+        SIZES.device,
+        SIZES.dtype,
+        out / "rollout_compiled",
+        modes=SIZES.compiled_modes,
+    )
 
 
 def parallel(out: Path) -> dict:
     from thinktok.rl.bench import bench_parallel
 
     need_cuda()
-    return bench_parallel(SIZES.model, *SIZES.parallel, SIZES.repeats, SIZES.device, SIZES.dtype, out / "parallel")
+    return bench_parallel(
+        SIZES.model, *SIZES.parallel, SIZES.repeats, SIZES.device, SIZES.dtype, out / "parallel"
+    )
 
 
 def suite_teacher(out: Path, cfg) -> list[str]:
-    """Overrides that point a train config at its teacher: itself when present, else one trained briefly here."""
+    """Overrides pointing a train config at its teacher: itself if present, else one trained briefly here."""
     from thinktok.config import load_config
     from thinktok.rl.sft import SFTConfig, run_sft
 
@@ -246,7 +306,11 @@ def suite_teacher(out: Path, cfg) -> list[str]:
         return []
     ckpt = out / "teacher" / "checkpoint"
     if not ckpt.exists():  # a model, not a good one: what 20 RL steps need to run at all
-        run_sft(load_config(SFTConfig, ROOT / cfg.teacher_sft, [f"run_dir={out / 'teacher'}", *SIZES.teacher_overrides]))
+        run_sft(
+            load_config(
+                SFTConfig, ROOT / cfg.teacher_sft, [f"run_dir={out / 'teacher'}", *SIZES.teacher_overrides]
+            )
+        )
     return [f"policy={ckpt}", f"teacher={ckpt}"]
 
 
@@ -284,8 +348,13 @@ def train(config: str) -> Callable[[Path], dict]:
 
         need_cuda()
         run_dir, steps = out / Path(config).stem, SIZES.train_steps
-        overrides = [*SIZES.train_overrides, f"run_dir={run_dir}", f"rl.max_steps={steps}", "eval_every=0",
-                     f"save_every={steps}"]
+        overrides = [
+            *SIZES.train_overrides,
+            f"run_dir={run_dir}",
+            f"rl.max_steps={steps}",
+            "eval_every=0",
+            f"save_every={steps}",
+        ]
         overrides += suite_teacher(out, load_config(TrainConfig, ROOT / config, overrides))
         cfg = load_config(TrainConfig, ROOT / config, overrides)
         start = time.perf_counter()
@@ -294,11 +363,16 @@ def train(config: str) -> Callable[[Path], dict]:
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [m["samples_per_s"] for m in metrics[1:] if m.get("samples_per_s")]  # the first step warms up
         cuda = SIZES.device == "cuda"
-        return {"config": config, "steps": steps, "overrides": overrides, "seconds": time.perf_counter() - start,
-                "samples_per_s": sum(rates) / len(rates) if rates else None,
-                "peak_gpu_memory_gb": peak.peak / 2**30 if cuda else None,
-                "learner_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                "last": metrics[-1]}
+        return {
+            "config": config,
+            "steps": steps,
+            "overrides": overrides,
+            "seconds": time.perf_counter() - start,
+            "samples_per_s": sum(rates) / len(rates) if rates else None,
+            "peak_gpu_memory_gb": peak.peak / 2**30 if cuda else None,
+            "learner_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "last": metrics[-1],
+        }
 
     return run
 
@@ -307,7 +381,8 @@ def train(config: str) -> Callable[[Path], dict]:
 # 530 s so the suite ends inside 9 minutes (540 s) on one H100 even if every part runs to its limit.
 # Predicted (none measured yet on a GPU):
 #   kernel_tests 50: ~40 kernel variants (dtype x tiles x shape) compiled at ~1 s each, runs are milliseconds
-#   kernel_errors 30: 3 dtypes, reference at (1, 4, 17408^2) fp32 ~5 ms a pass, autotuning ~12 configs x 3 kernels
+#   kernel_errors 30: 3 dtypes, the reference at (1, 4, 17408^2) fp32 ~5 ms a pass, autotuning 9 configs x 4
+#     kernels
 #   attention 70: 3 sizes x 4 implementations x 23 timed calls + FlexAttention's compile (~15 s) + autotune
 #   rollout_batches 60: batches 1/64/256 x (generate + 4 modes) x 2 calls x 128 steps x ~10 ms = 38 s
 #   rollout_compiled 110: 4 compiles of the decode step (~15-20 s each with CUDA graphs) + 4 x 3 x 2 calls
@@ -316,25 +391,59 @@ def train(config: str) -> Callable[[Path], dict]:
 #     rollouts (~2.5 s each)
 #   train_parallel_gpt2small 70: Ray start + 20 steps of 16 windows of 4096 tokens through the kernel
 PARTS = [
-    Part("kernel_tests", kernel_tests, 50, "pytest tests/test_kernels.py on CUDA (full size, bf16/fp16/fp32, decode)"),
+    Part(
+        "kernel_tests",
+        kernel_tests,
+        50,
+        "pytest tests/test_kernels.py on CUDA (full size, bf16/fp16/fp32, decode)",
+    ),
     Part("kernel_errors", kernel_errors, 30, "relative errors at T=1024 L=16, fixed vs autotuned tiles"),
-    Part("attention", attention, 70, "bench attention: kernel (fixed, autotuned) vs dense SDPA vs compiled flex"),
-    Part("rollout_batches", rollout_batches, 60, "bench rollout, base bf16, batch 1/64/256, dynamic vs generate"),
-    Part("rollout_compiled", rollout_compiled, 110, "bench rollout, batch 64, compiled static sampler, every mode"),
+    Part(
+        "attention",
+        attention,
+        70,
+        "bench attention: kernel (fixed, autotuned) vs dense SDPA vs compiled flex",
+    ),
+    Part(
+        "rollout_batches",
+        rollout_batches,
+        60,
+        "bench rollout, base bf16, batch 1/64/256, dynamic vs generate",
+    ),
+    Part(
+        "rollout_compiled",
+        rollout_compiled,
+        110,
+        "bench rollout, batch 64, compiled static sampler, every mode",
+    ),
     Part("parallel", parallel, 30, "bench parallel on CUDA (base bf16, batch 8, T 64, L 8, n 4)"),
-    Part("train_gpt2small", train("configs/gpu_gpt2small.yaml"), 110, "20 steps of configs/gpu_gpt2small.yaml"),
-    Part("train_parallel_gpt2small", train("configs/parallel_gpu_gpt2small.yaml"), 70,
-         "20 steps of configs/parallel_gpu_gpt2small.yaml"),
+    Part(
+        "train_gpt2small", train("configs/gpu_gpt2small.yaml"), 110, "20 steps of configs/gpu_gpt2small.yaml"
+    ),
+    Part(
+        "train_parallel_gpt2small",
+        train("configs/parallel_gpu_gpt2small.yaml"),
+        70,
+        "20 steps of configs/parallel_gpu_gpt2small.yaml",
+    ),
 ]
 BY_NAME = {p.name: p for p in PARTS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("RAY_AUTH_MODE", "disabled"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(key, value)
     p = argparse.ArgumentParser(prog="gpu-suite", description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default=",".join(BY_NAME), help=f"comma-separated, in order; of {', '.join(BY_NAME)}")
-    p.add_argument("--out", default=os.environ.get("GPU_SUITE_OUT", "runs/gpu-suite"), help="folder for the JSON")
+    p.add_argument(
+        "--parts", default=",".join(BY_NAME), help=f"comma-separated, in order; of {', '.join(BY_NAME)}"
+    )
+    p.add_argument(
+        "--out", default=os.environ.get("GPU_SUITE_OUT", "runs/gpu-suite"), help="folder for the JSON"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the budgets, run nothing")
     p.add_argument("--run-part", help=argparse.SUPPRESS)  # the child process of one part
     a = p.parse_args(argv)
@@ -344,20 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in a.parts.split(",") if n]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        print(f"gpu-suite: error: unknown parts {', '.join(unknown)}; expected some of {', '.join(BY_NAME)}",
-              file=sys.stderr)
+        print(
+            f"gpu-suite: error: unknown parts {', '.join(unknown)}; expected some of {', '.join(BY_NAME)}",
+            file=sys.stderr,
+        )
         return 2
     parts = [BY_NAME[n] for n in names]
     if a.dry_run:
         for part in parts:
             print(f"{part.name:<26} {part.budget_s:>4} s  {part.help}")
-        print(f"{'total':<26} {sum(p.budget_s for p in parts):>4} s  -> {out}/<part>.json, {out}/summary.json")
+        print(
+            f"{'total':<26} {sum(p.budget_s for p in parts):>4} s  -> {out}/<part>.json, {out}/summary.json"
+        )
         return 0
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu-suite: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing run",
-              file=sys.stderr)
+        print(
+            "gpu-suite: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing run",
+            file=sys.stderr,
+        )
         return 1
     env = env_info(out)
     write(out, "env", env)
@@ -369,4 +484,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
