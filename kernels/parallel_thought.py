@@ -350,15 +350,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Tile settings. "fixed" is v1's (64x64, 32x32 in the interpreter, Triton's default warps/stages); "autotune"
-# lets triton.autotune pick from TUNE_SPACE per (head dim, T, L), timing each candidate on the first call of a
-# shape; a dict {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} forces one candidate (the interpreter tests
-# run every one). The switch: the `tiles` argument, else THINKTOK_TILES (default fixed).
+# Tile settings. "fixed" is v1's (64x64, 32x32 in the interpreter, Triton's default warps/stages);
+# "autotune" lets triton.autotune pick from TUNE_SPACE per (head dim, T, L), timing each candidate on the
+# first call of a shape; a dict {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} forces one candidate (the
+# interpreter tests run every one). The switch: the `tiles` argument, else THINKTOK_TILES (default fixed).
 TILES_ENV = "THINKTOK_TILES"
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style Triton on an H100 is usually best at 128x64 / 64x64 with
-# 4-8 warps and 3-4 stages for D=64; 32-wide key tiles cut the masked work of the thought-key tiles.
-TUNE_SPACE = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),
-              (64, 32, 4, 4), (128, 32, 4, 4), (32, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style Triton on an H100 is usually best at 128x64 / 64x64
+# with 4-8 warps and 3-4 stages for D=64; 32-wide key tiles cut the masked work of the thought-key tiles.
+TUNE_SPACE = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+              (64, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (32, 64, 4, 3)]
 
 
 def tune_configs() -> list[dict]:
@@ -366,13 +366,15 @@ def tune_configs() -> list[dict]:
 
 
 def fits(cfg: dict, head_dim: int) -> bool:
-    """Per head dim: at 128 the q tile plus num_stages (k, v) tile pairs of a large config overflow the 228 KB of
-    shared memory an H100 block may use, so only tiles up to 64x128 with <= 3 stages stay."""
+    """Per head dim: at 128 the q tile plus num_stages (k, v) tile pairs of a large config overflow the
+    228 KB of shared memory an H100 block may use, so only tiles up to 64x128 with <= 3 stages stay."""
     return head_dim <= 64 or (cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 128 and cfg["num_stages"] <= 3)
 
 
 def _prune(configs, named_args, **kwargs):
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    if head_dim is None:  # not handed to the pruner by this Triton version: time them all
+        return configs
     kept = [c for c in configs if fits({**c.kwargs, "num_stages": c.num_stages}, head_dim)]
     return kept or configs[:1]
 
@@ -389,13 +391,16 @@ def resolve_tiles(tiles: str | dict | None) -> str | dict:
     if not isinstance(tiles, dict) and tiles not in ("fixed", "autotune"):
         raise ValueError(f"tiles must be 'fixed', 'autotune' or a config dict, got {tiles!r}")
     if tiles == "autotune" and interpreting():
-        raise ValueError("tiles='autotune' times candidates on a GPU; the interpreter takes fixed tiles or a config")
+        raise ValueError("tiles='autotune' times candidates on a GPU; the interpreter takes 'fixed' or a "
+                         "config")
     return tiles
 
 
-def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dtype, head_dim: int, tiles) -> None:
-    """kernel[grid](*args) with one program per `block` (BLOCK_M or BLOCK_N) of `rows` rows and per batch*head."""
-    const = dict(HEAD_DIM=max(16, triton.next_power_of_2(head_dim)), PRECISION="ieee" if dtype == torch.float32 else "tf32")
+def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dtype, head_dim: int,
+            tiles) -> None:
+    """kernel[grid](*args), one program per `block` (BLOCK_M or BLOCK_N) of `rows` rows and per batch*head."""
+    const = dict(HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
     if tiles == "autotune":
         _TUNED[kernel][lambda meta: (triton.cdiv(rows, meta[block]), bh)](*args, **const)
         return
@@ -405,7 +410,6 @@ def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dt
     kernel[(triton.cdiv(rows, tiles[block]), bh)](*args, **const, **tiles)
 
 
-# tuned per (head dim, T, L); the decode kernel's shape is (head dim, T)
 _TUNED = {k: _tuned(k, ["D", "T", "L"]) for k in (_fwd_kernel, _dkdv_kernel, _dq_kernel)}
 _TUNED[_decode_kernel] = _tuned(_decode_kernel, ["D", "T"])
 
@@ -413,7 +417,7 @@ _TUNED[_decode_kernel] = _tuned(_decode_kernel, ["D", "T"])
 def _forward(q, k, v, T, L, scale, tiles):
     b, h, n, d = q.shape
     o = _empty(q)
-    lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)  # an unwritten row would show in the grads
+    lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)  # an unwritten row shows in the grads
     args = (q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), h, n, T, L, scale * LOG2E, d)
     _launch(_fwd_kernel, n, "BLOCK_M", b * h, args, q.dtype, d, tiles)
     return o, lse
@@ -426,8 +430,9 @@ def _backward(q, k, v, o, lse, do, T, L, scale, tiles):
     delta = (do.float() * o.float()).sum(-1).reshape(b * h, n)
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
     strides, rest = (q.stride(0), q.stride(1), q.stride(2)), (h, n, T, L, scale * LOG2E, scale, d)
-    _launch(_dkdv_kernel, n, "BLOCK_N", b * h, (q, k, v, do, lse, delta, dk, dv, *strides, *rest), q.dtype, d, tiles)
-    _launch(_dq_kernel, n, "BLOCK_M", b * h, (q, k, v, do, lse, delta, dq, *strides, *rest), q.dtype, d, tiles)
+    grads = (q, k, v, do, lse, delta)
+    _launch(_dkdv_kernel, n, "BLOCK_N", b * h, (*grads, dk, dv, *strides, *rest), q.dtype, d, tiles)
+    _launch(_dq_kernel, n, "BLOCK_M", b * h, (*grads, dq, *strides, *rest), q.dtype, d, tiles)
     return dq, dk, dv
 
 
@@ -470,7 +475,8 @@ def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: floa
     (T, T) score matrix. q, k_real, v_real (B, H, T, D); k_thought, v_thought (B, H, T, j+1, D) -> (B, H, T, D).
 
     CUDA tensors (or TRITON_INTERPRET=1) run the Triton kernel, CPU tensors the reference. Forward only:
-    sampling needs no gradients (the learner's recompute is the full form). tiles: as parallel_thought_attention."""
+    sampling needs no gradients (the learner's recompute is the full form). tiles: as in
+    parallel_thought_attention."""
     check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not (q.is_cuda or interpreting()):
@@ -478,7 +484,7 @@ def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: floa
     q, k_real, v_real, k_thought, v_thought = (x.contiguous() for x in (q, k_real, v_real, k_thought, v_thought))
     b, h, t, d = q.shape
     o = _empty(q)
-    args = (q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2), k_thought.stride(0),
-            k_thought.stride(1), k_thought.stride(2), k_thought.stride(3), h, t, k_thought.shape[3], scale * LOG2E, d)
+    args = (q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
+            *k_thought.stride()[:4], h, t, k_thought.shape[3], scale * LOG2E, d)
     _launch(_decode_kernel, t, "BLOCK_M", b * h, args, q.dtype, d, resolve_tiles(tiles))
     return o

@@ -278,8 +278,8 @@ class PauseThoughts(ThoughtMode):
     def step(self, logits, hidden, state, embed):
         pausing = state.phase > 0
         # the text token is sampled on every step (see MarkedThoughts.step)
-        out = select(pausing, self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed),
-                     self.text_step(logits, embed))
+        pause = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
+        out = select(pausing, pause, self.text_step(logits, embed))
         state.n_thought += pausing
         state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
         refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0

@@ -43,8 +43,9 @@ def timed(fn, repeats: int, device: str) -> float:
 ENGINES = {"dynamic": {}, "compiled": {"compile": True}}
 
 
-def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str, out: Path,
-                  modes: tuple[str, ...] = tuple(BENCH_MODES), engines: tuple[str, ...] = tuple(ENGINES)) -> dict:
+def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str,
+                  out: Path, modes: tuple[str, ...] = tuple(BENCH_MODES),
+                  engines: tuple[str, ...] = tuple(ENGINES)) -> dict:
     torch_dtype = getattr(torch, dtype)
     prompt = [[1105, 1635, 4974, 796]] * batch  # "12 * 34 ="
     results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype, "modes": {}}

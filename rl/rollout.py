@@ -157,10 +157,11 @@ CHECK_EVERY = 8  # decoding steps between the host's `done.all()` checks on the 
 
 
 class StaticKV:
-    """A KV cache preallocated to the rollout's maximum length, (B, H, max_len, Dh) per layer, written in place at
-    slot `slot` (a (1,) tensor the step advances): fixed shapes, no torch.cat per step, so the decoding step can
-    be compiled and captured. Duck-typed: GPT-2's attention only calls `update` (transformers 5.17 to 5.24), and
-    the 4D mask the sampler passes means the mask code never asks a cache for its length."""
+    """A KV cache preallocated to the rollout's maximum length, (B, H, max_len, Dh) per layer, written in
+    place at slot `slot` (a (1,) tensor the step advances): fixed shapes, no torch.cat per step, so the
+    decoding step can be compiled and captured. Duck-typed: GPT-2's attention only calls `update`
+    (transformers 5.17 to 5.24), and the 4D mask the sampler passes means the mask code never asks a cache
+    for its length."""
 
     def __init__(self, config, batch: int, max_len: int, slot: torch.Tensor, dtype, device):
         heads = config.num_attention_heads
@@ -184,8 +185,8 @@ class StaticKV:
 
 @dataclass
 class DecodeBuffers:
-    """Everything one decoding step reads and writes, allocated once per (batch, cache length) and updated in
-    place: a captured CUDA graph replays on fixed addresses, and a compiled step keeps its guards."""
+    """Everything one decoding step reads and writes, allocated once per (batch, cache length) and updated
+    in place: a captured CUDA graph replays on fixed addresses, and a compiled step keeps its guards."""
 
     hidden: torch.Tensor  # (B, D) last hidden state of the position before the step
     n_thought: torch.Tensor  # (B,) the mode's State counters
@@ -203,15 +204,17 @@ class DecodeBuffers:
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, q, L) bool -> (B, 1, q, L) additive mask (0 or the dtype's min: no NaN even for a fully masked row)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    """(B, q, L) bool -> (B, 1, q, L) additive mask (0 or the dtype's min: no NaN for a fully masked row)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class StaticSampler:
     """`sample(..., static=True)`: the dynamic path's prefill, then every decoding step as one function of
-    `DecodeBuffers` (logits -> the mode's step, sampling included, from the forked global generator -> the next
-    position's forward against a `StaticKV`). compile=True runs that function through torch.compile, with CUDA
-    graphs on a GPU (what mode="reduce-overhead" turns on). Host syncs: one `done.all()` every CHECK_EVERY steps."""
+    `DecodeBuffers` (logits -> the mode's step, sampling included, from the forked global generator -> the
+    next position's forward against a `StaticKV`). compile=True runs that function through torch.compile,
+    with CUDA graphs on a GPU (what mode="reduce-overhead" turns on). Host syncs: one `done.all()` every
+    CHECK_EVERY steps."""
 
     def __init__(self, model: PreTrainedModel, mode: ThoughtMode, compile: bool):
         self.model, self.mode = model, mode
@@ -220,27 +223,28 @@ class StaticSampler:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 renamed it
         self.step = self.decode_step
         if compile:
-            # every sampler (model, mode, batch and cache-length bucket) is one entry of decode_step's compile cache
+            # every sampler (model, mode, batch and cache-length bucket) is one entry of decode_step's cache
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # fallback_random: random ops stay the eager aten calls on the global generator, so one seed gives the
-            # dynamic path's draws; fullgraph: a graph break would silently split the CUDA graph
-            self.step = torch.compile(self.decode_step, dynamic=False, fullgraph=True,
-                                      options={"fallback_random": True, "triton.cudagraphs": model.device.type == "cuda"})
+            # fallback_random: random ops stay the eager aten calls on the global generator, so one seed gives
+            # the dynamic path's draws; fullgraph: a graph break would silently split the CUDA graph
+            options = {"fallback_random": True, "triton.cudagraphs": model.device.type == "cuda"}
+            self.step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, options=options)
 
     def allocate(self, batch: int, max_len: int, steps: int) -> DecodeBuffers:
         model, mode, device = self.model, self.mode, self.model.device
         dim = model.config.hidden_size
         z = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        records = {"action": z(batch, steps), "token": z(batch, steps), "logprob": z(batch, steps, dtype=torch.float32)}
+        records = {"action": z(batch, steps), "token": z(batch, steps),
+                   "logprob": z(batch, steps, dtype=torch.float32)}
         if isinstance(mode, ContinuousThoughts):
             records["vector"] = z(batch, steps, dim, dtype=torch.float32)
         if isinstance(mode, SoftThoughts):
             k = mode.cfg.soft_top_k or mode.vocab.real_size
             records |= {"soft_ids": z(batch, steps, k), "soft_w": z(batch, steps, k, dtype=torch.float32)}
         slot = z(1)
-        b = DecodeBuffers(z(batch, dim, dtype=model.dtype), z(batch), z(batch), z(batch), z(batch, dtype=torch.bool),
-                          z(batch), z(batch, max_len, dtype=torch.bool), z(batch), slot, z(1),
-                          z(batch, steps, dtype=torch.bool), records,
+        b = DecodeBuffers(z(batch, dim, dtype=model.dtype), z(batch), z(batch), z(batch),
+                          z(batch, dtype=torch.bool), z(batch), z(batch, max_len, dtype=torch.bool), z(batch),
+                          slot, z(1), z(batch, steps, dtype=torch.bool), records,
                           StaticKV(model.config, batch, max_len, slot, model.dtype, device))
         tensors = [*vars(b).values(), *records.values(), *b.cache.keys, *b.cache.values]
         for x in tensors:
@@ -253,7 +257,8 @@ class StaticSampler:
         embedding at cache slot `b.slot` and keep the new last hidden state."""
         model, mode, vocab, sampling = self.model, self.mode, self.mode.vocab, self.mode.sampling
         state = State(b.n_thought.clone(), b.phase.clone(), b.run.clone())
-        out = mode.step(model.get_output_embeddings()(b.hidden), b.hidden, state, model.get_input_embeddings())
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        out = mode.step(head(b.hidden), b.hidden, state, embed)
         for name, rec in b.records.items():
             rec.index_copy_(1, b.step, getattr(out, name).to(rec.dtype).unsqueeze(1))
         b.alive.index_copy_(1, b.step, ~b.done[:, None])
@@ -263,10 +268,12 @@ class StaticSampler:
         if sampling.stop_at_eos:
             done = done | (real & (out.token == vocab.eos_id))
         allowed = b.valid & (torch.arange(b.valid.shape[1], device=b.valid.device) <= b.slot)  # (B, L)
-        hidden = model.base_model(inputs_embeds=out.embeds[:, None], attention_mask=additive_mask(allowed[:, None], model.dtype),
-                                  position_ids=b.pos[:, None], use_cache=True, **{self.cache_kw: b.cache}).last_hidden_state
-        for buf, new in ((b.n_thought, state.n_thought), (b.phase, state.phase), (b.run, state.run), (b.done, done),
-                         (b.n_real, n_real), (b.hidden, hidden[:, -1])):
+        hidden = model.base_model(inputs_embeds=out.embeds[:, None],
+                                  attention_mask=additive_mask(allowed[:, None], model.dtype),
+                                  position_ids=b.pos[:, None], use_cache=True,
+                                  **{self.cache_kw: b.cache}).last_hidden_state
+        for buf, new in ((b.n_thought, state.n_thought), (b.phase, state.phase), (b.run, state.run),
+                         (b.done, done), (b.n_real, n_real), (b.hidden, hidden[:, -1])):
             buf.copy_(new)
         for counter in (b.pos, b.slot, b.step):
             counter.add_(1)
@@ -313,7 +320,7 @@ _SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mode -> {(
 
 
 def static_sampler(model: PreTrainedModel, mode: ThoughtMode, compile: bool) -> StaticSampler:
-    """One sampler (buffers, compiled step) per model, mode and compile switch, kept as long as the mode lives."""
+    """One sampler (buffers, compiled step) per model, mode and compile switch, kept while the mode lives."""
     per_mode = _SAMPLERS.setdefault(mode, {})
     key = (id(model), compile)
     if key not in per_mode or per_mode[key].model is not model:
@@ -338,7 +345,8 @@ def collate_steps(prompts, steps: list[StepOut], alive: torch.Tensor, mode: Thou
 RECORDS = ("action", "token", "logprob", "vector", "soft_ids", "soft_w")  # the StepOut fields a rollout keeps
 
 
-def to_rollouts(prompts, fields: dict, alive: torch.Tensor, mode: ThoughtMode, weight_version: int) -> list[Rollout]:
+def to_rollouts(prompts, fields: dict, alive: torch.Tensor, mode: ThoughtMode,
+                weight_version: int) -> list[Rollout]:
     """(B, S, ...) CPU records of every `RECORDS` field (None: the mode has no such payload), (B, S) alive ->
     one trimmed `Rollout` per sequence."""
     action, token, logprob = fields["action"], fields["token"], fields["logprob"].float()

@@ -85,7 +85,8 @@ def test_full_size_on_gpu(dtype, tiles):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_full_size_on_gpu(dtype, tiles):
     args, _ = decode_inputs(4, 12, 1024, 16, 15, 64, dtype)
-    assert rel(parallel_thought_decode(*args, tiles=tiles), parallel_thought_decode_reference(*args)) < TOL[dtype]
+    out = parallel_thought_decode(*args, tiles=tiles)
+    assert rel(out, parallel_thought_decode_reference(*args)) < TOL[dtype]
 
 
 def test_custom_scale_and_cpu_fallback(monkeypatch):
@@ -164,7 +165,8 @@ CONFIG_SHAPES = [(1, 2, 37, 3, 16), (1, 1, 5, 9, 32)]  # several blocks of every
 
 
 @pytest.mark.skipif(GPU, reason="the interpreter's check; on a GPU the autotuned full-size tests cover it")
-@pytest.mark.parametrize("cfg", pt.tune_configs(), ids=lambda c: "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
+@pytest.mark.parametrize("cfg", pt.tune_configs(),
+                         ids=lambda c: "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
 def test_every_tune_config_matches_reference(cfg, monkeypatch):
     monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
     for b, h, t, l, d in CONFIG_SHAPES:
