@@ -8,7 +8,7 @@ from the model's output at position P-1+s; its input embedding is fed at positio
 from __future__ import annotations
 
 import inspect
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -316,16 +316,21 @@ class StaticSampler:
         return to_rollouts(prompts, fields, b.alive[:, :n].cpu(), mode, weight_version)
 
 
-_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mode -> {(model id, compile): sampler}
+# (id(model), id(mode), compile) -> sampler. A sampler holds its model and mode (so their ids stay theirs while
+# cached) and its buffers: the few most recent are kept, a rollout worker uses one.
+_SAMPLERS: OrderedDict[tuple[int, int, bool], StaticSampler] = OrderedDict()
+MAX_SAMPLERS = 8
 
 
 def static_sampler(model: PreTrainedModel, mode: ThoughtMode, compile: bool) -> StaticSampler:
-    """One sampler (buffers, compiled step) per model, mode and compile switch, kept while the mode lives."""
-    per_mode = _SAMPLERS.setdefault(mode, {})
-    key = (id(model), compile)
-    if key not in per_mode or per_mode[key].model is not model:
-        per_mode[key] = StaticSampler(model, mode, compile)
-    return per_mode[key]
+    """One sampler (buffers, compiled step) per model, mode and compile switch."""
+    key = (id(model), id(mode), compile)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = StaticSampler(model, mode, compile)
+        if len(_SAMPLERS) > MAX_SAMPLERS:
+            _SAMPLERS.popitem(last=False)
+    _SAMPLERS.move_to_end(key)
+    return _SAMPLERS[key]
 
 
 def collate_steps(prompts, steps: list[StepOut], alive: torch.Tensor, mode: ThoughtMode, weight_version: int) -> list[Rollout]:
