@@ -22,10 +22,10 @@ def teacher():
     return Teacher(load_policy("tiny", 0, False, seed=7).model)
 
 
-def rollouts_for(case="vocab"):
+def rollouts_for(case="vocab", seed=1):
     policy, mode = make(case)
     prompts = [policy.tokenizer(r["prompt"]).input_ids for r in ROWS]
-    return policy, mode, sample(policy.model, mode, prompts, seed=1)
+    return policy, mode, sample(policy.model, mode, prompts, seed=seed)
 
 
 def hand_teacher_lp(model, ids, start):
@@ -35,7 +35,8 @@ def hand_teacher_lp(model, ids, start):
 
 
 def test_teacher_sees_no_thinking_token_and_is_frozen(teacher):
-    policy, mode, rollouts = rollouts_for()
+    # a seed whose rollouts think: the boosted tiny model starts a thought with p ~ 0.6% a step
+    policy, mode, rollouts = rollouts_for(seed=0)
     assert sum(r.num_thought for r in rollouts) > 0
     seen = []
     hook = teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
