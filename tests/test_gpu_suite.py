@@ -85,6 +85,7 @@ def test_isolated_parts_record_failures_and_timeouts(tmp_path):
         "thinktok/gpu_suite.py:"
     )
     assert json.loads((tmp_path / "kernel_errors.json").read_text()) == record
+    assert "RuntimeError: no CUDA GPU" in (tmp_path / "kernel_errors.log").read_text()  # its traceback
     # 0.2 s is less than importing torch takes: the process is killed and the record says so
     timeout = suite.run_isolated(replace(suite.BY_NAME["parallel"], budget_s=0.2), tmp_path)
     assert timeout["status"] == "timeout" and "budget" in timeout["error"]["message"]

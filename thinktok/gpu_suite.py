@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -69,34 +70,58 @@ def run_in_process(part: Part, out: Path) -> dict:
 
 
 def run_isolated(part: Part, out: Path) -> dict:
-    """Run one part in a child process (`--run-part`) killed after its budget; the child writes the record."""
+    """Run one part in a child process (`--run-part`), its output shown and kept in `<part>.log`; the child
+    writes the record. After its budget the child's whole process group is killed (Ray's processes too)."""
     start = time.perf_counter()
     path = out / f"{part.name}.json"
     path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "thinktok.gpu_suite", "--run-part", part.name, "--out", str(out)]
-    try:
-        subprocess.run(cmd, timeout=part.budget_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if path.exists():
-            return json.loads(path.read_text())
-        error = {
-            "type": "Crashed",
-            "message": "the part's process ended without writing its record",
-            "where": "?",
-        }
-        status = "failed"
-    except subprocess.TimeoutExpired:
-        error = {"type": "Timeout", "message": f"killed after its budget of {part.budget_s} s", "where": "?"}
-        status = "timeout"
+    with open(out / f"{part.name}.log", "w") as log:
+        child = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        tee = threading.Thread(target=copy_lines, args=(child.stdout, log), daemon=True)
+        tee.start()
+        try:
+            child.wait(timeout=part.budget_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            timed_out = True
+        tee.join(timeout=5)
+    if not timed_out and path.exists():
+        return json.loads(path.read_text())
+    if timed_out:
+        status, error = (
+            "timeout",
+            {"type": "Timeout", "message": f"killed after its budget of {part.budget_s} s"},
+        )
+    else:
+        status, error = "failed", {"type": "Crashed", "message": f"exit code {child.returncode}, no record"}
     record = {
         "name": part.name,
         "status": status,
-        "error": error,
+        "error": {**error, "where": f"{part.name}.log"},
         "results": None,
         "budget_s": part.budget_s,
         "seconds": round(time.perf_counter() - start, 1),
     }
     write(out, part.name, record)
     return record
+
+
+def copy_lines(source, log) -> None:
+    for line in source:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        log.write(line)
 
 
 def run_suite(parts: list[Part], out: Path, isolate: bool = True) -> list[dict]:
