@@ -1,8 +1,8 @@
 """`make gpu-suite` (`python -m thinktok.gpu_suite`): every measurement the first GPU visit must bring back,
 in one command, from the repository root of a CUDA machine. Each part runs in its own process under a time
 limit (a CUDA error poisons its process's context; a hung capture must not eat the others' time), writes
-`<part>.json` into GPU_SUITE_OUT (default runs/gpu-suite/), and the suite ends with a summary table that says
-which parts failed and why. On a machine without CUDA it says so in one line and exits 1.
+`<part>.json` and `<part>.log` into GPU_SUITE_OUT (default runs/gpu-suite/), and the suite ends with a summary
+table that says which parts failed and why. On a machine without CUDA it says so in one line and exits 1.
 
     python -m thinktok.gpu_suite [--parts a,b] [--out DIR] [--dry-run]
 """
@@ -92,9 +92,12 @@ def run_isolated(part: Part, out: Path) -> dict:
             child.wait(timeout=part.budget_s)
             timed_out = False
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
             timed_out = True
+        try:  # what the part left behind (a Ray cluster after a failure, say) must not hold the GPU
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
         tee.join(timeout=5)
     if not timed_out and path.exists():
         return json.loads(path.read_text())
