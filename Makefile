@@ -5,11 +5,14 @@ PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# the interpreter of `make gpu-suite`: the venv's here; on the GPU machine (no venv) PYTHON=python3
+PYTHON ?= $(BIN)/python
+GPU_SUITE_OUT ?= runs/gpu-suite
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart sample test install bench
+.PHONY: quickstart sample test install bench gpu-suite
 
 $(BIN)/thinktok: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,3 +37,8 @@ bench: install
 	$(BIN)/thinktok bench rollout
 	$(BIN)/thinktok bench parallel
 	$(BIN)/thinktok bench train
+
+# Every GPU measurement in one command (README: "The GPU suite"): no install step, so it also runs from a
+# source checkout on PYTHONPATH; JSON per part under GPU_SUITE_OUT; without CUDA it exits 1 at once.
+gpu-suite:
+	GPU_SUITE_OUT=$(GPU_SUITE_OUT) $(PYTHON) -m thinktok.gpu_suite $(SUITE_ARGS)

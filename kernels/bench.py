@@ -47,7 +47,9 @@ def implementations(t: int, l: int, device):
     block_mask = create_block_mask(flex_pattern(t, l), None, None, n, n, device=device)
     flex = torch.compile(flex_attention)
     return {
-        "kernel": lambda q, k, v: parallel_thought_attention(q, k, v, t, l),
+        "kernel": lambda q, k, v: parallel_thought_attention(q, k, v, t, l, tiles="fixed"),
+        # the first call of a shape times every candidate (inside median_ms's warm-up calls)
+        "kernel_autotune": lambda q, k, v: parallel_thought_attention(q, k, v, t, l, tiles="autotune"),
         "sdpa_dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
         "flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask),
     }
@@ -77,11 +79,15 @@ def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 
             row[f"speedup_vs_{base}"] = {"fwd": row[base]["fwd_ms"] / row["kernel"]["fwd_ms"],
                                          "bwd": bwd(base) / bwd("kernel"),
                                          "fwd_bwd": row[base]["fwd_bwd_ms"] / row["kernel"]["fwd_bwd_ms"]}
+        fixed, tuned = row["kernel"], row["kernel_autotune"]
+        row["autotune_vs_fixed"] = {"fwd": fixed["fwd_ms"] / tuned["fwd_ms"],
+                                    "fwd_bwd": fixed["fwd_bwd_ms"] / tuned["fwd_bwd_ms"]}
         results["sizes"].append(row)
         print(f"T={t:5d} L={l:3d} | kernel fwd {row['kernel']['fwd_ms']:.3f} ms ({row['kernel']['fwd_tflops']:.0f} TFLOP/s) "
               f"fwd+bwd {row['kernel']['fwd_bwd_ms']:.3f} ms | vs flex fwd {row['speedup_vs_flex']['fwd']:.2f}x, bwd "
               f"{row['speedup_vs_flex']['bwd']:.2f}x | vs dense SDPA {row['speedup_vs_sdpa_dense']['fwd']:.1f}x / "
-              f"{row['speedup_vs_sdpa_dense']['fwd_bwd']:.1f}x")
+              f"{row['speedup_vs_sdpa_dense']['fwd_bwd']:.1f}x | autotuned tiles "
+              f"{row['autotune_vs_fixed']['fwd']:.2f}x / {row['autotune_vs_fixed']['fwd_bwd']:.2f}x fixed")
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention.json").write_text(json.dumps(results, indent=2))
     print(f"saved {out / 'attention.json'}")

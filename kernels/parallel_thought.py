@@ -350,57 +350,115 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(dtype: torch.dtype, head_dim: int) -> dict:
-    block = 32 if interpreting() else 64
-    return dict(BLOCK_M=block, BLOCK_N=block, HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+# Tile settings. "fixed" is v1's (64x64, 32x32 in the interpreter, Triton's default warps/stages);
+# "autotune" lets triton.autotune pick from TUNE_SPACE per (head dim, T, L), timing each candidate on the
+# first call of a shape; a dict {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} forces one candidate (the
+# interpreter tests run every one). The switch: the `tiles` argument, else THINKTOK_TILES (default fixed).
+TILES_ENV = "THINKTOK_TILES"
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style Triton on an H100 is usually best at 128x64 / 64x64
+# with 4-8 warps and 3-4 stages for D=64; 32-wide key tiles cut the masked work of the thought-key tiles.
+# Six candidates: each costs a compile (~1-2 s) per kernel and dtype the first time a machine meets it.
+TUNE_SPACE = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),
+              (64, 32, 4, 4)]
 
 
-def _forward(q, k, v, T, L, scale):
+def tune_configs() -> list[dict]:
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in TUNE_SPACE]
+
+
+def fits(cfg: dict, head_dim: int) -> bool:
+    """Per head dim: at 128 the q tile plus num_stages (k, v) tile pairs of a large config overflow the
+    228 KB of shared memory an H100 block may use, so only tiles up to 64x128 with <= 3 stages stay."""
+    return head_dim <= 64 or (cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 128 and cfg["num_stages"] <= 3)
+
+
+def _prune(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    if head_dim is None:  # not handed to the pruner by this Triton version: time them all
+        return configs
+    kept = [c for c in configs if fits({**c.kwargs, "num_stages": c.num_stages}, head_dim)]
+    return kept or configs[:1]
+
+
+def _tuned(kernel, key: list[str]):
+    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in tune_configs()]
+    # every kernel writes all of its outputs (no accumulation), so re-running a candidate is harmless
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+def resolve_tiles(tiles: str | dict | None) -> str | dict:
+    tiles = os.environ.get(TILES_ENV, "fixed") if tiles is None else tiles
+    if not isinstance(tiles, dict) and tiles not in ("fixed", "autotune"):
+        raise ValueError(f"tiles must be 'fixed', 'autotune' or a config dict, got {tiles!r}")
+    if tiles == "autotune" and interpreting():
+        raise ValueError("tiles='autotune' times candidates on a GPU; the interpreter takes 'fixed' or a "
+                         "config")
+    return tiles
+
+
+def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dtype, head_dim: int,
+            tiles) -> None:
+    """kernel[grid](*args), one program per `block` (BLOCK_M or BLOCK_N) of `rows` rows and per batch*head."""
+    const = dict(HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    if tiles == "autotune":
+        _TUNED[kernel][lambda meta: (triton.cdiv(rows, meta[block]), bh)](*args, **const)
+        return
+    if tiles == "fixed":
+        size = 32 if interpreting() else 64
+        tiles = dict(BLOCK_M=size, BLOCK_N=size)
+    kernel[(triton.cdiv(rows, tiles[block]), bh)](*args, **const, **tiles)
+
+
+_TUNED = {k: _tuned(k, ["D", "T", "L"]) for k in (_fwd_kernel, _dkdv_kernel, _dq_kernel)}
+_TUNED[_decode_kernel] = _tuned(_decode_kernel, ["D", "T"])
+
+
+def _forward(q, k, v, T, L, scale, tiles):
     b, h, n, d = q.shape
-    cfg = _config(q.dtype, d)
     o = _empty(q)
-    lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)  # an unwritten row would show in the grads
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), h, n, T, L, scale * LOG2E, d, **cfg)
+    lse = torch.empty(b * h, n, device=q.device, dtype=torch.float32)  # an unwritten row shows in the grads
+    args = (q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), h, n, T, L, scale * LOG2E, d)
+    _launch(_fwd_kernel, n, "BLOCK_M", b * h, args, q.dtype, d, tiles)
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, T, L, scale):
+def _backward(q, k, v, o, lse, do, T, L, scale, tiles):
     b, h, n, d = q.shape
-    cfg = _config(q.dtype, d)
     do = do.contiguous()
     # delta_i = rowsum(dO_i * O_i): one elementwise reduction, not worth a kernel of its own
     delta = (do.float() * o.float()).sum(-1).reshape(b * h, n)
     dq, dk, dv = _empty(q), _empty(k), _empty(v)
-    args = (h, n, T, L, scale * LOG2E, scale, d)
-    _dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](q, k, v, do, lse, delta, dk, dv, q.stride(0), q.stride(1),
-                                                           q.stride(2), *args, **cfg)
-    _dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](q, k, v, do, lse, delta, dq, q.stride(0), q.stride(1),
-                                                         q.stride(2), *args, **cfg)
+    strides, rest = (q.stride(0), q.stride(1), q.stride(2)), (h, n, T, L, scale * LOG2E, scale, d)
+    grads = (q, k, v, do, lse, delta)
+    _launch(_dkdv_kernel, n, "BLOCK_N", b * h, (*grads, dk, dv, *strides, *rest), q.dtype, d, tiles)
+    _launch(_dq_kernel, n, "BLOCK_M", b * h, (*grads, dq, *strides, *rest), q.dtype, d, tiles)
     return dq, dk, dv
 
 
 class _ParallelThoughtAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, num_real, thought_len, scale):
-        o, lse = _forward(q, k, v, num_real, thought_len, scale)
+    def forward(ctx, q, k, v, num_real, thought_len, scale, tiles):
+        o, lse = _forward(q, k, v, num_real, thought_len, scale, tiles)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.shape = (num_real, thought_len, scale)
+        ctx.shape = (num_real, thought_len, scale, tiles)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, *ctx.shape)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: float | None = None) -> torch.Tensor:
+def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: float | None = None,
+                               tiles: str | dict | None = None) -> torch.Tensor:
     """Attention of the parallel-thought pattern. q, k, v: (batch, heads, num_real * (1 + thought_len), head_dim).
 
     CUDA tensors run the Triton kernel; CPU tensors run the reference's explicit mask through PyTorch's SDPA,
     or the Triton kernel in the interpreter when TRITON_INTERPRET=1. Differentiable (Triton backward on the kernel path).
+    tiles: "fixed" | "autotune" | a forced config (see TUNE_SPACE); None reads THINKTOK_TILES (default fixed).
     """
     check_inputs(q, k, v, num_real, thought_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -409,25 +467,25 @@ def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: 
         # 2-3x faster on a CPU than the reference's einsums and a mask rebuilt every call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=cached_mask(num_real, thought_len, q.device), scale=scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _ParallelThoughtAttention.apply(q, k, v, num_real, thought_len, scale)
+    return _ParallelThoughtAttention.apply(q, k, v, num_real, thought_len, scale, resolve_tiles(tiles))
 
 
-def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: float | None = None) -> torch.Tensor:
+def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: float | None = None,
+                            tiles: str | dict | None = None) -> torch.Tensor:
     """The incremental form used while sampling: thought step j at every position at once, without any
     (T, T) score matrix. q, k_real, v_real (B, H, T, D); k_thought, v_thought (B, H, T, j+1, D) -> (B, H, T, D).
 
     CUDA tensors (or TRITON_INTERPRET=1) run the Triton kernel, CPU tensors the reference. Forward only:
-    sampling needs no gradients (the learner's recompute is the full form)."""
+    sampling needs no gradients (the learner's recompute is the full form). tiles: as in
+    parallel_thought_attention."""
     check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not (q.is_cuda or interpreting()):
         return parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought, scale)
     q, k_real, v_real, k_thought, v_thought = (x.contiguous() for x in (q, k_real, v_real, k_thought, v_thought))
     b, h, t, d = q.shape
-    cfg = _config(q.dtype, d)
     o = _empty(q)
-    grid = (triton.cdiv(t, cfg["BLOCK_M"]), b * h)
-    _decode_kernel[grid](q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
-                         k_thought.stride(0), k_thought.stride(1), k_thought.stride(2), k_thought.stride(3),
-                         h, t, k_thought.shape[3], scale * LOG2E, d, **cfg)
+    args = (q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
+            *k_thought.stride()[:4], h, t, k_thought.shape[3], scale * LOG2E, d)
+    _launch(_decode_kernel, t, "BLOCK_M", b * h, args, q.dtype, d, resolve_tiles(tiles))
     return o

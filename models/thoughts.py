@@ -260,7 +260,7 @@ class ThoughtMode(nn.Module):
     def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
         lp = self.token_logprobs(logits, allow_think)
-        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else torch.multinomial(lp.exp(), 1)
+        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
         return tok[:, 0], lp.gather(1, tok)[:, 0]
 
     def text_step(self, logits: torch.Tensor, embed: nn.Embedding) -> StepOut:
@@ -277,6 +277,16 @@ class ThoughtMode(nn.Module):
     def max_thought_steps(self, max_new_tokens: int) -> int:
         """Upper bound on thought steps (markers included) in one rollout: sizes the decoding loop."""
         return self.cfg.max_thought_tokens + 2 * self.vocab.markers
+
+
+def inverse_cdf(p: torch.Tensor) -> torch.Tensor:
+    """(N, V) probabilities -> (N, 1) sampled ids, from one uniform per row against the cumulative sum (fp64).
+    torch.multinomial draws an exponential per entry: on a CPU that was most of a decoding step at V = 50k."""
+    cdf = p.double().cumsum(-1)
+    total = cdf[:, -1:]
+    # the first id whose cumulative mass exceeds u * total: never a zero-probability id (u * total < total)
+    u = torch.minimum(torch.rand_like(total) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def select(cond: torch.Tensor, a: StepOut, b: StepOut) -> StepOut:
@@ -310,9 +320,9 @@ class PauseThoughts(ThoughtMode):
 
     def step(self, logits, hidden, state, embed):
         pausing = state.phase > 0
-        out = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
-        if not pausing.all():  # sample text only on steps where some row writes text
-            out = select(pausing, out, self.text_step(logits, embed))
+        # the text token is sampled on every step (see MarkedThoughts.step)
+        pause = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
+        out = select(pausing, pause, self.text_step(logits, embed))
         state.n_thought += pausing
         state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
         refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0
@@ -332,16 +342,13 @@ class MarkedThoughts(ThoughtMode):
         raise NotImplementedError
 
     def step(self, logits, hidden, state, embed):
-        # each branch runs only on steps where some row is in its phase (the soft branch is a top-k over the
-        # vocabulary: not worth paying on the text steps that make up most of a rollout)
-        out = self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed)
+        # Every branch runs on every step, whatever phase the rows are in: no host sync (`.any()`) decides the
+        # work, so the step can be compiled and captured as a CUDA graph, and the random stream a seed gives
+        # is the same on the dynamic and the static/compiled path (a skipped branch would draw nothing).
         thinking = state.phase == 1
-        ends = torch.zeros_like(thinking)
-        if thinking.any():
-            think, ends = self.thought(logits, hidden, state, embed)
-            out = select(thinking, think, out)
-        if (state.phase == 2).any():
-            out = select(state.phase == 2, self.text_step(logits, embed), out)
+        think, ends = self.thought(logits, hidden, state, embed)
+        out = select(thinking, think, self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed))
+        out = select(state.phase == 2, self.text_step(logits, embed), out)
         state.n_thought += state.phase < 2
         state.phase = torch.where(thinking & ends, 2, torch.where(state.phase == 0, 1, state.phase))
         return out

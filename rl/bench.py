@@ -24,9 +24,10 @@ BENCH_MODES = {
 }
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median wall seconds of fn() after one warm-up call."""
-    fn()
+def timed(fn, repeats: int, device: str, warm_up: bool = True) -> float:
+    """Median wall seconds of fn() (after one warm-up call unless the caller made one)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -39,38 +40,63 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str, out: Path) -> dict:
+# the sampler's paths: the dynamic KV cache (the reference) and the static cache with a compiled decoding step
+ENGINES = {"dynamic": {}, "compiled": {"compile": True}}
+
+
+def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, device: str, dtype: str,
+                  out: Path, modes: tuple[str, ...] = tuple(BENCH_MODES),
+                  engines: tuple[str, ...] = tuple(ENGINES)) -> dict:
+    """rollout.json is rewritten after every mode (a run stopped midway keeps what it measured). An engine
+    that fails (a compile error, say) is recorded in its row and raised once every mode has run."""
     torch_dtype = getattr(torch, dtype)
     prompt = [[1105, 1635, 4974, 796]] * batch  # "12 * 34 ="
-    results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype, "modes": {}}
-    baseline = None
-    for name, kw in BENCH_MODES.items():
+    results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype,
+               "modes": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    path, failed, baseline = out / "rollout.json", [], None
+    for name in modes:
         # thoughts take a quarter of the steps, so every mode runs `new_tokens` decoding steps in all
-        cfg = ThoughtConfig(max_thought_tokens=new_tokens // 4, **kw)
+        cfg = ThoughtConfig(max_thought_tokens=new_tokens // 4, **BENCH_MODES[name])
         policy = load_policy(model_name, cfg.vocab_tokens, cfg.markers, dtype=torch_dtype)
         model = policy.model.to(device).eval()
-        text_tokens = new_tokens - (cfg.max_thought_tokens + 2 if cfg.markers else cfg.num_pause if name == "pause" else 0)
-        mode = make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=text_tokens, stop_at_eos=False)).to(device)
-        steps = sum(r.num_steps for r in sample(model, mode, prompt))
-        secs = timed(lambda: sample(model, mode, prompt), repeats, device)
+        thought_steps = cfg.max_thought_tokens + 2 if cfg.markers else cfg.num_pause if name == "pause" else 0
+        sampling = SamplingConfig(max_new_tokens=new_tokens - thought_steps, stop_at_eos=False)
+        mode = make_mode(cfg, policy.vocab, sampling).to(device)
         if baseline is None:  # HF generate on the same model, batch and length
             ids = torch.tensor(prompt, device=device)
 
             def generate():
                 with torch.no_grad():
-                    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, pad_token_id=policy.vocab.eos_id)
+                    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                          pad_token_id=policy.vocab.eos_id)
 
-            gen_tokens = (generate().shape[1] - ids.shape[1]) * batch
-            baseline = gen_tokens / timed(generate, repeats, device)
+            gen_tokens = (generate().shape[1] - ids.shape[1]) * batch  # (also the warm-up)
+            baseline = gen_tokens / timed(generate, repeats, device, warm_up=False)
             results["generate_tokens_per_s"] = baseline
-        results["modes"][name] = {"tokens_per_s": steps / secs, "steps": steps, "ratio_vs_generate": steps / secs / baseline}
-        print(f"{name:>10}: {steps / secs:10.1f} tokens/s  = {steps / secs / baseline:5.2f}x generate "
-              f"({baseline:.1f} tokens/s)")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "rollout.json"
-    path.write_text(json.dumps(results, indent=2))
+        row = results["modes"][name] = {}
+        for engine in engines:
+            run = lambda: sample(model, mode, prompt, **ENGINES[engine])  # noqa: E731
+            try:
+                steps = sum(r.num_steps for r in run())  # the warm-up (the compiled path compiles here)
+                rate = steps / timed(run, repeats, device, warm_up=False)
+            except Exception as e:  # noqa: BLE001 -- recorded, the other engines and modes still run
+                row[engine] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                failed.append(f"{name}/{engine}")
+                continue
+            row[engine] = {"tokens_per_s": rate, "steps": steps, "ratio_vs_generate": rate / baseline}
+        ok = [e for e in engines if "error" not in row[e]]
+        line = ", ".join(f"{e} {row[e]['ratio_vs_generate']:5.2f}x generate" for e in ok)
+        if {"dynamic", "compiled"} <= set(ok):
+            row["compiled_vs_dynamic"] = row["compiled"]["tokens_per_s"] / row["dynamic"]["tokens_per_s"]
+            line += f" (compiled = {row['compiled_vs_dynamic']:.2f}x dynamic)"
+        print(f"{name:>10}: {line}; generate {baseline:.1f} tokens/s"
+              + "".join(f"; {e} FAILED: {row[e]['error'][:200]}" for e in engines if e not in ok))
+        path.write_text(json.dumps(results, indent=2))
     print(f"saved {path}")
+    if failed:
+        raise RuntimeError(f"bench rollout: {', '.join(failed)} failed (errors in {path})")
     return results
 
 

@@ -66,16 +66,30 @@ def test_forward_and_grads_match_reference(shape, dtype, monkeypatch):
         assert rel(g, r) < TOL[dtype], f"d{name}"
 
 
+# autotuned tiles at bf16 only (the training dtype): every tuned dtype is ~24 more compiles
+GPU_CASES = [(torch.float32, "fixed"), (torch.float16, "fixed"), (torch.bfloat16, "fixed"),
+             (torch.bfloat16, "autotune")]
+
+
 @pytest.mark.skipif(not GPU, reason="full size needs a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_size_on_gpu(dtype):
-    q, k, v = inputs(4, 12, 1024, 16, 64, dtype)
-    out = parallel_thought_attention(q, k, v, 1024, 16)
+@pytest.mark.parametrize("dtype, tiles", GPU_CASES)
+def test_full_size_on_gpu(dtype, tiles):
+    # T and L at full size; 1 x 4 heads because the reference's fp32 (B, H, N, N) scores take 1.2 GB a head
+    q, k, v = inputs(1, 4, 1024, 16, 64, dtype)
+    out = parallel_thought_attention(q, k, v, 1024, 16, tiles=tiles)
     ref = parallel_thought_attention_reference(q, k, v, 1024, 16)
     assert rel(out, ref) < TOL[dtype]
     do = torch.randn_like(out)
     for g, r in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
         assert rel(g, r) < TOL[dtype]
+
+
+@pytest.mark.skipif(not GPU, reason="full size needs a GPU")
+@pytest.mark.parametrize("dtype, tiles", GPU_CASES)
+def test_decode_full_size_on_gpu(dtype, tiles):
+    args, _ = decode_inputs(4, 12, 1024, 16, 15, 64, dtype)
+    out = parallel_thought_decode(*args, tiles=tiles)
+    assert rel(out, parallel_thought_decode_reference(*args)) < TOL[dtype]
 
 
 def test_custom_scale_and_cpu_fallback(monkeypatch):
@@ -146,3 +160,46 @@ def test_decode_rejects_mismatched_cache():
         parallel_thought_decode(q, kr, vr, kt[:, :, :4], vt[:, :, :4])
     with pytest.raises(ValueError, match="k_real"):
         parallel_thought_decode(q, kr[:, :, :4], vr, kt, vt)
+
+
+# ---- tile configurations: each autotuning candidate's shape logic, forced, in the interpreter ------------
+
+CONFIG_SHAPES = [(1, 2, 37, 3, 16), (1, 1, 5, 9, 32)]  # several blocks of every size; L > T
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's check; on a GPU the autotuned full-size tests cover it")
+@pytest.mark.parametrize("cfg", pt.tune_configs(),
+                         ids=lambda c: "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
+def test_every_tune_config_matches_reference(cfg, monkeypatch):
+    monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
+    for b, h, t, l, d in CONFIG_SHAPES:
+        q, k, v = inputs(b, h, t, l, d, torch.float32)
+        out = parallel_thought_attention(q, k, v, t, l, tiles=cfg)
+        ref = parallel_thought_attention_reference(q, k, v, t, l)
+        assert rel(out, ref) < 1e-5
+        do = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+            assert rel(g, r) < 1e-5
+        args, _ = decode_inputs(b, h, t, l, l - 1, d, torch.float32)
+        assert rel(parallel_thought_decode(*args, tiles=cfg), parallel_thought_decode_reference(*args)) < 1e-5
+
+
+def test_tile_switch(monkeypatch):
+    assert pt.resolve_tiles(None) == "fixed"  # the default: v1's tiles
+    monkeypatch.setenv(pt.TILES_ENV, "autotune")
+    if not GPU:
+        with pytest.raises(ValueError, match="interpreter"):
+            pt.resolve_tiles(None)
+    with pytest.raises(ValueError, match="tiles must be"):
+        pt.resolve_tiles("fastest")
+
+
+def test_configs_pruned_per_head_dim():
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in pt.tune_configs()]
+    assert len(pt._prune(configs, {}, HEAD_DIM=64)) == len(configs)
+    kept = pt._prune(configs, {}, HEAD_DIM=128)
+    assert 0 < len(kept) < len(configs)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 and c.num_stages <= 3 for c in kept)

@@ -146,3 +146,14 @@ def test_text_logprobs_ignore_sampling_settings():
     hot = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(temperature=0.5, top_k=2, top_p=0.5))
     expect = torch.stack([torch.log(logits[i, :10].exp() / logits[i, :10].exp().sum()) for i in range(3)])
     assert torch.allclose(hot.text_logprobs(logits), expect, atol=1e-6)
+
+
+def test_inverse_cdf_sampling():
+    """One uniform per row: frequencies follow p, zero-probability ids (banned columns) never come out."""
+    from thinktok.models.thoughts import inverse_cdf
+
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    torch.manual_seed(0)
+    ids = inverse_cdf(p.expand(20000, -1))[:, 0]
+    freq = torch.bincount(ids, minlength=6).float() / len(ids)
+    assert freq[p == 0].sum() == 0 and (freq - p).abs().max() < 0.02
