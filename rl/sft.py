@@ -257,6 +257,7 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
     if th.mode == "continuous":
         return ThoughtConfig(mode="continuous", num_thinking=0, max_thought_tokens=latents, sigma=th.sigma)
     if cfg.discrete_curriculum:  # the policy emits its thinking tokens itself, as RL's vocab mode
-        return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, max_thought_tokens=latents, init=th.init)
+        return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, max_thought_tokens=latents,
+                             init=cfg.model.init)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 

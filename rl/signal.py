@@ -64,8 +64,8 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
         scored = rewards.score(rollouts, rows)
         totals.append(scored.total)
         thinks.append(torch.tensor([bool(r.is_chosen_thought.any()) for r in rollouts]))
-        correct.append(torch.tensor([float(task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row))
-                                     for r, row in zip(rollouts, rows)]))
+        texts = [policy.tokenizer.decode(r.real_ids, skip_special_tokens=True) for r in rollouts]
+        correct.append(torch.tensor([float(task.check(text, row)) for text, row in zip(texts, rows)]))
         for name, value in scored.parts.items():
             parts.setdefault(name, []).append(value)
     total, think, ok = torch.cat(totals), torch.cat(thinks), torch.cat(correct)

@@ -45,7 +45,8 @@ def test_replay_feeds_the_donor_thoughts_at_the_thought_steps():
     for b, r in enumerate(out):
         thought_steps = [s for s in range(r.num_steps) if r.token[s] >= policy.vocab.real_size]
         for k, s in enumerate(thought_steps):  # step s's input is fed by the sampler's (s+1)-th forward
-            want = shuffled[b][k % len(shuffled[b])] if len(shuffled[b]) else embed.weight[policy.vocab.think_id(0)]
+            donor = shuffled[b]
+            want = donor[k % len(donor)] if len(donor) else embed.weight[policy.vocab.think_id(0)]
             assert torch.allclose(fed[s + 1][b], want), (b, k)
     none = sample(policy.model, controls["no_thoughts"], prompts)
     assert all(r.num_thought == 0 for r in none)

@@ -94,7 +94,8 @@ def test_one_update_moves_continuous_thoughts_toward_the_rewarded_direction(tmp_
     """Reward x_0 . u for the first thought vector x_0 ~ N(h, sigma^2): the mean h must move along u."""
     policy, mode = policy_and_mode(dict(mode="continuous", num_thinking=0, max_thought_tokens=1, sigma=0.5,
                                         density_scale=scale))
-    u = torch.nn.functional.normalize(torch.randn(policy.model.config.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0)
+    u = torch.randn(policy.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm()
     before = first_thought_mean(policy, u)
     # the advantage is noise along the other D-1 directions: 64 rollouts make the signal along u dominate
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.vector[1] @ u), lr=1e-3, group=32)
@@ -233,7 +234,8 @@ def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
                 ids = r.prompt_ids + r.token[:first].tolist() + g
                 logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].double()
                 start = len(ids) - len(g)
-                out.append(-torch.stack([logits[k - 1].log_softmax(-1)[ids[k]] for k in range(start, len(ids))]).mean())
+                lp = [logits[k - 1].log_softmax(-1)[ids[k]] for k in range(start, len(ids))]
+                out.append(-torch.stack(lp).mean())
         return torch.stack(out).mean().item()
 
     before = hand()

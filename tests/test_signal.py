@@ -14,7 +14,8 @@ QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 
 def cfg(*overrides):
     base = ["policy=tiny", "teacher=null", "teacher_sft=null", "task.num_train=64", "task.num_val=4",
-            "task.num_test=4", "thought.num_thinking=256", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
+            "task.num_test=4", "thought.num_thinking=256", "thought.max_thought_tokens=3",
+            "sampling.max_new_tokens=6",
             "rl.prompts_per_step=4", "rl.num_generations=8", "rewards.weights={}"]
     return load_config(TrainConfig, QUICKSTART, base + list(overrides))
 
