@@ -21,6 +21,7 @@ from thinktok.models.policy import Policy, load_policy
 from thinktok.models.vocab import row_movement
 
 from .checkpoint import find_checkpoint, load_run_info
+from .controls import CONTROLS
 from .evaluate import evaluate
 from .sft import ROWS_FILE
 
@@ -61,13 +62,16 @@ def label(run: dict) -> str:
 
 
 def print_table(runs: list[dict]) -> None:
-    table = Table("run", "mode", "format", "accuracy / nll with→without", "thought steps", "rows", "row movement mean/max")
+    table = Table("run", "mode", "format", "accuracy / nll with→without", "controls: none / pause / shuffled",
+                  "thought steps", "rows", "row movement mean/max")
     for r in runs:
         score = (f"{r['nll_thought']:.3f} → {r['nll_base']:.3f}" if r["format"] == "parallel" else f"{r['accuracy']:.3f}")
+        c = r.get("controls")  # accuracy under the eval controls (rl/controls.py); parallel runs have none
+        controls = " / ".join(f"{c[k]['accuracy']:.3f}" for k in CONTROLS) if c else "-"
         steps = str(r.get("thought_len", "")) if r["format"] == "parallel" else f"{r['thought_steps_mean']:.2f}"
         m = r["movement"]
         moved = f"{m['mean']:.3f} / {m['max']:.3f}" if m["num_rows"] else "-"
-        table.add_row(Path(r["path"]).name, r["mode"], r["format"], score, steps, str(m["num_rows"]), moved)
+        table.add_row(Path(r["path"]).name, r["mode"], r["format"], score, controls, steps, str(m["num_rows"]), moved)
     console = Console()
     if not console.is_terminal:  # a log file: no 80-column wrap
         console.width = 160

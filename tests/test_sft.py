@@ -82,6 +82,7 @@ def test_compare_shared_vs_distinct_slots(tmp_path, capsys):
     shared, distinct = report["runs"]
     assert report["task"] == "multiplication" and shared["num_examples"] == distinct["num_examples"] == 4
     assert shared["mode"] == distinct["mode"] == "pause"  # supervised slots decode as fixed insertions
+    assert set(shared["controls"]) == {"no_thoughts", "pause", "shuffled_thoughts"}  # the eval controls, per run
     assert shared["movement"]["num_rows"] == 1 and distinct["movement"]["num_rows"] == 2
     # the movement is the checkpoint's rows against its saved initial rows, the last SFT record says the same
     last = json.loads((tmp_path / "distinct" / "checkpoint" / "thinking_rows.json").read_text())["movement"][-1]
