@@ -12,11 +12,12 @@ FORMATS = ("answer", "cot")
 
 @dataclass
 class TaskConfig:
-    name: str = "multiplication"  # multiplication | prosqa | prontoqa | text | gsm8k
+    name: str = "multiplication"  # multiplication | hops | prosqa | prontoqa | text | gsm8k
     digits: int = 2  # multiplication: k-digit by k-digit, k = 2..5
     spaced: bool = False  # multiplication: digits separated by spaces
     reverse: bool = False  # multiplication: least significant digit first
-    depth: int = 3  # prosqa/prontoqa: reasoning hops
+    depth: int = 3  # hops: pointers to follow; prosqa/prontoqa: reasoning hops
+    symbols: int = 8  # hops: distinct letters in the table (2..26)
     branching: int = 2  # prosqa: dead-end branches off the gold path
     distractors: int = 1  # prosqa: disjoint chains (one of them holds the wrong option)
     path: str | None = None  # prosqa: import a Coconut-format JSON; text: a file or folder of .txt
@@ -33,6 +34,8 @@ class TaskConfig:
             raise ValueError(f"unknown task {self.name!r}: expected one of {', '.join(TASKS)}")
         if self.name == "multiplication" and not 1 <= self.digits <= 5:
             raise ValueError(f"multiplication digits must be in 1..5, got {self.digits}")
+        if self.name == "hops" and not (2 <= self.symbols <= 26 and self.depth >= 1):
+            raise ValueError(f"hops needs 2 <= symbols <= 26 and depth >= 1, got {self.symbols}, {self.depth}")
         if min(self.num_train, self.num_val, self.num_test) < 1:
             raise ValueError("num_train, num_val and num_test must be >= 1")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -173,14 +174,26 @@ def continuous_inputs(model, input_ids, attention_mask, latent_pos) -> torch.Ten
     return embeds
 
 
+def label_loss(model, input_ids, attention_mask, labels, latent_pos) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (HF's causal-LM loss), computing the
+    50k-wide head only where a label is predicted: on short-answer tasks the prompt is most of each sequence
+    and the head most of a small model's compute (5x fewer head rows on hops).
+    input_ids, attention_mask, labels: (B, W); latent_pos: (B, L) continuous-thought slots, -1 = none."""
+    embeds = (continuous_inputs(model, input_ids, attention_mask, latent_pos) if latent_pos.numel()
+              else model.get_input_embeddings()(input_ids))
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100  # (B, W-1): position t predicts token t+1
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
+    return F.cross_entropy(logits.float(), target[keep])
+
+
 class SFTTrainer(Trainer):
-    """transformers' Trainer; only the forward differs for continuous thoughts (inputs spliced in)."""
+    """transformers' Trainer with the loss above (continuous thoughts spliced into the inputs)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        latent_pos = inputs.pop("latent_pos")
-        if latent_pos.numel():
-            inputs["inputs_embeds"] = continuous_inputs(model, inputs.pop("input_ids"), inputs["attention_mask"], latent_pos)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return label_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                          inputs["latent_pos"])
 
 
 class ThinkingRowRecorder(TrainerCallback):

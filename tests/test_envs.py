@@ -5,13 +5,14 @@ import json
 import pytest
 
 from thinktok.envs import TaskConfig, load_task
+from thinktok.models.vocab import offline_gpt2_tokenizer
 
 
 def task(name, **kw):
     return load_task(TaskConfig(name=name, num_train=40, num_val=5, num_test=5, **kw))
 
 
-@pytest.mark.parametrize("name", ["multiplication", "prosqa", "prontoqa"])
+@pytest.mark.parametrize("name", ["multiplication", "hops", "prosqa", "prontoqa"])
 def test_deterministic_by_seed_and_splits_disjoint(name):
     a, b, c = task(name, seed=1), task(name, seed=1), task(name, seed=2)
     assert a.dataset["train"].to_list() == b.dataset["train"].to_list()
@@ -123,3 +124,27 @@ def test_bad_task_config():
         load_task(TaskConfig(name="sudoku"))
     with pytest.raises(ValueError, match="only .* distinct problems"):
         load_task(TaskConfig(name="multiplication", digits=1, num_train=100, num_val=1, num_test=1))
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_hops_answer_follows_the_prompts_pointers(depth):
+    t = task("hops", depth=depth, symbols=6)
+    for row in t.dataset["train"]:
+        table, start = row["prompt"].removeprefix("map ").split(" | ")
+        pairs = [p.split() for p in table.split(" , ")]
+        nxt = dict(pairs)
+        assert sorted(nxt) == sorted(nxt.values()) and len(nxt) == 6  # a permutation of 6 letters
+        at = start.removesuffix(" =")
+        walked = []
+        for _ in range(depth):
+            at = nxt[at]
+            walked.append(at)
+        assert row["answer"] == walked[-1] and row["steps"] == walked[:-1]
+        assert t.check(t.target(row, "cot"), row) and t.check(t.target(row, "answer"), row)
+    tok = offline_gpt2_tokenizer()
+    assert all(len(tok(" " + s).input_ids) == 1 for s in row["steps"] + [row["answer"]])
+
+
+def test_hops_bad_config_is_refused():
+    with pytest.raises(ValueError, match="symbols"):
+        task("hops", symbols=30)

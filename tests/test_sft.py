@@ -7,8 +7,11 @@ import torch
 
 from thinktok.cli import main
 from thinktok.config import load_config
+from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
-from thinktok.rl.sft import SFTConfig, continuous_inputs, run_sft
+from thinktok.models.thoughts import ThoughtConfig
+from thinktok.rl.sft import (CurriculumConfig, SFTConfig, collate, continuous_inputs, encode, label_loss, run_sft,
+                             step_codebook)
 
 BASE = ["task.num_train=64", "task.num_val=4", "task.num_test=8", "train.batch_size=16", "train.log_every=5",
         "train.lr=3e-3"]
@@ -119,3 +122,19 @@ def test_discrete_curriculum_rewrites_steps_in_thinking_tokens(tmp_path):
     with pytest.raises(ValueError, match="needs curriculum.stages >= 1"):
         load_config(SFTConfig, None, ["thought.mode=vocab", "thought.num_thinking=4", "format=cot",
                                       "curriculum.stages=0"])
+
+
+def test_label_loss_is_hf_causal_lm_loss_on_labelled_positions():
+    """The head runs only where a label is predicted; the loss must still be HF's full-sequence one."""
+    policy = load_policy("tiny", 4, False, seed=0)
+    cfg = SFTConfig(task=TaskConfig(name="hops", num_train=8, num_val=1, num_test=1), format="cot",
+                    thought=ThoughtConfig(mode="vocab", num_thinking=4), curriculum=CurriculumConfig(stages=1))
+    task = load_task(cfg.task)
+    code = step_codebook(policy.tokenizer, task.dataset["train"])
+    batch = collate([encode(policy.tokenizer, policy, cfg, task, r, 1, code) for r in task.dataset["train"]],
+                    policy.vocab.eos_id)
+    ref = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).loss
+    got = label_loss(policy.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                     batch["latent_pos"])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
