@@ -39,6 +39,7 @@ class Action(IntEnum):
     VECTOR = 3  # continuous thought x ~ N(h, sigma^2 I)  (+ log P(continue) with a learned stop)
     STOP = 4  # learned stop: <eot> chosen with probability P(<eot>)
     SOFT = 5  # soft thought: mixture weights w over top-k token ids
+    THINK = 6  # fixed slot: a thinking token sampled from the thinking columns alone (vocab with slots > 0)
 
 
 @dataclass
@@ -64,6 +65,11 @@ class ThoughtConfig:
     mode: str = "vocab"
     num_thinking: int = 64  # vocab: distinct <think_i> tokens; pause: 1 = one shared embedding, k = k distinct
     max_thought_tokens: int = 32  # budget per rollout (continuous without learned stop: exact count)
+    # fixed thought slots: > 0 = exactly `slots` thought steps the policy fills with content of its choosing,
+    # after the prompt (vocab: or before every text token, slots_at=every), so the decision to think cannot
+    # collapse; 0 = free placement (vocab: the policy decides when, up to max_thought_tokens)
+    slots: int = 0
+    slots_at: str = "prompt"  # prompt | every (vocab only)
     init: str = "mean"  # initialisation of the new rows: mean | norm
     # continuous (Coconut)
     sigma: float = 0.1  # Gaussian exploration around the fed-back hidden state; 0 = deterministic
@@ -86,6 +92,17 @@ class ThoughtConfig:
     pause_at: str = "prompt"  # prompt: k pauses after the prompt | every: k pauses before every text token
 
     @property
+    def budget(self) -> int:
+        """Thought steps per rollout at most (exactly, with slots)."""
+        return self.slots or self.max_thought_tokens
+
+    @property
+    def every(self) -> bool:
+        """Thoughts inserted before every text token (pause_at=every, or vocab slots_at=every): the gold-answer
+        rewards and the latent term repeat the opening block before every gold token, as the policy sees it."""
+        return (self.mode == "pause" and self.pause_at == "every") or (self.slots > 0 and self.slots_at == "every")
+
+    @property
     def markers(self) -> bool:
         return self.mode in ("continuous", "soft")
 
@@ -97,7 +114,7 @@ class ThoughtConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown thought mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        for name in ("num_thinking", "max_thought_tokens", "num_pause", "soft_top_k", "cold_stop_steps"):
+        for name in ("num_thinking", "max_thought_tokens", "slots", "num_pause", "soft_top_k", "cold_stop_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mode in ("vocab", "pause") and self.num_thinking < 1:
@@ -112,6 +129,19 @@ class ThoughtConfig:
                              "set learned_stop: false")
         if self.noise not in ("none", "gumbel", "dirichlet"):
             raise ValueError(f"unknown soft noise {self.noise!r}: expected none, gumbel or dirichlet")
+        if self.slots:
+            if self.mode in ("none", "pause"):
+                raise ValueError(f"thought.slots is for modes that choose a thought's content (vocab, continuous, "
+                                 f"soft); mode {self.mode} has none: use num_pause for fixed pauses")
+            if self.mode == "single":
+                raise ValueError("mode single with slots has no content to choose (one token): it is mode pause "
+                                 "with num_thinking=1")
+            if self.learned_stop:
+                raise ValueError("thought.slots fixes the number of thoughts: set learned_stop: false")
+        if self.slots_at not in ("prompt", "every"):
+            raise ValueError(f"unknown slots_at {self.slots_at!r}: expected prompt or every")
+        if self.slots_at == "every" and self.mode != "vocab":
+            raise ValueError(f"slots_at=every is for mode vocab; {self.mode} thoughts sit after the prompt")
         if self.pause_at not in ("prompt", "every"):
             raise ValueError(f"unknown pause_at {self.pause_at!r}: expected prompt or every")
         if self.sigma < 0 or (self.sigma == 0 and self.learn_sigma):
@@ -194,6 +224,13 @@ class ThoughtMode(nn.Module):
             logits = logits.scatter(1, keep[:, None], unfiltered.gather(1, keep[:, None]))
         return F.log_softmax(logits, dim=-1)
 
+    def think_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) -> (N, num_thinking): a fixed slot's distribution, the thinking columns alone at the sampling
+        temperature (no top-k/top-p: N is small and every thinking token stays reachable)."""
+        v = self.vocab
+        return F.log_softmax(logits[:, v.think_start : v.think_start + v.num_thinking].float()
+                             / self.sampling.temperature, dim=-1)
+
     def text_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, V) -> (N, V_text): the plain text distribution (text columns only, temperature 1, no filter).
         What rewards score text with, whatever the sampling settings."""
@@ -240,6 +277,13 @@ class ThoughtMode(nn.Module):
             out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, token[tok, None])[:, 0])
             if with_entropy:
                 entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
+        slot = action == Action.THINK
+        if slot.any():
+            lp = self.think_logprobs(logits[slot])
+            picked = lp.gather(1, (token[slot] - self.vocab.think_start)[:, None])[:, 0]
+            out = out.index_put((slot.nonzero()[:, 0],), picked)
+            if with_entropy:
+                entropy = entropy.index_put((slot.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
         if self.vocab.markers and self.cfg.learned_stop:
             stop_lp, cont_lp = self.stop_logprobs(logits)
             out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(action == Action.VECTOR, cont_lp, 0)
@@ -276,7 +320,7 @@ class ThoughtMode(nn.Module):
 
     def max_thought_steps(self, max_new_tokens: int) -> int:
         """Upper bound on thought steps (markers included) in one rollout: sizes the decoding loop."""
-        return self.cfg.max_thought_tokens + 2 * self.vocab.markers
+        return self.cfg.budget + 2 * self.vocab.markers
 
 
 def inverse_cdf(p: torch.Tensor) -> torch.Tensor:
@@ -313,24 +357,46 @@ class PauseThoughts(ThoughtMode):
     """`pause`: k thought tokens inserted by rule (after the prompt, or before every text token); slot j
     uses `<think{j mod N}>`, so N=1 is one shared embedding and N=k gives k distinct ones."""
 
+    @property
+    def count(self) -> int:
+        return self.cfg.num_pause
+
     def init_state(self, batch, device):
         state = super().init_state(batch, device)
-        state.phase.fill_(self.cfg.num_pause)  # pauses left to insert
+        state.phase.fill_(self.count)  # thought steps left to insert
         return state
+
+    def slot(self, logits, state, embed) -> StepOut:
+        return self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
 
     def step(self, logits, hidden, state, embed):
         pausing = state.phase > 0
+        every = self.cfg.every
         # the text token is sampled on every step (see MarkedThoughts.step)
-        pause = self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
-        out = select(pausing, pause, self.text_step(logits, embed))
+        out = select(pausing, self.slot(logits, state, embed), self.text_step(logits, embed))
         state.n_thought += pausing
-        state.run = torch.where(pausing, state.run + 1, 0 if self.cfg.pause_at == "every" else state.run)
-        refill = self.cfg.num_pause if self.cfg.pause_at == "every" else 0
-        state.phase = torch.where(pausing, state.phase - 1, refill)
+        state.run = torch.where(pausing, state.run + 1, 0 if every else state.run)
+        state.phase = torch.where(pausing, state.phase - 1, self.count if every else 0)
         return out
 
     def max_thought_steps(self, max_new_tokens):
-        return self.cfg.num_pause * (max_new_tokens if self.cfg.pause_at == "every" else 1)
+        return self.count * (max_new_tokens if self.cfg.every else 1)
+
+
+class SlotThoughts(PauseThoughts):
+    """`vocab` with `slots` k > 0: the pause schedule (k steps after the prompt, or before every text token), each
+    slot a thinking token the policy samples from the thinking columns alone (Action.THINK): it chooses what
+    to think, never whether."""
+
+    @property
+    def count(self) -> int:
+        return self.cfg.slots
+
+    def slot(self, logits, state, embed):
+        lp = self.think_logprobs(logits)
+        idx = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
+        tok = self.vocab.think_start + idx[:, 0]
+        return StepOut(torch.full_like(tok, Action.THINK), tok, embed(tok), lp.gather(1, idx)[:, 0])
 
 
 class MarkedThoughts(ThoughtMode):
@@ -356,7 +422,7 @@ class MarkedThoughts(ThoughtMode):
 
 class ContinuousThoughts(MarkedThoughts):
     """`continuous` (Coconut): the thought fed next is x = h + sigma * eps, h the last hidden state.
-    Stops after exactly `max_thought_tokens` thoughts, or (learned_stop) when the policy samples <eot>."""
+    Stops after exactly `max_thought_tokens` (or `slots`) thoughts, or (learned_stop) when the policy samples <eot>."""
 
     def __init__(self, cfg, vocab, sampling):
         super().__init__(cfg, vocab, sampling)
@@ -381,7 +447,7 @@ class ContinuousThoughts(MarkedThoughts):
         x = h + self.sigma.detach() * torch.randn_like(h) if self.cfg.sigma > 0 and not self.sampling.greedy else h
         lp = self.vector_logprob(x, h)
         vec = StepOut(torch.full_like(eot, Action.VECTOR), torch.full_like(eot, -1), x.to(hidden.dtype), lp, vector=x)
-        budget_left = state.n_thought - 1 < self.cfg.max_thought_tokens  # n_thought counts <bot>
+        budget_left = state.n_thought - 1 < self.cfg.budget  # n_thought counts <bot>
         if not self.cfg.learned_stop:
             return select(budget_left, vec, self.forced(eot, embed)), ~budget_left
         stop_lp, cont_lp = self.stop_logprobs(logits)
@@ -395,7 +461,8 @@ class ContinuousThoughts(MarkedThoughts):
 class SoftThoughts(MarkedThoughts):
     """`soft` (Soft Thinking): the thought fed next is sum_k w_k E[id_k] over the top-k text tokens, w the
     renormalised probabilities, optionally randomised (Gumbel-softmax or Dirichlet). Cold stop: <eot> once
-    the entropy stays under a threshold for `cold_stop_steps` consecutive steps, or at the budget."""
+    the entropy stays under a threshold for `cold_stop_steps` consecutive steps, or at the budget; with `slots`
+    no cold stop: exactly `slots` thoughts."""
 
     def thought(self, logits, hidden, state, embed):
         v, cfg = self.vocab, self.cfg
@@ -421,13 +488,14 @@ class SoftThoughts(MarkedThoughts):
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
         thinking = state.phase == 1
         state.run = torch.where(thinking & (entropy < cfg.cold_stop_entropy), state.run + 1, 0)
-        stop = (state.run >= cfg.cold_stop_steps) | (state.n_thought - 1 >= cfg.max_thought_tokens)
+        cold = (state.run >= cfg.cold_stop_steps) if not cfg.slots else torch.zeros_like(thinking)
+        stop = cold | (state.n_thought - 1 >= cfg.budget)
         return select(stop, self.forced(eot, embed), soft), stop
 
 
 def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig) -> ThoughtMode:
     cfg.validate()
-    cls = {"none": VocabThoughts, "vocab": VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
+    cls = {"none": VocabThoughts, "vocab": SlotThoughts if cfg.slots else VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
            "continuous": ContinuousThoughts, "soft": SoftThoughts}[cfg.mode]
     if cfg.vocab_tokens != vocab.num_thinking or cfg.markers != vocab.markers:
         raise ValueError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "

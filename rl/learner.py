@@ -223,8 +223,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         """Mean over rollouts of -(1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t): the gold answer after each
         rollout's own opening thoughts (the layout gold_loglik scores), differentiable."""
         cfg = self.thought_mode.cfg
-        forced = [with_gold(r, torch.tensor(g), cfg.mode == "pause" and cfg.pause_at == "every")
-                  for r, g in zip(rollouts, gold)]
+        forced = [with_gold(r, torch.tensor(g), cfg.every) for r, g in zip(rollouts, gold)]
         with self.accelerator.autocast():
             text_logp = recompute_logprobs(model, self.thought_mode, forced, text=True).text_logp
         ids = torch.cat([torch.tensor(g) for g in gold]).to(text_logp.device)

@@ -13,7 +13,7 @@ q = the teacher, pi_text = the policy's text distribution renormalised over text
                   thoughts are free latent actions the teacher never sees)
   gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), z_open = the thought steps before the
                   rollout's first text token (the policy scores, since the teacher cannot read thoughts);
-                  with pause_at=every the pause block the policy sees precedes every gold token
+                  with pause_at=every (or slots_at=every) the opening block precedes every gold token
   thought_gain    gold_loglik minus the same without any thought step: what the opening thoughts add to the
                   gold answer (the subtracted term is constant within a prompt's group, so GRPO's advantage
                   equals gold_loglik's; the reward's value says whether thinking helps at all)
@@ -177,8 +177,8 @@ class RewardModel:
     def gold_loglik(self, rollouts: list[Rollout], rows: list[dict], thoughts: bool = True) -> torch.Tensor:
         """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening thought
         steps (none with thoughts=False), under the plain text distribution (`text_token_logprobs`)."""
-        pause_every = self.mode.cfg.mode == "pause" and self.mode.cfg.pause_at == "every"
-        forced = [with_gold(r, self.gold_ids(row), pause_every, thoughts) for r, row in zip(rollouts, rows)]
+        every = self.mode.cfg.every
+        forced = [with_gold(r, self.gold_ids(row), every, thoughts) for r, row in zip(rollouts, rows)]
         return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])
 
     def gold_ids(self, row: dict) -> torch.Tensor:

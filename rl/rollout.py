@@ -41,7 +41,8 @@ class Rollout:
     def is_chosen_thought(self) -> torch.Tensor:
         """(S,) bool: thought steps the policy chose (a thinking token, vector or mixture), not the markers and
         pauses inserted by rule nor a learned stop."""
-        chosen = (self.action == Action.ANY) | (self.action == Action.VECTOR) | (self.action == Action.SOFT)
+        chosen = ((self.action == Action.ANY) | (self.action == Action.THINK) | (self.action == Action.VECTOR)
+                  | (self.action == Action.SOFT))
         return chosen & ~self.is_real
 
     @property
@@ -79,7 +80,8 @@ def opening_thoughts(r: Rollout) -> int:
 def with_gold(r: Rollout, gold: torch.Tensor, pause_every: bool = False, thoughts: bool = True) -> Rollout:
     """The rollout's opening thought steps (none with thoughts=False), then the gold tokens as text actions:
     what gold-answer rewards and the latent term score. pause_every: the opening pause block also precedes
-    every later gold token, as the policy sees pauses (pause_at=every)."""
+    every later gold token, as the policy sees pauses (pause_at=every; with vocab slots_at=every the opening
+    block stands in for the later blocks the policy would sample)."""
     first = opening_thoughts(r) if thoughts else 0
     block = r.token[:first] if pause_every else r.token[:0]
     token = torch.cat([r.token[:first]] + [torch.cat([block, g[None]]) if i else g[None] for i, g in enumerate(gold)])

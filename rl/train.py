@@ -340,7 +340,7 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         lr_scheduler_type="constant", beta=0.0, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
         scale_rewards="none" if rl.algo == "rloo" else "group",
         max_completion_length=(parallel.num_real * parallel.thought_len if parallel
-                               else cfg.sampling.max_new_tokens + thought.max_thought_tokens + 2),
+                               else cfg.sampling.max_new_tokens + thought.budget + 2),
         save_strategy="steps", save_steps=cfg.save_every, use_cpu=cfg.device == "cpu", bf16=False,
         gradient_checkpointing=False, disable_dropout=True, seed=cfg.seed, log_completions=False,
         dataloader_num_workers=0, weight_decay=0.0, warmup_steps=0,

@@ -20,6 +20,8 @@ torch.set_num_threads(2)
 # One entry per mode variant the rollout tests sweep; max_thought_tokens small to keep rollouts short.
 MODE_CASES = {
     "vocab": dict(mode="vocab", num_thinking=8, max_thought_tokens=4),
+    "vocab-slots": dict(mode="vocab", num_thinking=8, slots=3),
+    "vocab-slots-every": dict(mode="vocab", num_thinking=4, slots=1, slots_at="every"),
     "single": dict(mode="single", num_thinking=1, max_thought_tokens=4),
     "pause-every": dict(mode="pause", num_thinking=2, num_pause=2, pause_at="every"),
     "pause-prompt": dict(mode="pause", num_thinking=1, num_pause=3),
@@ -27,6 +29,7 @@ MODE_CASES = {
     "continuous-stop": dict(mode="continuous", num_thinking=0, learned_stop=True, max_thought_tokens=4),
     "soft-gumbel": dict(mode="soft", num_thinking=0, noise="gumbel", max_thought_tokens=3),
     "soft-dirichlet": dict(mode="soft", num_thinking=0, noise="dirichlet", max_thought_tokens=3),
+    "soft-slots": dict(mode="soft", num_thinking=0, slots=2, cold_stop_steps=1, cold_stop_entropy=100.0),
     "soft-none-cold": dict(mode="soft", num_thinking=0, noise="none", cold_stop_steps=2, cold_stop_entropy=10.0),
 }
 

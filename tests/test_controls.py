@@ -94,9 +94,16 @@ def train_copy_model(steps: int = 150):
     return policy
 
 
-def test_controls_on_a_model_whose_thoughts_matter():
-    policy = train_copy_model()
-    mode = greedy_mode(policy, mode="vocab", num_thinking=10, max_thought_tokens=1)
+@pytest.fixture(scope="module")
+def copy_model():
+    return train_copy_model()
+
+
+@pytest.mark.parametrize("placement", [dict(max_thought_tokens=1), dict(slots=1)])
+def test_controls_on_a_model_whose_thoughts_matter(copy_model, placement):
+    """Free placement (the policy chooses to think) and a fixed slot (it chooses only the content) alike."""
+    policy = copy_model
+    mode = greedy_mode(policy, mode="vocab", num_thinking=10, **placement)
     result = evaluate_policy(policy, mode, toy_task(policy), "test")
     c = result["controls"]
     assert result["accuracy"] >= 0.9 and result["thought_steps_mean"] == pytest.approx(1.0)

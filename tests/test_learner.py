@@ -79,6 +79,24 @@ def test_one_update_makes_the_better_discrete_action_likelier(tmp_path, algo):
     assert p_think_first(policy) > before + 0.01, (before, p_think_first(policy))
 
 
+def test_one_update_makes_the_rewarded_slot_content_likelier(tmp_path):
+    """Fixed slots (the policy chooses only what to think): reward 1 when the first slot holds <think0>
+    (P = 1/4 at the start, 4 thinking tokens), else 0; one GRPO update raises P(<think0> | prompt) in the slot's
+    own distribution (thinking columns only)."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=4, slots=2))
+    v = policy.vocab
+
+    @torch.no_grad()
+    def p_think0():
+        return sum(mode.think_logprobs(policy.model(torch.tensor([p])).logits[0, -1:])[0, 0].exp().item()
+                   for p in PROMPTS.values()) / len(PROMPTS)
+
+    before = p_think0()
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] == v.think_id(0)), lr=3e-3)
+    trainer.train()
+    assert p_think0() > before + 0.01, (before, p_think0())
+
+
 @torch.no_grad()
 def first_thought_mean(policy, u: torch.Tensor) -> float:
     """h . u at the position that chooses the first continuous thought (after the prompt and <bot>)."""

@@ -121,6 +121,32 @@ def test_pause_every_inserts_k_before_each_text_token():
     assert r.num_thought == 2 * r.num_real
 
 
+def test_vocab_slots_sample_content_only():
+    """slots=3: exactly three thinking tokens after the prompt, each drawn from the thinking columns alone (its
+    log-prob by hand: a softmax over those N logits), then text only, whatever the boosted rows would win."""
+    policy, mode = make("vocab-slots", max_new_tokens=4)
+    v = policy.vocab
+    rollouts = sample(policy.model, mode, PROMPTS, seed=1)
+    for p, r in zip(PROMPTS, rollouts):
+        assert r.action.tolist()[:3] == [Action.THINK] * 3 and (r.action[3:] == Action.TEXT).all()
+        assert ((r.token[:3] >= v.think_start) & (r.token[:3] < v.think_start + 8)).all()
+        assert r.num_thought == 3 and r.is_chosen_thought.sum() == 3
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([p + r.token[:2].tolist()])).logits[0, -1]
+        think = logits[v.think_start : v.think_start + 8]
+        by_hand = think[r.token[2] - v.think_start] - torch.log(torch.exp(think).sum())
+        assert abs(r.logprob[2].item() - by_hand.item()) < 1e-5
+
+
+def test_vocab_slots_every_and_soft_slots_fix_the_count():
+    policy, mode = make("vocab-slots-every", max_new_tokens=3)
+    r = sample(policy.model, mode, PROMPTS[:1], seed=0)[0]
+    assert r.action.tolist() == [Action.THINK, Action.TEXT] * r.num_real and r.num_real >= 1
+    policy, mode = make("soft-slots")  # a cold stop would end thinking after one step: slots switch it off
+    r = sample(policy.model, mode, PROMPTS[:1])[0]
+    assert r.action.tolist()[:4] == [Action.FORCED, Action.SOFT, Action.SOFT, Action.FORCED]
+
+
 def test_continuous_fixed_count_and_learned_stop():
     policy, mode = make("continuous")
     r = sample(policy.model, mode, PROMPTS[:1])[0]

@@ -102,6 +102,11 @@ def test_soft_mixture_is_weighted_embedding():
     (dict(mode="continuous", sigma=0.0, learn_sigma=True), "sigma"),
     (dict(mode="soft", learned_stop=True), "learned_stop is a continuous-mode option"),
     (dict(mode="continuous", density_scale="sqrt"), "unknown density_scale"),
+    (dict(mode="single", num_thinking=1, slots=2), "it is mode pause"),
+    (dict(mode="pause", slots=2), "use num_pause"),
+    (dict(mode="continuous", slots=2, learned_stop=True), "set learned_stop: false"),
+    (dict(mode="soft", slots=2, slots_at="every"), "slots_at=every is for mode vocab"),
+    (dict(mode="vocab", slots=-1), "slots must be >= 0"),
 ])
 def test_config_errors_name_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
