@@ -1,4 +1,6 @@
-"""`thinktok compare RUN [RUN ...]`: supervised and RL-trained thinking tokens side by side on one task.
+"""`thinktok compare RUN [RUN ...]`: supervised and RL-trained thinking tokens side by side on one task, and
+`thinktok summary RUN [RUN ...]`: an RL run's held-out accuracy at its start and end, with its thoughts and under
+each control (mean +/- std over runs: seeds of one setting).
 
 For every run (or checkpoint): the `eval` numbers on the same task and split (the first run's task unless
 `--task`), and how far its thinking rows moved from their initial values (seed 000's measure: one shared
@@ -76,6 +78,45 @@ def print_table(runs: list[dict]) -> None:
     if not console.is_terminal:  # a log file: no 80-column wrap
         console.width = 160
     console.print(table)
+
+
+SUMMARY_COLUMNS = ("learned", *CONTROLS, "thought_steps")
+
+
+def start_end(run_dir: Path) -> dict:
+    """{"start": {column: value}, "end": {...}, "steps": (first, last)} from a run's first and last eval."""
+    path = Path(run_dir) / "evals.jsonl"
+    if not path.exists():
+        raise ValueError(f"{run_dir} has no evals.jsonl: summary needs a `thinktok train` run with eval_every > 0")
+    evals = [json.loads(line) for line in path.read_text().splitlines()]
+    if "controls" not in evals[0]:
+        raise ValueError(f"{path} has no controls (a parallel run reports NLLs: use thinktok compare)")
+
+    def row(e):
+        return {"learned": e["accuracy"], **{k: e["controls"][k]["accuracy"] for k in CONTROLS},
+                "thought_steps": e["thought_steps_mean"]}
+
+    return {"start": row(evals[0]), "end": row(evals[-1]), "steps": (evals[0]["step"], evals[-1]["step"])}
+
+
+def summary(run_dirs: list[str]) -> dict:
+    """Start/end table over runs (one setting's seeds): per column mean, std (0 for one run) and values."""
+    if not run_dirs:
+        raise ValueError("summary needs at least one run directory")
+    runs = [start_end(Path(d)) for d in run_dirs]
+    out = {"runs": list(run_dirs), "steps": [r["steps"] for r in runs]}
+    for when in ("start", "end"):
+        vals = {c: torch.tensor([r[when][c] for r in runs], dtype=torch.float64) for c in SUMMARY_COLUMNS}
+        out[when] = {c: {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "values": v.tolist()}
+                     for c, v in vals.items()}
+    table = Table("", "learned thoughts", "no thoughts", "pause", "shuffled thoughts", "thought steps",
+                  title=f"held-out accuracy (validation), {len(runs)} run(s): mean ± std")
+    for when in ("start", "end"):
+        step = "/".join(sorted({str(s[0 if when == "start" else 1]) for s in out["steps"]}))
+        table.add_row(f"{when} (step {step})", *(f"{out[when][c]['mean']:.3f} ± {out[when][c]['std']:.3f}"
+                                                 for c in SUMMARY_COLUMNS))
+    Console(width=160).print(table)
+    return out
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:

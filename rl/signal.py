@@ -3,6 +3,9 @@ training? Samples a few batches with the initial policy exactly as `thinktok tra
 same group size), computes GRPO's advantages, and reports what they reward:
 
   * the mean advantage of rollouts with chosen thoughts vs without (negative: every update lowers P(think));
+  * better vs worse thoughts (what fixed slots need, where every rollout thinks): each rollout's thought gain,
+    log pi_text(gold answer | prompt, its opening thoughts) - the same without them under the initial policy,
+    and the mean advantage of rollouts whose thoughts help (gain > 0) vs hurt, and corr(advantage, gain);
   * for tasks with answers, the reward's correlation with correctness and accuracy with vs without thoughts;
   * the mean of each reward term, with vs without thoughts.
 
@@ -22,7 +25,7 @@ from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import make_mode
 
-from .rewards import POLICY_REWARDS, RewardModel
+from .rewards import POLICY_REWARDS, RewardConfig, RewardModel
 from .rollout import sample
 from .train import TrainConfig, ensure_checkpoint, ensure_teacher
 
@@ -36,6 +39,13 @@ def group_advantages(total: torch.Tensor, group: int, scale: bool) -> torch.Tens
 
 def mean_where(x: torch.Tensor, mask: torch.Tensor) -> float | None:
     return x[mask].mean().item() if mask.any() else None
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation, None when either side is constant (or empty)."""
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return torch.corrcoef(torch.stack([a.float(), b.float()]))[0, 1].item()
 
 
 @torch.no_grad()
@@ -54,27 +64,31 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
     reads_policy = set(POLICY_REWARDS) & set(cfg.rewards.weights)
     rewards = RewardModel(cfg.rewards, teacher, task, policy.tokenizer, policy.model if reads_policy else None,
                           mode if reads_policy else None)
+    judge = RewardModel(RewardConfig(weights={"thought_gain": 1.0}), None, task, policy.tokenizer, policy.model, mode)
     rows_all = task.dataset["train"].to_list()
     rng = random.Random(cfg.seed)
     g = cfg.rl.num_generations
-    totals, thinks, correct, parts = [], [], [], {}
+    totals, thinks, correct, gains, parts = [], [], [], [], {}
     for b in range(batches):
         rows = [row for row in rng.sample(rows_all, cfg.rl.prompts_per_step) for _ in range(g)]
         rollouts = sample(policy.model, mode, [policy.tokenizer(r["prompt"]).input_ids for r in rows], seed=b)
         scored = rewards.score(rollouts, rows)
         totals.append(scored.total)
         thinks.append(torch.tensor([bool(r.is_chosen_thought.any()) for r in rollouts]))
+        gains.append(judge.gold_loglik(rollouts, rows) - judge.gold_loglik(rollouts, rows, thoughts=False))
         texts = [policy.tokenizer.decode(r.real_ids, skip_special_tokens=True) for r in rollouts]
         correct.append(torch.tensor([float(task.check(text, row)) for text, row in zip(texts, rows)]))
         for name, value in scored.parts.items():
             parts.setdefault(name, []).append(value)
-    total, think, ok = torch.cat(totals), torch.cat(thinks), torch.cat(correct)
+    total, think, ok, gain = torch.cat(totals), torch.cat(thinks), torch.cat(correct), torch.cat(gains)
     adv = group_advantages(total, g, scale=cfg.rl.algo != "rloo")
-    corr = torch.corrcoef(torch.stack([total, ok]))[0, 1].item() if ok.std() > 0 and total.std() > 0 else None
+    helps = think & (gain > 0)
     return {
         "rollouts": len(total), "with_thoughts": int(think.sum()),
         "advantage_with_thoughts": mean_where(adv, think), "advantage_without_thoughts": mean_where(adv, ~think),
-        "reward_correctness_corr": corr, "accuracy": ok.mean().item(),
+        "advantage_helpful_thoughts": mean_where(adv, helps), "advantage_unhelpful_thoughts": mean_where(adv, think & ~helps),
+        "advantage_gain_corr": corr(adv[think], gain[think]), "thought_gain_mean": mean_where(gain, think),
+        "reward_correctness_corr": corr(total, ok), "accuracy": ok.mean().item(),
         "accuracy_with_thoughts": mean_where(ok, think), "accuracy_without_thoughts": mean_where(ok, ~think),
         "terms": {name: {"mean": torch.cat(v).mean().item(), "with_thoughts": mean_where(torch.cat(v), think),
                          "without_thoughts": mean_where(torch.cat(v), ~think)} for name, v in parts.items()},

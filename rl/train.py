@@ -216,9 +216,14 @@ class RunLogger(TrainerCallback):
         self.out = cfg.out_dir
         self.last = time.perf_counter()
 
+    def on_train_begin(self, args, state, control, **kw):
+        if self.cfg.eval_every and state.global_step == 0:  # the start of the run's start/end table
+            self.evaluate(0)
+
     def on_step_end(self, args, state, control, **kw):
-        if self.cfg.eval_every and state.global_step % self.cfg.eval_every == 0:
-            self.evaluate(state.global_step)
+        step = state.global_step
+        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or step == state.max_steps):
+            self.evaluate(step)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs:

@@ -106,3 +106,23 @@ def test_config_commands_reject_bad_input(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("thinktok: error: ") and message in err and err.count("\n") == 1
+
+
+def test_summary_means_and_spreads_over_runs(tmp_path, capsys):
+    """Two fake runs' first/last evals -> mean and sample std per column, by hand."""
+    def ev(step, acc, none, pause, shuf, steps):
+        controls = {k: {"accuracy": v} for k, v in zip(("no_thoughts", "pause", "shuffled_thoughts"), (none, pause, shuf))}
+        return json.dumps({"step": step, "accuracy": acc, "thought_steps_mean": steps, "controls": controls})
+
+    for name, end in (("a", ev(10, 0.5, 0.1, 0.2, 0.3, 2.0)), ("b", ev(10, 0.7, 0.3, 0.2, 0.1, 4.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "evals.jsonl").write_text(ev(0, 0.0, 0.0, 0.0, 0.0, 1.0) + "\n" + ev(5, 9, 9, 9, 9, 9)
+                                                     + "\n" + end + "\n")
+    out = tmp_path / "s.json"
+    assert main(["summary", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["end"]["learned"]["mean"] == pytest.approx(0.6) and s["end"]["learned"]["std"] == pytest.approx(0.1414214)
+    assert s["end"]["pause"]["std"] == 0 and s["end"]["thought_steps"]["values"] == [2.0, 4.0]
+    assert s["start"]["learned"]["mean"] == 0 and s["steps"] == [[0, 10], [0, 10]]
+    assert "shuffled thoughts" in capsys.readouterr().out
+    assert main(["summary", str(tmp_path)]) == 2  # no evals.jsonl: one error line

@@ -1,7 +1,5 @@
 """`thinktok signal`: the advantage of rollouts with vs without thoughts, on rewards whose sign is known."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,15 +7,13 @@ from thinktok.config import load_config
 from thinktok.rl.signal import group_advantages, measure_signal
 from thinktok.rl.train import TrainConfig
 
-QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-
-
 def cfg(*overrides):
-    base = ["policy=tiny", "teacher=null", "teacher_sft=null", "task.num_train=64", "task.num_val=4",
+    base = ["policy=tiny", "task.spaced=true", "task.reverse=true", "thought.init=norm", "task.num_train=64",
+            "task.num_val=4",
             "task.num_test=4", "thought.num_thinking=256", "thought.max_thought_tokens=3",
             "sampling.max_new_tokens=6",
             "rl.prompts_per_step=4", "rl.num_generations=8", "rewards.weights={}"]
-    return load_config(TrainConfig, QUICKSTART, base + list(overrides))
+    return load_config(TrainConfig, None, base + list(overrides))
 
 
 def test_group_advantages_by_hand():
@@ -34,3 +30,12 @@ def test_signal_sees_which_way_a_reward_pushes_thinking(cost):
     with_, without = out["advantage_with_thoughts"], out["advantage_without_thoughts"]
     assert (with_ < 0 < without) if cost > 0 else (with_ > 0 > without)
     assert out["terms"]["thinking_cost"]["without_thoughts"] == 0
+
+
+def test_signal_ranks_better_and_worse_thoughts_in_fixed_slots():
+    """Fixed slots: every rollout thinks, so with-vs-without says nothing; the gain of its thoughts for the gold
+    answer (policy-scored) separates them. Rewarded by that gain, helpful thoughts get the higher advantage."""
+    out = measure_signal(cfg("thought.slots=2", "rewards.weights={thought_gain: 1.0}"), batches=2)
+    assert out["with_thoughts"] == out["rollouts"] and out["advantage_without_thoughts"] is None
+    assert out["advantage_helpful_thoughts"] > 0 > out["advantage_unhelpful_thoughts"]
+    assert out["advantage_gain_corr"] > 0.5

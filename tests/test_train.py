@@ -15,6 +15,7 @@ from thinktok.models.thoughts import Action
 from thinktok.config import load_config
 from thinktok.models.policy import load_policy
 from thinktok.rl.actors import RayConfig, start_workers, stop_workers
+from thinktok.rl.compare import summary
 from thinktok.rl.learner import PoisonedStep, gae
 from thinktok.rl.rollout import sample
 from thinktok.rl.train import TrainConfig, run_train
@@ -29,16 +30,14 @@ def teacher(tmp_path_factory):
         ray.shutdown()
 
 
-QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-
-
 def config(tmp_path, teacher, *overrides):
-    """The README's quickstart, shortened: tiny random policy, a small task, a few steps."""
-    base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.num_train=64", "task.num_val=8",
+    """A short teacher-scored run: tiny random policy, free placement, a small task, a few steps."""
+    base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.spaced=true", "task.reverse=true",
+            "thought.init=norm", "task.num_train=64", "task.num_val=8",
             "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
             "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
             "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
-    return load_config(TrainConfig, QUICKSTART, base + list(overrides))
+    return load_config(TrainConfig, None, base + list(overrides))
 
 
 def metrics(run):
@@ -61,7 +60,11 @@ def test_short_run_writes_everything(tmp_path, teacher):
     assert load_policy(str(final), 8, False).tokenizer.convert_tokens_to_ids("<think7>") == 50264
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
     assert (tmp_path / "samples" / "step_2.html").exists() and (tmp_path / "samples" / "step_2.jsonl").exists()
-    assert json.loads((tmp_path / "evals.jsonl").read_text().splitlines()[0])["num_examples"] == 4
+    evals = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 3] and evals[0]["num_examples"] == 4  # start, every 2, end
+    table = summary([str(tmp_path)])  # the start/end table `thinktok train` prints: first and last eval
+    assert table["start"]["learned"]["mean"] == evals[0]["accuracy"]
+    assert table["end"]["shuffled_thoughts"]["values"] == [evals[-1]["controls"]["shuffled_thoughts"]["accuracy"]]
     assert not list((tmp_path / "trainer").glob(".saving*")) and not list((tmp_path / "trainer").glob(".checkpoint*"))
     with pytest.raises(ValueError, match="already holds a run"):
         run_train(config(tmp_path, teacher))

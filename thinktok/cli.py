@@ -6,6 +6,7 @@
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok compare runs/sft_slots_k runs/rl_vocab runs/parallel_quickstart [--split test]
     thinktok signal configs/quickstart.yaml [key=value ...]   (does the reward favour thinking, at step 0?)
+    thinktok summary runs/quickstart-s0 runs/quickstart-s1 runs/quickstart-s2   (start/end table, controls)
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
     thinktok bench attention            (CUDA only)
@@ -97,6 +98,13 @@ def add_signal(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields")
     p.add_argument("--batches", type=int, default=4, help="batches of prompts_per_step x num_generations rollouts")
     p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def add_summary(sub) -> None:
+    p = sub.add_parser("summary", help="RL runs' held-out accuracy at start and end, with thoughts and under each "
+                                       "control; mean +/- std over several runs (seeds)")
+    p.add_argument("runs", nargs="+", help="run directories of `thinktok train` (each with evals.jsonl)")
+    p.add_argument("--json", default=None, help="also write the numbers (means, stds, per-run values) here")
 
 
 def add_bench(sub) -> None:
@@ -202,7 +210,12 @@ def run_train(a) -> None:
     extra = [f"ray.address={a.ray_address}"] if a.ray_address else []
     extra += ["ray.verbose=true"] if a.verbose else []
     cfg = load_config(TrainConfig, path, [*a.overrides, *extra])
-    print(f"final checkpoint: {run_train(cfg, resume=bool(a.resume))}")
+    final = run_train(cfg, resume=bool(a.resume))
+    print(f"final checkpoint: {final}")
+    if cfg.rollout == "sequential" and cfg.eval_every:
+        from thinktok.rl.compare import summary
+
+        summary([str(cfg.out_dir)])
 
 
 def run_eval(a) -> None:
@@ -217,6 +230,16 @@ def run_compare(a) -> None:
     from thinktok.rl.compare import compare
 
     compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
+
+
+def run_summary(a) -> None:
+    import json
+
+    from thinktok.rl.compare import summary
+
+    result = summary(a.runs)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
 
 
 def run_signal(a) -> None:
@@ -261,13 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     add_eval(sub)
     add_compare(sub)
     add_signal(sub)
+    add_summary(sub)
     add_bench(sub)
     from thinktok.models.policy import PolicyLoadError
 
     try:
         a = parser.parse_args(argv)
         {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "compare": run_compare,
-         "signal": run_signal, "bench": run_bench}[a.command](a)
+         "signal": run_signal, "summary": run_summary, "bench": run_bench}[a.command](a)
     except (UsageError, PolicyLoadError, ValueError, OSError, FloatingPointError) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2
