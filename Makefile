@@ -31,6 +31,7 @@ sample: install
 	$(BIN)/thinktok sample --model tiny --mode vocab --num-thinking 64 --prompt "12 * 34 =" --num-samples 4 --max-new-tokens 32
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: install

@@ -7,7 +7,8 @@ from .logic import ProntoQA, ProsQA
 from .multiplication import Multiplication
 from .text import Text
 
-TASKS.update(multiplication=Multiplication, hops=Hops, prosqa=ProsQA, prontoqa=ProntoQA, text=Text, gsm8k=GSM8K)
+TASKS.update(multiplication=Multiplication, hops=Hops, prosqa=ProsQA, prontoqa=ProntoQA, text=Text,
+             gsm8k=GSM8K)
 
 
 def load_task(cfg: TaskConfig) -> Task:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset, DatasetDict
 
+from thinktok.errors import UserError
+
 FORMATS = ("answer", "cot")
 
 
@@ -21,23 +23,25 @@ class TaskConfig:
     branching: int = 2  # prosqa: dead-end branches off the gold path
     distractors: int = 1  # prosqa: disjoint chains (one of them holds the wrong option)
     path: str | None = None  # prosqa: import a Coconut-format JSON; text: a file or folder of .txt
-    dataset: str | None = None  # text: a `datasets` name, or "pydoc": CPython's documentation topics (offline)
+    # text: a `datasets` name, or "pydoc": CPython's documentation topics (offline)
+    dataset: str | None = None
     prompt_words: int = 24  # text: words of prefix
     answer_words: int = 24  # text: words to continue
-    num_train: int = 2000
-    num_val: int = 200
-    num_test: int = 200
-    seed: int = 0
+    num_train: int = 2000  # training examples
+    num_val: int = 200  # validation examples (evals during training)
+    num_test: int = 200  # test examples (thinktok eval)
+    seed: int = 0  # the generator's seed: fixes the splits
 
     def validate(self) -> None:
         if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}: expected one of {', '.join(TASKS)}")
+            raise UserError(f"unknown task {self.name!r}: expected one of {', '.join(TASKS)}")
         if self.name == "multiplication" and not 1 <= self.digits <= 5:
-            raise ValueError(f"multiplication digits must be in 1..5, got {self.digits}")
+            raise UserError(f"multiplication digits must be in 1..5, got {self.digits}")
         if self.name == "hops" and not (2 <= self.symbols <= 26 and self.depth >= 1):
-            raise ValueError(f"hops needs 2 <= symbols <= 26 and depth >= 1, got {self.symbols}, {self.depth}")
+            raise UserError(f"hops needs 2 <= symbols <= 26 and depth >= 1, got symbols={self.symbols}, "
+                             f"depth={self.depth}")
         if min(self.num_train, self.num_val, self.num_test) < 1:
-            raise ValueError("num_train, num_val and num_test must be >= 1")
+            raise UserError("num_train, num_val and num_test must be >= 1")
 
 
 class Task:
@@ -51,9 +55,10 @@ class Task:
         rows = self.rows()
         n_tr, n_va = self.cfg.num_train, self.cfg.num_val
         if len(rows) < n_tr + n_va + self.cfg.num_test:
-            raise ValueError(f"task {self.cfg.name} has only {len(rows)} distinct problems for "
+            raise UserError(f"task {self.cfg.name} has only {len(rows)} distinct problems for "
                              f"{n_tr}+{n_va}+{self.cfg.num_test} requested")
-        return DatasetDict(train=Dataset.from_list(rows[:n_tr]), validation=Dataset.from_list(rows[n_tr : n_tr + n_va]),
+        return DatasetDict(train=Dataset.from_list(rows[:n_tr]),
+                           validation=Dataset.from_list(rows[n_tr : n_tr + n_va]),
                            test=Dataset.from_list(rows[n_tr + n_va : n_tr + n_va + self.cfg.num_test]))
 
     def rows(self) -> list[dict]:
@@ -65,7 +70,7 @@ class Task:
             return " " + row["answer"]
         if fmt == "cot":
             return " " + " ; ".join(row["steps"] + [row["answer"]])
-        raise ValueError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
     def reasoning(self, row: dict) -> str:
         """The gold chain of thought that precedes the answer in the cot format (" s1 ; s2 ;"), "" without
@@ -82,7 +87,8 @@ def norm(text: str) -> str:
 
 
 def unique(make, n: int, seed: int) -> list[dict]:
-    """n distinct rows from a seeded generator `make(rng)` (distinct prompts: no test row seen in training)."""
+    """n distinct rows from a seeded generator `make(rng)` (distinct prompts: no test row seen in
+    training)."""
     import random
 
     rng, seen, rows = random.Random(seed), set(), []

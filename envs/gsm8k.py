@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datasets import DatasetDict
 
+from thinktok.errors import UserError
+
 from .base import Task, norm
 
 
@@ -14,11 +16,16 @@ class GSM8K(Task):
         try:
             raw = load_dataset("openai/gsm8k", "main")
         except Exception as e:
-            raise ValueError(f"GSM8K needs the Hugging Face hub (openai/gsm8k), which is not reachable here "
-                             f"({e.__class__.__name__}); use multiplication, prosqa or prontoqa offline") from None
+            raise UserError(f"GSM8K needs the Hugging Face hub (openai/gsm8k), which is not reachable here "
+                             f"({e.__class__.__name__}); use multiplication, hops, prosqa or prontoqa "
+                             "offline") from None
         split = raw["train"].train_test_split(test_size=self.cfg.num_val, seed=self.cfg.seed)
-        convert = lambda ds: ds.map(self.convert, remove_columns=ds.column_names)  # noqa: E731
-        return DatasetDict(train=convert(split["train"]), validation=convert(split["test"]), test=convert(raw["test"]))
+
+        def convert(ds):
+            return ds.map(self.convert, remove_columns=ds.column_names)
+
+        return DatasetDict(train=convert(split["train"]), validation=convert(split["test"]),
+                           test=convert(raw["test"]))
 
     @staticmethod
     def convert(row: dict) -> dict:

@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+from thinktok.errors import UserError
+
 from .base import Task, norm, unique
 
 ONSETS = ["b", "d", "f", "g", "l", "m", "n", "r", "s", "t", "v", "w", "y", "z", "gr", "st", "sh", "br"]
@@ -76,9 +78,9 @@ class ProsQA(Task):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read ProsQA file {path}: {e}") from None
+            raise UserError(f"cannot read ProsQA file {path}: {e}") from None
         if not isinstance(data, list) or not all({"question", "answer", "steps"} <= set(r) for r in data):
-            raise ValueError(f"{path}: expected a JSON list of objects with question, answer and steps")
+            raise UserError(f"{path}: expected a JSON list of objects with question, answer and steps")
         return [{**r, "prompt": r["question"]} for r in data]
 
     def check(self, text: str, row: dict) -> bool:
@@ -99,12 +101,14 @@ class ProntoQA(Task):
         name = rng.choice(NAMES)
         facts = [f"Every {chain[i]} is a {chain[i + 1]}." for i in range(c.depth)]
         facts.append(f"Every {chain[-1]} is {'' if truth else 'not '}{adj}.")
-        facts.append(f"Every {other} is {'not ' if truth else ''}{adj}.")  # distractor with the opposite claim
+        # distractor with the opposite claim
+        facts.append(f"Every {other} is {'not ' if truth else ''}{adj}.")
         rng.shuffle(facts)
         return {
             "prompt": " ".join(facts) + f" {name} is a {chain[0]}. True or false: {name} is {adj}.",
             "answer": "True" if truth else "False",
-            "steps": [f"{name} is a {s}." for s in chain[1:]] + [f"{name} is {'' if truth else 'not '}{adj}."],
+            "steps": [f"{name} is a {s}." for s in chain[1:]]
+            + [f"{name} is {'' if truth else 'not '}{adj}."],
         }
 
     def rows(self) -> list[dict]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from thinktok.errors import UserError
+
 from .base import Task
 
 
@@ -17,7 +19,7 @@ class Text(Task):
             p = Path(c.path)
             files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
             if not files or not all(f.exists() for f in files):
-                raise ValueError(f"text task: no readable .txt files at {p}")
+                raise UserError(f"text task: no readable .txt files at {p}")
             return [f.read_text(encoding="utf-8", errors="replace") for f in files]
         if c.dataset == "pydoc":
             from pydoc_data.topics import topics
@@ -29,10 +31,10 @@ class Text(Task):
             try:
                 ds = load_dataset(c.dataset, split="train")
             except Exception as e:  # offline or unknown name: say which, not a deep datasets traceback
-                raise ValueError(f"cannot load dataset {c.dataset!r} ({e.__class__.__name__}); "
+                raise UserError(f"cannot load dataset {c.dataset!r} ({e.__class__.__name__}); "
                                  "offline, use text path=FILE_OR_DIR") from None
             return [r["text"] for r in ds]
-        raise ValueError("text task needs path= (a .txt file or folder) or dataset= (a datasets name)")
+        raise UserError("text task needs path= (a .txt file or folder) or dataset= (a datasets name)")
 
     def rows(self) -> list[dict]:
         c = self.cfg

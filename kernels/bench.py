@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from thinktok.errors import UserError
+
 from .parallel_thought import allowed, parallel_thought_attention, parallel_thought_mask
 
 SIZES = ((512, 8), (1024, 8), (1024, 16))
@@ -55,15 +57,18 @@ def implementations(t: int, l: int, device):
     }
 
 
-def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 64, dtype: str = "bfloat16") -> dict:
+def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 64,
+                    dtype: str = "bfloat16") -> dict:
     if not torch.cuda.is_available():
-        raise ValueError("bench attention needs a CUDA GPU (on a CPU the kernel API runs a dense PyTorch path)")
+        raise UserError("bench attention needs a CUDA GPU (on a CPU the kernel API runs a dense PyTorch "
+                         "path)")
     device, torch_dtype = torch.device("cuda"), getattr(torch, dtype)
     results = {"device": torch.cuda.get_device_name(), "batch": batch, "heads": heads, "head_dim": head_dim,
                "dtype": dtype, "sizes": []}
     for t, l in SIZES:
         n = t * (1 + l)
-        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device, dtype=torch_dtype, requires_grad=True)
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device, dtype=torch_dtype,
+                               requires_grad=True)
                    for _ in range(3))
         do = torch.randn_like(q)
         flops_fwd = 4 * batch * heads * useful_pairs(t, l) * head_dim  # QK^T and PV, 2 flops per MAC
@@ -74,8 +79,10 @@ def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 
             # backward does 2.5x the forward's matmul work (dV, dP, dS->dQ, dK)
             row[name] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_tflops": flops_fwd / fwd / 1e9,
                          "fwd_bwd_tflops": 3.5 * flops_fwd / both / 1e9}
+        def bwd(name):
+            return row[name]["fwd_bwd_ms"] - row[name]["fwd_ms"]
+
         for base in ("sdpa_dense", "flex"):
-            bwd = lambda name: row[name]["fwd_bwd_ms"] - row[name]["fwd_ms"]  # noqa: E731
             row[f"speedup_vs_{base}"] = {"fwd": row[base]["fwd_ms"] / row["kernel"]["fwd_ms"],
                                          "bwd": bwd(base) / bwd("kernel"),
                                          "fwd_bwd": row[base]["fwd_bwd_ms"] / row["kernel"]["fwd_bwd_ms"]}
@@ -83,9 +90,10 @@ def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 
         row["autotune_vs_fixed"] = {"fwd": fixed["fwd_ms"] / tuned["fwd_ms"],
                                     "fwd_bwd": fixed["fwd_bwd_ms"] / tuned["fwd_bwd_ms"]}
         results["sizes"].append(row)
-        print(f"T={t:5d} L={l:3d} | kernel fwd {row['kernel']['fwd_ms']:.3f} ms ({row['kernel']['fwd_tflops']:.0f} TFLOP/s) "
-              f"fwd+bwd {row['kernel']['fwd_bwd_ms']:.3f} ms | vs flex fwd {row['speedup_vs_flex']['fwd']:.2f}x, bwd "
-              f"{row['speedup_vs_flex']['bwd']:.2f}x | vs dense SDPA {row['speedup_vs_sdpa_dense']['fwd']:.1f}x / "
+        print(f"T={t:5d} L={l:3d} | kernel fwd {row['kernel']['fwd_ms']:.3f} ms "
+              f"({row['kernel']['fwd_tflops']:.0f} TFLOP/s) fwd+bwd {row['kernel']['fwd_bwd_ms']:.3f} ms | "
+              f"vs flex fwd {row['speedup_vs_flex']['fwd']:.2f}x, bwd {row['speedup_vs_flex']['bwd']:.2f}x "
+              f"| vs dense SDPA {row['speedup_vs_sdpa_dense']['fwd']:.1f}x / "
               f"{row['speedup_vs_sdpa_dense']['fwd_bwd']:.1f}x | autotuned tiles "
               f"{row['autotune_vs_fixed']['fwd']:.2f}x / {row['autotune_vs_fixed']['fwd_bwd']:.2f}x fixed")
     out.mkdir(parents=True, exist_ok=True)

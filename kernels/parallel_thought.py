@@ -1,6 +1,7 @@
 """Masked attention of parallel thought rollouts (a thought at every position at once, Quiet-STaR style),
 as a fused Triton kernel (FlashAttention-2 forward, separate dK/dV and dQ backward kernels) and a
-plain-PyTorch reference with an explicit mask.
+plain-PyTorch reference with an explicit mask. The incremental form used while sampling is in
+parallel_decode.py; it shares this module's tiles, launcher and block helpers.
 
 Layout: T real tokens first, then T*L thought tokens position-major, thought (t, j) at T + t*L + j.
   * real query q attends real keys k <= q (causal);
@@ -16,17 +17,20 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .tiles import _tuned, interpreting, resolve_tiles
+
 
 def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, num_real: int, thought_len: int) -> torch.Tensor:
-    """The pattern as a rule on index tensors (broadcasting); also FlexAttention's mask_mod in the benchmark."""
-    q_pos = torch.where(q_idx < num_real, q_idx, (q_idx - num_real) // thought_len)  # real index or position t
+    """The pattern as a rule on index tensors (broadcasting); also FlexAttention's mask_mod in the
+    benchmark."""
+    # real index or position t
+    q_pos = torch.where(q_idx < num_real, q_idx, (q_idx - num_real) // thought_len)
     kv_pos = torch.where(kv_idx < num_real, kv_idx, (kv_idx - num_real) // thought_len)
     real_key = (kv_idx < num_real) & (kv_idx <= q_pos)
     own_thought = (kv_idx >= num_real) & (q_idx >= num_real) & (kv_pos == q_pos) & (kv_idx <= q_idx)
@@ -51,12 +55,15 @@ def check_inputs(q, k, v, num_real: int, thought_len: int) -> None:
         raise ValueError(f"q, k, v must share one (batch, heads, seq, head_dim) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] != num_real * (1 + thought_len):
-        raise ValueError(f"sequence length {q.shape[2]} != num_real * (1 + thought_len) = {num_real * (1 + thought_len)}")
+        raise ValueError(f"sequence length {q.shape[2]} != num_real * (1 + thought_len) = "
+                         f"{num_real * (1 + thought_len)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must be one of fp32/fp16/bf16 and share it, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must be one of fp32/fp16/bf16 and share it, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
 
 
-def parallel_thought_attention_reference(q, k, v, num_real: int, thought_len: int, scale: float | None = None) -> torch.Tensor:
+def parallel_thought_attention_reference(q, k, v, num_real: int, thought_len: int,
+                                         scale: float | None = None) -> torch.Tensor:
     """Ground truth: explicit (N, N) mask, softmax in fp32, output in the input dtype."""
     check_inputs(q, k, v, num_real, thought_len)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -64,33 +71,6 @@ def parallel_thought_attention_reference(q, k, v, num_real: int, thought_len: in
     s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bhkd->bhqd", p, v.float()).to(q.dtype)
-
-
-def check_decode_inputs(q, k_real, v_real, k_thought, v_thought) -> None:
-    b, h, t, d = q.shape
-    if k_real.shape != q.shape or v_real.shape != q.shape:
-        raise ValueError(f"q, k_real, v_real must share (batch, heads, num_real, head_dim), got {tuple(q.shape)}, "
-                         f"{tuple(k_real.shape)}, {tuple(v_real.shape)}")
-    if k_thought.dim() != 5 or k_thought.shape != v_thought.shape or k_thought.shape[:3] != (b, h, t) \
-            or k_thought.shape[4] != d or k_thought.shape[3] < 1:
-        raise ValueError(f"k_thought, v_thought must be (batch, heads, num_real, steps >= 1, head_dim) matching q, got "
-                         f"{tuple(k_thought.shape)}, {tuple(v_thought.shape)}")
-
-
-def parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought, scale: float | None = None) -> torch.Tensor:
-    """The incremental form, in plain PyTorch: thought step j at every position at once. Query t (B, H, T, D)
-    attends real keys <= t and its own position's thoughts 0..j (B, H, T, j+1, D); one softmax over both."""
-    check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    t = q.shape[2]
-    real = torch.einsum("bhtd,bhkd->bhtk", q.float(), k_real.float()) * scale  # (B, H, T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    real = real.masked_fill(~causal, float("-inf"))
-    own = torch.einsum("bhtd,bhtjd->bhtj", q.float(), k_thought.float()) * scale  # (B, H, T, j+1)
-    p = torch.cat([real, own], dim=-1).softmax(-1)
-    out = torch.einsum("bhtk,bhkd->bhtd", p[..., :t], v_real.float())
-    out = out + torch.einsum("bhtj,bhtjd->bhtd", p[..., t:], v_thought.float())
-    return out.to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,7 +134,8 @@ def _fwd_block(acc, m_i, l_i, q, K_ptr, V_ptr, stride_kn, offs_m, pos_m, start_n
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_n, H, N, T, L, qk_scale, D,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PRECISION: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     base = _head_base(pid_bh, H, stride_b, stride_h)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,12 +150,12 @@ def _fwd_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_n, H, N, T, L, qk_sc
     # real keys every row may see (k <= smallest position): no mask
     full_end = ((pos_lo + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale,
-                                   offs_d, D, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L,
+                                   qk_scale, offs_d, D, BLOCK_N, False, PRECISION)
     # the rest of the real prefix, then the block's own positions' thoughts: masked
     for start_n in range(full_end, tl.minimum(T, pos_hi + 1), BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale,
-                                   offs_d, D, BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L,
+                                   qk_scale, offs_d, D, BLOCK_N, True, PRECISION)
     last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
     if last_row >= T:
         first_thought_pos = (tl.maximum(pid_m * BLOCK_M, T) - T) // L
@@ -187,7 +168,8 @@ def _fwd_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_n, H, N, T, L, qk_sc
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_n, offs_n, pos_n, start_m, row_end, N, T, L,
+def _dkdv_block(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_n, offs_n, pos_n, start_m, row_end,
+                N, T, L,
                 qk_scale, offs_d, D, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < row_end
@@ -209,8 +191,9 @@ def _dkdv_block(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, stride_n, offs_
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_n, H, N, T, L, qk_scale, sm_scale, D,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_n, H, N, T, L, qk_scale,
+                 sm_scale, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PRECISION: tl.constexpr):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     base = _head_base(pid_bh, H, stride_b, stride_h)
     row_base = pid_bh.to(tl.int64) * N
@@ -228,31 +211,32 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_n, 
     if first_key < T:
         # real rows q >= k
         for start_m in range(first_key, T, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, T, N, T, L,
-                                 qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, T, N,
+                                 T, L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
     # thought rows whose position reaches this block's keys
     if last_key < T:
         # pure real keys: rows of positions >= every key here see the whole block (no mask)
         full_start = T + (last_key + 1) * L
+        end = tl.minimum(full_start, N)
         for start_m in range(T + pos_lo * L, full_start, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m,
-                                 tl.minimum(full_start, N), N, T, L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, end,
+                                 N, T, L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
         for start_m in range(full_start, N, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, N, N, T, L,
-                                 qk_scale, offs_d, D, BLOCK_M, False, PRECISION)
+            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, N, N,
+                                 T, L, qk_scale, offs_d, D, BLOCK_M, False, PRECISION)
     else:
         row_end = N if first_key < T else tl.minimum(N, T + (pos_hi + 1) * L)
         start = T if first_key < T else T + pos_lo * L
         for start_m in range(start, row_end, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m, row_end, N, T,
-                                 L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
+            dk, dv = _dkdv_block(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, stride_n, offs_n, pos_n, start_m,
+                                 row_end, N, T, L, qk_scale, offs_d, D, BLOCK_M, True, PRECISION)
     _store_tile(DK + base, dk * sm_scale, offs_n, offs_d, N, D, stride_n)
     _store_tile(DV + base, dv, offs_n, offs_d, N, D, stride_n)
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, K_ptr, V_ptr, stride_n, offs_m, pos_m, start_n, n_end, N, T, L, qk_scale, offs_d, D,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_block(dq, q, do, lse, delta, K_ptr, V_ptr, stride_n, offs_m, pos_m, start_n, n_end, N, T, L,
+              qk_scale, offs_d, D, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _tile(K_ptr, offs_n, offs_d, N, D, stride_n)
     v = _tile(V_ptr, offs_n, offs_d, N, D, stride_n)
@@ -285,58 +269,18 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_n, H, N, 
     Kb, Vb = K + base, V + base
     full_end = ((pos_lo + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale, offs_d,
-                       D, BLOCK_N, False, PRECISION)
+        dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale,
+                       offs_d, D, BLOCK_N, False, PRECISION)
     for start_n in range(full_end, tl.minimum(T, pos_hi + 1), BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale, offs_d,
-                       D, BLOCK_N, True, PRECISION)
+        dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, T, N, T, L, qk_scale,
+                       offs_d, D, BLOCK_N, True, PRECISION)
     last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
     if last_row >= T:
         first_thought_pos = (tl.maximum(pid_m * BLOCK_M, T) - T) // L
         for start_n in range(T + first_thought_pos * L, last_row + 1, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, N, N, T, L, qk_scale, offs_d,
-                           D, BLOCK_N, True, PRECISION)
+            dq = _dq_block(dq, q, do, lse, delta, Kb, Vb, stride_n, offs_m, pos_m, start_n, N, N, T, L,
+                           qk_scale, offs_d, D, BLOCK_N, True, PRECISION)
     _store_tile(DQ + base, dq * sm_scale, offs_m, offs_d, N, D, stride_n)
-
-
-@triton.jit
-def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b, tstride_h, tstride_n, tstride_j,
-                   H, T, J, qk_scale, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Incremental form: rows are positions t; a causal sweep over the cached real keys (the forward's own
-    blocks, unmasked below the row block), then each row's own J cached thoughts, one key per row and step
-    (a gather, so a row-wise dot product, not a tile matmul)."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    base = _head_base(pid_bh, H, stride_b, stride_h)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    q = _tile(Q + base, offs_m, offs_d, T, D, stride_n)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, KR + base, VR + base, stride_n, offs_m, offs_m, start_n, T, T, T,
-                                   1, qk_scale, offs_d, D, BLOCK_N, False, PRECISION)
-    for start_n in range(full_end, tl.minimum(T, pid_m * BLOCK_M + BLOCK_M), BLOCK_N):
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, KR + base, VR + base, stride_n, offs_m, offs_m, start_n, T, T, T,
-                                   1, qk_scale, offs_d, D, BLOCK_N, True, PRECISION)
-    tbase = _head_base(pid_bh, H, tstride_b, tstride_h)
-    qf = q.to(tl.float32)
-    for j in range(0, J):
-        ptr = tbase + offs_m[:, None] * tstride_n + j * tstride_j + offs_d[None, :]
-        k = tl.load(KT + ptr, mask=q_mask, other=0.0).to(tl.float32)
-        v = tl.load(VT + ptr, mask=q_mask, other=0.0).to(tl.float32)
-        s = tl.sum(qf * k, 1) * qk_scale  # (BM,)
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    _store_tile(O + base, acc, offs_m, offs_d, T, D, stride_n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,57 +288,6 @@ def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b
 
 LOG2E = 1.4426950408889634
 _empty = torch.empty_like  # outputs the kernels must fill completely (tests poison them through this name)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# Tile settings. "fixed" is v1's (64x64, 32x32 in the interpreter, Triton's default warps/stages);
-# "autotune" lets triton.autotune pick from TUNE_SPACE per (head dim, T, L), timing each candidate on the
-# first call of a shape; a dict {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} forces one candidate (the
-# interpreter tests run every one). The switch: the `tiles` argument, else THINKTOK_TILES (default fixed).
-TILES_ENV = "THINKTOK_TILES"
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): FA2-style Triton on an H100 is usually best at 128x64 / 64x64
-# with 4-8 warps and 3-4 stages for D=64; 32-wide key tiles cut the masked work of the thought-key tiles.
-# Six candidates: each costs a compile (~1-2 s) per kernel and dtype the first time a machine meets it.
-TUNE_SPACE = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3),
-              (64, 32, 4, 4)]
-
-
-def tune_configs() -> list[dict]:
-    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in TUNE_SPACE]
-
-
-def fits(cfg: dict, head_dim: int) -> bool:
-    """Per head dim: at 128 the q tile plus num_stages (k, v) tile pairs of a large config overflow the
-    228 KB of shared memory an H100 block may use, so only tiles up to 64x128 with <= 3 stages stay."""
-    return head_dim <= 64 or (cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 128 and cfg["num_stages"] <= 3)
-
-
-def _prune(configs, named_args, **kwargs):
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    if head_dim is None:  # not handed to the pruner by this Triton version: time them all
-        return configs
-    kept = [c for c in configs if fits({**c.kwargs, "num_stages": c.num_stages}, head_dim)]
-    return kept or configs[:1]
-
-
-def _tuned(kernel, key: list[str]):
-    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in tune_configs()]
-    # every kernel writes all of its outputs (no accumulation), so re-running a candidate is harmless
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
-
-
-def resolve_tiles(tiles: str | dict | None) -> str | dict:
-    tiles = os.environ.get(TILES_ENV, "fixed") if tiles is None else tiles
-    if not isinstance(tiles, dict) and tiles not in ("fixed", "autotune"):
-        raise ValueError(f"tiles must be 'fixed', 'autotune' or a config dict, got {tiles!r}")
-    if tiles == "autotune" and interpreting():
-        raise ValueError("tiles='autotune' times candidates on a GPU; the interpreter takes 'fixed' or a "
-                         "config")
-    return tiles
 
 
 def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dtype, head_dim: int,
@@ -411,8 +304,8 @@ def _launch(kernel, rows: int, block: str, bh: int, args: tuple, dtype: torch.dt
     kernel[(triton.cdiv(rows, tiles[block]), bh)](*args, **const, **tiles)
 
 
+# autotuned wrappers, keyed by kernel (parallel_decode.py adds its own)
 _TUNED = {k: _tuned(k, ["D", "T", "L"]) for k in (_fwd_kernel, _dkdv_kernel, _dq_kernel)}
-_TUNED[_decode_kernel] = _tuned(_decode_kernel, ["D", "T"])
 
 
 def _forward(q, k, v, T, L, scale, tiles):
@@ -454,38 +347,20 @@ class _ParallelThoughtAttention(torch.autograd.Function):
 
 def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: float | None = None,
                                tiles: str | dict | None = None) -> torch.Tensor:
-    """Attention of the parallel-thought pattern. q, k, v: (batch, heads, num_real * (1 + thought_len), head_dim).
+    """Attention of the parallel-thought pattern. q, k, v: (batch, heads, num_real * (1 + thought_len),
+    head_dim).
 
     CUDA tensors run the Triton kernel; CPU tensors run the reference's explicit mask through PyTorch's SDPA,
-    or the Triton kernel in the interpreter when TRITON_INTERPRET=1. Differentiable (Triton backward on the kernel path).
-    tiles: "fixed" | "autotune" | a forced config (see TUNE_SPACE); None reads THINKTOK_TILES (default fixed).
+    or the Triton kernel in the interpreter when TRITON_INTERPRET=1. Differentiable (Triton backward on the
+    kernel path). tiles: "fixed" | "autotune" | a forced config (see TUNE_SPACE); None reads THINKTOK_TILES
+    (default fixed).
     """
     check_inputs(q, k, v, num_real, thought_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not (q.is_cuda or interpreting()):
         # the reference's semantics through PyTorch's fused SDPA with a cached boolean mask: still dense, but
         # 2-3x faster on a CPU than the reference's einsums and a mask rebuilt every call
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=cached_mask(num_real, thought_len, q.device), scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=cached_mask(num_real, thought_len, q.device), scale=scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _ParallelThoughtAttention.apply(q, k, v, num_real, thought_len, scale, resolve_tiles(tiles))
-
-
-def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: float | None = None,
-                            tiles: str | dict | None = None) -> torch.Tensor:
-    """The incremental form used while sampling: thought step j at every position at once, without any
-    (T, T) score matrix. q, k_real, v_real (B, H, T, D); k_thought, v_thought (B, H, T, j+1, D) -> (B, H, T, D).
-
-    CUDA tensors (or TRITON_INTERPRET=1) run the Triton kernel, CPU tensors the reference. Forward only:
-    sampling needs no gradients (the learner's recompute is the full form). tiles: as in
-    parallel_thought_attention."""
-    check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not (q.is_cuda or interpreting()):
-        return parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought, scale)
-    q, k_real, v_real, k_thought, v_thought = (x.contiguous() for x in (q, k_real, v_real, k_thought, v_thought))
-    b, h, t, d = q.shape
-    o = _empty(q)
-    args = (q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
-            *k_thought.stride()[:4], h, t, k_thought.shape[3], scale * LOG2E, d)
-    _launch(_decode_kernel, t, "BLOCK_M", b * h, args, q.dtype, d, resolve_tiles(tiles))
-    return o

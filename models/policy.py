@@ -11,9 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from .vocab import INIT_ROWS_FILE, ThinkingVocab, add_thinking_tokens, expand_embeddings, load_base_tokenizer, offline_gpt2_tokenizer
+from thinktok.checkpoint import INIT_ROWS_FILE
+from thinktok.errors import UserError
+
+from .vocab import (
+    ThinkingVocab,
+    add_thinking_tokens,
+    expand_embeddings,
+    load_base_tokenizer,
+    offline_gpt2_tokenizer,
+)
 
 GPT2_VOCAB = 50257
 
@@ -25,7 +40,7 @@ SMALL_CONFIGS: dict[str, dict] = {
 }
 
 
-class PolicyLoadError(ValueError):
+class PolicyLoadError(UserError):
     """A model name/path that cannot be loaded, or a checkpoint that does not match the request."""
 
 
@@ -45,17 +60,14 @@ class Policy:
 
 
 def small_gpt2(name: str, seed: int = 0) -> GPT2LMHeadModel:
-    cfg = GPT2Config(vocab_size=GPT2_VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SMALL_CONFIGS[name])
+    cfg = GPT2Config(vocab_size=GPT2_VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     **SMALL_CONFIGS[name])
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg)
 
 
 def load_policy(
-    name_or_path: str,
-    num_thinking: int,
-    markers: bool,
-    init: str = "mean",
-    seed: int = 0,
+    name_or_path: str, num_thinking: int, markers: bool, init: str = "mean", seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Policy:
     """Model + tokenizer with `num_thinking` thinking tokens (and `<bot>`/`<eot>` if `markers`).
@@ -68,7 +80,8 @@ def load_policy(
         saved = ThinkingVocab.load(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = load_base_tokenizer(str(path)) if (path / "tokenizer_config.json").exists() else offline_gpt2_tokenizer()
+            own = (path / "tokenizer_config.json").exists()
+            tokenizer = load_base_tokenizer(str(path)) if own else offline_gpt2_tokenizer()
         except (OSError, ValueError) as e:
             raise PolicyLoadError(f"cannot load a model from {path}: {e}") from None
         if saved is not None and saved.size > saved.real_size:  # else: a plain LM, expanded below
@@ -80,9 +93,11 @@ def load_policy(
             rows = model.get_input_embeddings().weight.shape[0]
             if rows != saved.size or len(tokenizer) != saved.size:
                 raise PolicyLoadError(f"checkpoint {path} is inconsistent: {rows} embedding rows, "
-                                      f"{len(tokenizer)} tokenizer entries, vocabulary layout says {saved.size}")
+                                      f"{len(tokenizer)} tokenizer entries, vocabulary layout says "
+                                      f"{saved.size}")
             init_file = path / INIT_ROWS_FILE
-            init_rows = torch.load(init_file) if init_file.exists() else model.get_input_embeddings().weight[saved.real_size :].detach().clone()
+            rows = model.get_input_embeddings().weight[saved.real_size :]
+            init_rows = torch.load(init_file) if init_file.exists() else rows.detach().clone()
             return Policy(model, tokenizer, saved, init_rows)
     elif name_or_path in SMALL_CONFIGS:
         model, tokenizer = small_gpt2(name_or_path, seed).to(dtype), offline_gpt2_tokenizer()

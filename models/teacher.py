@@ -26,11 +26,12 @@ class Teacher:
 
     @torch.no_grad()
     def think(self, prompt: list[int], separator: int, max_new_tokens: int, eos: int) -> list[int]:
-        """The teacher's own chain of thought for a prompt: its greedy continuation up to and including the last
-        `separator` (the answer after it is dropped: the student's answer is what gets scored)."""
+        """The teacher's own chain of thought for a prompt: its greedy continuation up to and including the
+        last `separator` (the answer after it is dropped: the student's answer is what gets scored)."""
         ids = torch.tensor([prompt], device=self.model.device)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)[0, len(prompt):]
+                                  max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)[
+                                      0, len(prompt):]
         out = out.tolist()
         cut = max((i + 1 for i, t in enumerate(out) if t == separator), default=0)
         return out[:cut]
@@ -47,8 +48,8 @@ class Teacher:
         for i, s in enumerate(seqs):
             bad = [t for t in s if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"teacher input {i} has ids outside its vocabulary of {self.vocab_size}: {bad[:4]} "
-                                 "(thinking tokens must be stripped before scoring)")
+                raise ValueError(f"teacher input {i} has ids outside its vocabulary of {self.vocab_size}: "
+                                 f"{bad[:4]} (thinking tokens must be stripped before scoring)")
         device = self.model.device
         width = max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
@@ -57,5 +58,6 @@ class Teacher:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, W, V)
-        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, W-1): token i+1 given :i+1
+        # (B, W-1): token i+1 given :i+1
+        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         return [lp[i, start[i] - 1 : len(s) - 1].cpu() for i, s in enumerate(seqs)]

@@ -9,23 +9,26 @@ Every step records an `Action` code. The recompute path (`action_logprobs`) turn
 logits/hidden state at that position back into the log-prob, with the same functions the sampler used,
 so the sampler's numbers and the learner's teacher-forced numbers agree by construction.
 
-Modes: `none` (plain text decoding: base models and teachers), `vocab` (N discrete thinking tokens the policy may emit anywhere), `single` (vocab with one
-shared token), `continuous` (Coconut: last hidden state fed back, Gaussian exploration),
-`soft` (Soft Thinking: probability-weighted embedding mixtures, Gumbel/Dirichlet noise, cold stop),
-`pause` (fixed insertion, no sampling).
+Here: the configs, the action codes, the base class with the distributions both sides share, and the
+text step. The modes themselves (and `make_mode`) are in thought_modes.py: `none` (plain text decoding:
+base models and teachers), `vocab` (N discrete thinking tokens the policy may emit anywhere, or fill fixed
+slots with), `single` (vocab with one shared token), `continuous` (Coconut: last hidden state fed back,
+Gaussian exploration), `soft` (Soft Thinking: probability-weighted embedding mixtures, Gumbel/Dirichlet
+noise, cold stop), `pause` (fixed insertion, no sampling).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Dirichlet, Normal, RelaxedOneHotCategorical
+from torch.distributions import Dirichlet, RelaxedOneHotCategorical
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from thinktok.errors import UserError
 
 from .vocab import ThinkingVocab
 
@@ -48,22 +51,23 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     max_new_tokens: int = 32  # real (text) tokens per rollout
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # end a rollout at its first text EOS
     greedy: bool = False  # argmax tokens, noiseless continuous/soft thoughts (evaluation)
 
     def validate(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+            raise UserError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
 class ThoughtConfig:
-    mode: str = "vocab"
-    num_thinking: int = 64  # vocab: distinct <think_i> tokens; pause: 1 = one shared embedding, k = k distinct
+    mode: str = "vocab"  # none | vocab | single | continuous | soft | pause (README: Thought modes)
+    # vocab: distinct <think_i> tokens; pause: 1 = one shared embedding, k = k distinct
+    num_thinking: int = 64
     max_thought_tokens: int = 32  # budget per rollout (continuous without learned stop: exact count)
     # fixed thought slots: > 0 = exactly `slots` thought steps the policy fills with content of its choosing,
     # after the prompt (vocab: or before every text token, slots_at=every), so the decision to think cannot
@@ -73,16 +77,16 @@ class ThoughtConfig:
     init: str = "mean"  # initialisation of the new rows: mean | norm
     # continuous (Coconut)
     sigma: float = 0.1  # Gaussian exploration around the fed-back hidden state; 0 = deterministic
-    learn_sigma: bool = False
+    learn_sigma: bool = False  # learn sigma (log-parametrised) with the policy
     learned_stop: bool = False  # stop when the policy samples <eot>; else exactly max_thought_tokens thoughts
     # soft (Soft Thinking)
     soft_top_k: int = 10  # 0 = the full text vocabulary
-    soft_temperature: float = 1.0
+    soft_temperature: float = 1.0  # temperature of the mixture weights over the top-k tokens
     noise: str = "gumbel"  # none | gumbel | dirichlet
-    gumbel_tau: float = 0.5
-    dirichlet_alpha: float = 1.0
-    cold_stop_entropy: float = 0.01
-    cold_stop_steps: int = 256
+    gumbel_tau: float = 0.5  # Gumbel-softmax temperature (noise=gumbel)
+    dirichlet_alpha: float = 1.0  # Dirichlet concentration scale: w ~ Dir(alpha * p) (noise=dirichlet)
+    cold_stop_entropy: float = 0.01  # cold stop: entropy threshold of the mixture (nats)
+    cold_stop_steps: int = 256  # cold stop: consecutive low-entropy steps that end thinking
     # continuous/soft: a vector step's log-density is a sum over D (or k) dimensions, +100 nats and a gradient
     # 15-400x a token's on the tiny model; per_dim divides it by its dimension (D, or k-1 on the simplex) so a
     # vector step weighs like a token step in the loss and the clip. joint: the full density.
@@ -98,9 +102,11 @@ class ThoughtConfig:
 
     @property
     def every(self) -> bool:
-        """Thoughts inserted before every text token (pause_at=every, or vocab slots_at=every): the gold-answer
-        rewards and the latent term repeat the opening block before every gold token, as the policy sees it."""
-        return (self.mode == "pause" and self.pause_at == "every") or (self.slots > 0 and self.slots_at == "every")
+        """Thoughts inserted before every text token (pause_at=every, or vocab slots_at=every): the
+        gold-answer rewards and the latent term repeat the opening block before every gold token, as the
+        policy sees it."""
+        pause_every = self.mode == "pause" and self.pause_at == "every"
+        return pause_every or (self.slots > 0 and self.slots_at == "every")
 
     @property
     def markers(self) -> bool:
@@ -109,63 +115,67 @@ class ThoughtConfig:
     @property
     def vocab_tokens(self) -> int:
         """Thinking tokens this mode needs in the vocabulary."""
-        return {"vocab": self.num_thinking, "single": 1, "pause": self.num_thinking}.get(self.mode, 0)  # none: 0
+        # none: 0
+        return {"vocab": self.num_thinking, "single": 1, "pause": self.num_thinking}.get(self.mode, 0)
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"unknown thought mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        for name in ("num_thinking", "max_thought_tokens", "slots", "num_pause", "soft_top_k", "cold_stop_steps"):
+            raise UserError(f"unknown thought mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("num_thinking", "max_thought_tokens", "slots", "num_pause", "soft_top_k",
+                     "cold_stop_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mode in ("vocab", "pause") and self.num_thinking < 1:
-            raise ValueError(f"mode {self.mode} needs num_thinking >= 1, got {self.num_thinking}")
+            raise UserError(f"mode {self.mode} needs num_thinking >= 1, got {self.num_thinking}")
         if self.mode == "single" and self.num_thinking not in (1, ThoughtConfig.num_thinking):
-            raise ValueError(f"mode single has exactly one thinking token (got num_thinking={self.num_thinking}); "
-                             "use mode vocab for k distinct tokens")
+            raise UserError(f"mode single has exactly one thinking token (got "
+                             f"num_thinking={self.num_thinking}); use mode vocab for k distinct tokens")
         if self.density_scale not in ("per_dim", "joint"):
-            raise ValueError(f"unknown density_scale {self.density_scale!r}: expected per_dim or joint")
+            raise UserError(f"unknown density_scale {self.density_scale!r}: expected per_dim or joint")
         if self.learned_stop and self.mode != "continuous":
-            raise ValueError(f"learned_stop is a continuous-mode option (mode {self.mode} stops by its own rule): "
-                             "set learned_stop: false")
+            raise UserError(f"learned_stop is a continuous-mode option (mode {self.mode} stops by its own "
+                             f"rule): set learned_stop: false")
         if self.noise not in ("none", "gumbel", "dirichlet"):
-            raise ValueError(f"unknown soft noise {self.noise!r}: expected none, gumbel or dirichlet")
+            raise UserError(f"unknown soft noise {self.noise!r}: expected none, gumbel or dirichlet")
         if self.slots:
             if self.mode in ("none", "pause"):
-                raise ValueError(f"thought.slots is for modes that choose a thought's content (vocab, continuous, "
-                                 f"soft); mode {self.mode} has none: use num_pause for fixed pauses")
+                raise UserError(f"thought.slots is for modes that choose a thought's content (vocab, "
+                                 f"continuous, soft); mode {self.mode} has none: use num_pause for "
+                                 "fixed pauses")
             if self.mode == "single":
-                raise ValueError("mode single with slots has no content to choose (one token): it is mode pause "
-                                 "with num_thinking=1")
+                raise UserError("mode single with slots has no content to choose (one token): it is mode "
+                                 "pause with num_thinking=1")
             if self.learned_stop:
-                raise ValueError("thought.slots fixes the number of thoughts: set learned_stop: false")
+                raise UserError("thought.slots fixes the number of thoughts: set learned_stop: false")
         if self.slots_at not in ("prompt", "every"):
-            raise ValueError(f"unknown slots_at {self.slots_at!r}: expected prompt or every")
+            raise UserError(f"unknown slots_at {self.slots_at!r}: expected prompt or every")
         if self.slots_at == "every" and self.mode != "vocab":
-            raise ValueError(f"slots_at=every is for mode vocab; {self.mode} thoughts sit after the prompt")
+            raise UserError(f"slots_at=every is for mode vocab; {self.mode} thoughts sit after the prompt")
         if self.pause_at not in ("prompt", "every"):
-            raise ValueError(f"unknown pause_at {self.pause_at!r}: expected prompt or every")
+            raise UserError(f"unknown pause_at {self.pause_at!r}: expected prompt or every")
         if self.sigma < 0 or (self.sigma == 0 and self.learn_sigma):
-            raise ValueError(f"sigma must be > 0 (or 0 without learn_sigma), got {self.sigma}")
+            raise UserError(f"sigma must be > 0 (or 0 without learn_sigma), got {self.sigma}")
         if self.gumbel_tau <= 0 or self.dirichlet_alpha <= 0 or self.soft_temperature <= 0:
-            raise ValueError("gumbel_tau, dirichlet_alpha and soft_temperature must be > 0")
+            raise UserError("gumbel_tau, dirichlet_alpha and soft_temperature must be > 0")
 
 
 def check_trainable(cfg: ThoughtConfig, sampling: SamplingConfig) -> None:
     """Settings whose thoughts no RL gradient can reach (fine for sampling and SFT, refused for RL): a thought
     with log-prob 0 and a deterministic value still counts in the loss normaliser and learns nothing."""
     if sampling.greedy:
-        raise ValueError("sampling.greedy is for evaluation: RL needs sampled actions with log-probs")
+        raise UserError("sampling.greedy is for evaluation: RL needs sampled actions with log-probs")
     if cfg.mode == "continuous" and cfg.sigma == 0:
-        raise ValueError("thought.sigma=0 makes continuous thoughts deterministic (log-prob 0): RL cannot train "
-                         "them; set sigma > 0 (optionally learn_sigma)")
+        raise UserError("thought.sigma=0 makes continuous thoughts deterministic (log-prob 0): RL cannot "
+                         "train them; set sigma > 0 (optionally learn_sigma)")
     if cfg.mode == "soft" and cfg.noise == "none":
-        raise ValueError("thought.noise=none makes soft thoughts deterministic (log-prob 0): RL cannot train "
+        raise UserError("thought.noise=none makes soft thoughts deterministic (log-prob 0): RL cannot train "
                          "them; use gumbel or dirichlet")
     if cfg.mode == "soft" and cfg.soft_top_k == 0:
-        raise ValueError("thought.soft_top_k=0 (the whole text vocabulary) would record 50k ids and weights per "
-                         "soft step for the learner; set soft_top_k (Soft Thinking uses 10-20)")
+        raise UserError("thought.soft_top_k=0 (the whole text vocabulary) would record 50k ids and weights "
+                         "per soft step for the learner; set soft_top_k (Soft Thinking uses 10-20)")
     if cfg.mode == "soft" and cfg.soft_top_k == 1:
-        raise ValueError("thought.soft_top_k=1 gives a one-point mixture with no density: set soft_top_k >= 2")
+        raise UserError("thought.soft_top_k=1 gives a one-point mixture with no density: set "
+                         "soft_top_k >= 2")
 
 
 @dataclass
@@ -201,7 +211,9 @@ class ThoughtMode(nn.Module):
         self.cfg, self.vocab, self.sampling = cfg, vocab, sampling
         cols = torch.arange(vocab.size)
         # column masks over the expanded vocabulary, built once (the token step runs every decoding step)
-        self.register_buffer("think_cols", (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking), persistent=False)
+        self.register_buffer(
+            "think_cols", (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking),
+            persistent=False)
         self.register_buffer("marker_cols", cols >= vocab.real_size + vocab.num_thinking, persistent=False)
         self.warpers = [w for w in (TopKLogitsWarper(sampling.top_k) if sampling.top_k else None,
                                     TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None) if w]
@@ -225,8 +237,8 @@ class ThoughtMode(nn.Module):
         return F.log_softmax(logits, dim=-1)
 
     def think_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, V) -> (N, num_thinking): a fixed slot's distribution, the thinking columns alone at the sampling
-        temperature (no top-k/top-p: N is small and every thinking token stays reachable)."""
+        """(N, V) -> (N, num_thinking): a fixed slot's distribution, the thinking columns alone at the
+        sampling temperature (no top-k/top-p: N is small and every thinking token stays reachable)."""
         v = self.vocab
         return F.log_softmax(logits[:, v.think_start : v.think_start + v.num_thinking].float()
                              / self.sampling.temperature, dim=-1)
@@ -262,7 +274,8 @@ class ThoughtMode(nn.Module):
         # floor: a zero concentration is not a Dirichlet; tiny probabilities still get a proper density
         return (self.cfg.dirichlet_alpha * p).clamp_min(1e-3)
 
-    def action_logprobs(self, action, token, logits, hidden, vector=None, soft_ids=None, soft_w=None, with_entropy=False):
+    def action_logprobs(self, action, token, logits, hidden, vector=None, soft_ids=None, soft_w=None,
+                        with_entropy=False):
         """Recompute: log-prob of N recorded steps from the logits/hidden at the positions that chose them.
 
         action, token: (N,); logits: (N, V); hidden: (N, D); vector: (N, D); soft_ids, soft_w: (N, k).
@@ -286,10 +299,12 @@ class ThoughtMode(nn.Module):
                 entropy = entropy.index_put((slot.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
         if self.vocab.markers and self.cfg.learned_stop:
             stop_lp, cont_lp = self.stop_logprobs(logits)
-            out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(action == Action.VECTOR, cont_lp, 0)
+            out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(
+                action == Action.VECTOR, cont_lp, 0)
         vec = action == Action.VECTOR
         if vec.any():  # only ContinuousThoughts records vector actions
-            out = out.index_put((vec.nonzero()[:, 0],), self.vector_logprob(vector[vec], hidden[vec]), accumulate=True)
+            out = out.index_put((vec.nonzero()[:, 0],), self.vector_logprob(vector[vec], hidden[vec]),
+                                accumulate=True)
         soft = action == Action.SOFT
         if soft.any():
             p = self.soft_probs(logits[soft], soft_ids[soft])
@@ -301,7 +316,8 @@ class ThoughtMode(nn.Module):
         z = torch.zeros(batch, dtype=torch.long, device=device)
         return State(n_thought=z.clone(), phase=z.clone(), run=z.clone())
 
-    def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
         """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
         lp = self.token_logprobs(logits, allow_think)
         tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
@@ -309,11 +325,13 @@ class ThoughtMode(nn.Module):
 
     def text_step(self, logits: torch.Tensor, embed: nn.Embedding) -> StepOut:
         """A text token sampled with the thinking tokens masked out, for every row."""
-        tok, lp = self.sample_token(logits, torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
+        tok, lp = self.sample_token(logits,
+                                    torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
         return StepOut(torch.full_like(tok, Action.TEXT), tok, embed(tok), lp)
 
     def forced(self, token: torch.Tensor, embed: nn.Embedding) -> StepOut:
-        return StepOut(torch.full_like(token, Action.FORCED), token, embed(token), torch.zeros(token.shape, device=token.device))
+        return StepOut(torch.full_like(token, Action.FORCED), token, embed(token),
+                       torch.zeros(token.shape, device=token.device))
 
     def step(self, logits: torch.Tensor, hidden: torch.Tensor, state: State, embed: nn.Embedding) -> StepOut:
         raise NotImplementedError
@@ -335,169 +353,12 @@ def inverse_cdf(p: torch.Tensor) -> torch.Tensor:
 
 def select(cond: torch.Tensor, a: StepOut, b: StepOut) -> StepOut:
     """Per sequence: a where cond, else b. Payload fields take whichever side has them."""
-    pick = lambda x, y: torch.where(cond.view(-1, *([1] * (x.dim() - 1))), x, y)  # noqa: E731
-    payload = lambda x, y: x if y is None else (y if x is None else pick(x, y))  # noqa: E731
+    def pick(x, y):
+        return torch.where(cond.view(-1, *([1] * (x.dim() - 1))), x, y)
+
+    def payload(x, y):
+        return x if y is None else (y if x is None else pick(x, y))
+
     return StepOut(pick(a.action, b.action), pick(a.token, b.token), pick(a.embeds, b.embeds),
                    pick(a.logprob, b.logprob), payload(a.vector, b.vector), payload(a.soft_ids, b.soft_ids),
                    payload(a.soft_w, b.soft_w))
-
-
-class VocabThoughts(ThoughtMode):
-    """`vocab` / `single`: thinking tokens compete with text in one softmax; the policy decides when to think."""
-
-    def step(self, logits, hidden, state, embed):
-        allow = state.n_thought < self.cfg.max_thought_tokens
-        tok, lp = self.sample_token(logits, allow)
-        state.n_thought += self.vocab.is_thought(tok)
-        action = torch.where(allow, Action.ANY, Action.TEXT)
-        return StepOut(action, tok, embed(tok), lp)
-
-
-class PauseThoughts(ThoughtMode):
-    """`pause`: k thought tokens inserted by rule (after the prompt, or before every text token); slot j
-    uses `<think{j mod N}>`, so N=1 is one shared embedding and N=k gives k distinct ones."""
-
-    @property
-    def count(self) -> int:
-        return self.cfg.num_pause
-
-    def init_state(self, batch, device):
-        state = super().init_state(batch, device)
-        state.phase.fill_(self.count)  # thought steps left to insert
-        return state
-
-    def slot(self, logits, state, embed) -> StepOut:
-        return self.forced(self.vocab.think_start + state.run % self.vocab.num_thinking, embed)
-
-    def step(self, logits, hidden, state, embed):
-        pausing = state.phase > 0
-        every = self.cfg.every
-        # the text token is sampled on every step (see MarkedThoughts.step)
-        out = select(pausing, self.slot(logits, state, embed), self.text_step(logits, embed))
-        state.n_thought += pausing
-        state.run = torch.where(pausing, state.run + 1, 0 if every else state.run)
-        state.phase = torch.where(pausing, state.phase - 1, self.count if every else 0)
-        return out
-
-    def max_thought_steps(self, max_new_tokens):
-        return self.count * (max_new_tokens if self.cfg.every else 1)
-
-
-class SlotThoughts(PauseThoughts):
-    """`vocab` with `slots` k > 0: the pause schedule (k steps after the prompt, or before every text token), each
-    slot a thinking token the policy samples from the thinking columns alone (Action.THINK): it chooses what
-    to think, never whether."""
-
-    @property
-    def count(self) -> int:
-        return self.cfg.slots
-
-    def slot(self, logits, state, embed):
-        lp = self.think_logprobs(logits)
-        idx = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
-        tok = self.vocab.think_start + idx[:, 0]
-        return StepOut(torch.full_like(tok, Action.THINK), tok, embed(tok), lp.gather(1, idx)[:, 0])
-
-
-class MarkedThoughts(ThoughtMode):
-    """Modes whose thoughts sit between `<bot>` and `<eot>` right after the prompt (as in Coconut):
-    phase 0 emits `<bot>`, phase 1 thinks until the subclass says stop, phase 2 decodes text."""
-
-    def thought(self, logits, hidden, state, embed) -> tuple[StepOut, torch.Tensor]:
-        """The thinking-phase step and whether it ends thinking, (B,) bool."""
-        raise NotImplementedError
-
-    def step(self, logits, hidden, state, embed):
-        # Every branch runs on every step, whatever phase the rows are in: no host sync (`.any()`) decides the
-        # work, so the step can be compiled and captured as a CUDA graph, and the random stream a seed gives
-        # is the same on the dynamic and the static/compiled path (a skipped branch would draw nothing).
-        thinking = state.phase == 1
-        think, ends = self.thought(logits, hidden, state, embed)
-        out = select(thinking, think, self.forced(torch.full_like(state.phase, self.vocab.bot_id), embed))
-        out = select(state.phase == 2, self.text_step(logits, embed), out)
-        state.n_thought += state.phase < 2
-        state.phase = torch.where(thinking & ends, 2, torch.where(state.phase == 0, 1, state.phase))
-        return out
-
-
-class ContinuousThoughts(MarkedThoughts):
-    """`continuous` (Coconut): the thought fed next is x = h + sigma * eps, h the last hidden state.
-    Stops after exactly `max_thought_tokens` (or `slots`) thoughts, or (learned_stop) when the policy samples <eot>."""
-
-    def __init__(self, cfg, vocab, sampling):
-        super().__init__(cfg, vocab, sampling)
-        self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.sigma) if cfg.sigma > 0 else 0.0),
-                                      requires_grad=cfg.learn_sigma)
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
-
-    def vector_logprob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Gaussian density of continuous action x around hidden state h: (N,), the mean over the D
-        dimensions (density_scale=per_dim) or their sum (joint)."""
-        if self.cfg.sigma == 0:
-            return torch.zeros(x.shape[0], device=x.device)
-        lp = Normal(h.float(), self.sigma).log_prob(x.float())
-        return lp.mean(-1) if self.cfg.density_scale == "per_dim" else lp.sum(-1)
-
-    def thought(self, logits, hidden, state, embed):
-        eot = torch.full_like(state.phase, self.vocab.eot_id)
-        h = hidden.float()
-        x = h + self.sigma.detach() * torch.randn_like(h) if self.cfg.sigma > 0 and not self.sampling.greedy else h
-        lp = self.vector_logprob(x, h)
-        vec = StepOut(torch.full_like(eot, Action.VECTOR), torch.full_like(eot, -1), x.to(hidden.dtype), lp, vector=x)
-        budget_left = state.n_thought - 1 < self.cfg.budget  # n_thought counts <bot>
-        if not self.cfg.learned_stop:
-            return select(budget_left, vec, self.forced(eot, embed)), ~budget_left
-        stop_lp, cont_lp = self.stop_logprobs(logits)
-        stop = (stop_lp.exp() > 0.5) if self.sampling.greedy else torch.rand(stop_lp.shape, device=logits.device) < stop_lp.exp()
-        vec.logprob = lp + cont_lp
-        chosen = StepOut(torch.full_like(eot, Action.STOP), eot, embed(eot), stop_lp)
-        out = select(budget_left, select(stop, chosen, vec), self.forced(eot, embed))
-        return out, stop | ~budget_left
-
-
-class SoftThoughts(MarkedThoughts):
-    """`soft` (Soft Thinking): the thought fed next is sum_k w_k E[id_k] over the top-k text tokens, w the
-    renormalised probabilities, optionally randomised (Gumbel-softmax or Dirichlet). Cold stop: <eot> once
-    the entropy stays under a threshold for `cold_stop_steps` consecutive steps, or at the budget; with `slots`
-    no cold stop: exactly `slots` thoughts."""
-
-    def thought(self, logits, hidden, state, embed):
-        v, cfg = self.vocab, self.cfg
-        text_logits = logits[:, : v.real_size]
-        k = cfg.soft_top_k or v.real_size
-        ids = text_logits.topk(k, dim=-1).indices  # (B, k)
-        p = self.soft_probs(logits, ids)
-        if self.sampling.greedy or cfg.noise == "none":
-            w = p
-        elif cfg.noise == "gumbel":
-            g = -torch.log(-torch.log(torch.rand_like(p).clamp(1e-20, 1.0)))
-            w = F.softmax((p.log() + g) / cfg.gumbel_tau, dim=-1)
-        elif cfg.noise == "dirichlet":
-            w = Dirichlet(self.concentration(p)).sample()
-        # A weight that underflows to 0 has density log 0; keep every weight positive (renormalised),
-        # the recorded w is what both sampler and recompute score.
-        w = w.clamp_min(1e-20)
-        w = w / w.sum(-1, keepdim=True)
-        mix = torch.einsum("bk,bkd->bd", w, embed(ids).float()).to(embed.weight.dtype)
-        eot = torch.full_like(state.phase, v.eot_id)
-        soft = StepOut(torch.full_like(eot, Action.SOFT), torch.full_like(eot, -1), mix, self.soft_logprob(p, w),
-                       soft_ids=ids, soft_w=w)
-        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
-        thinking = state.phase == 1
-        state.run = torch.where(thinking & (entropy < cfg.cold_stop_entropy), state.run + 1, 0)
-        cold = (state.run >= cfg.cold_stop_steps) if not cfg.slots else torch.zeros_like(thinking)
-        stop = cold | (state.n_thought - 1 >= cfg.budget)
-        return select(stop, self.forced(eot, embed), soft), stop
-
-
-def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig) -> ThoughtMode:
-    cfg.validate()
-    cls = {"none": VocabThoughts, "vocab": SlotThoughts if cfg.slots else VocabThoughts, "single": VocabThoughts, "pause": PauseThoughts,
-           "continuous": ContinuousThoughts, "soft": SoftThoughts}[cfg.mode]
-    if cfg.vocab_tokens != vocab.num_thinking or cfg.markers != vocab.markers:
-        raise ValueError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "
-                         f"the model's vocabulary has {vocab.num_thinking} (markers={vocab.markers})")
-    return cls(cfg, vocab, sampling)

@@ -19,8 +19,9 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedModel, PreTrainedTokenizerBase
 
-VOCAB_FILE = "thinktok_vocab.json"
-INIT_ROWS_FILE = "thinktok_init_rows.pt"
+from thinktok.checkpoint import VOCAB_FILE
+from thinktok.errors import UserError
+
 BOT, EOT = "<bot>", "<eot>"
 
 
@@ -55,7 +56,8 @@ class ThinkingVocab:
 
     def think_id(self, i: int) -> int:
         if not 0 <= i < self.num_thinking:
-            raise ValueError(f"thinking token index {i} out of range: this vocabulary has {self.num_thinking}")
+            raise UserError(f"thinking token index {i} out of range: this vocabulary has "
+                             f"{self.num_thinking}")
         return self.real_size + i
 
     def is_thought(self, ids: torch.Tensor) -> torch.Tensor:
@@ -97,14 +99,15 @@ def load_base_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def add_thinking_tokens(tokenizer: PreTrainedTokenizerBase, num_thinking: int, markers: bool) -> ThinkingVocab:
+def add_thinking_tokens(tokenizer: PreTrainedTokenizerBase, num_thinking: int,
+                        markers: bool) -> ThinkingVocab:
     """Register the thinking tokens as special added tokens and return their layout.
 
     Special, so that `decode(..., skip_special_tokens=True)` drops them: the teacher's text view and
     TRL's decoded completions never contain them.
     """
     if num_thinking < 0:
-        raise ValueError(f"num_thinking must be >= 0, got {num_thinking}")
+        raise UserError(f"num_thinking must be >= 0, got {num_thinking}")
     real_size = len(tokenizer)
     new = [think_token(i) for i in range(num_thinking)] + ([BOT, EOT] if markers else [])
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
@@ -113,12 +116,13 @@ def add_thinking_tokens(tokenizer: PreTrainedTokenizerBase, num_thinking: int, m
     vocab = ThinkingVocab(real_size, num_thinking, markers, tokenizer.eos_token_id)
     got = tokenizer.convert_tokens_to_ids(new)
     if got != list(range(real_size, vocab.size)):
-        raise ValueError(f"tokenizer already holds some of the thinking tokens (ids {got[:4]}…)")
+        raise UserError(f"tokenizer already holds some of the thinking tokens (ids {got[:4]}…)")
     return vocab
 
 
 @torch.no_grad()
-def expand_embeddings(model: PreTrainedModel, vocab: ThinkingVocab, init: str = "mean", seed: int = 0) -> torch.Tensor:
+def expand_embeddings(model: PreTrainedModel, vocab: ThinkingVocab, init: str = "mean",
+                      seed: int = 0) -> torch.Tensor:
     """Grow the model's (tied) embedding/unembedding to `vocab.size` rows, initialise the new rows and
     return a copy of them (rows, d_model) so later work can measure how far each row moved.
 
@@ -128,7 +132,8 @@ def expand_embeddings(model: PreTrainedModel, vocab: ThinkingVocab, init: str = 
     """
     old = model.get_input_embeddings().weight
     if old.shape[0] != vocab.real_size:
-        raise ValueError(f"model has {old.shape[0]} embedding rows, vocabulary has {vocab.real_size} text tokens")
+        raise UserError(f"model has {old.shape[0]} embedding rows, vocabulary has {vocab.real_size} "
+                         "text tokens")
     # mean_resizing=False: we initialise the new rows ourselves, by the chosen strategy.
     model.resize_token_embeddings(vocab.size, mean_resizing=False)
     emb = model.get_input_embeddings().weight
@@ -140,7 +145,7 @@ def expand_embeddings(model: PreTrainedModel, vocab: ThinkingVocab, init: str = 
     elif init == "norm":
         rows = noise / noise.norm(dim=1, keepdim=True) * text.norm(dim=1).mean().cpu()
     else:
-        raise ValueError(f"unknown init {init!r}: expected 'mean' or 'norm'")
+        raise UserError(f"unknown init {init!r}: expected 'mean' or 'norm'")
     emb[vocab.real_size :] = rows.to(emb)
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != emb.data_ptr():

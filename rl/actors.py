@@ -1,5 +1,7 @@
-"""Ray actors: rollout workers (a policy copy running the rollout engine in any thought mode) and teacher
-workers (the frozen teacher scoring text views). The learner is the single controller that calls them.
+"""Ray actors: rollout workers (a policy copy running the rollout engine in any thought mode) and reward
+workers (the frozen teacher scoring text views; a policy copy for rewards that read the policy). The learner
+is the single controller that calls them. The parallel path's workers (rl/parallel/actors.py) share the
+versioned weight loader and `start_workers`.
 
 Fault tolerance is Ray's: actors restart (`max_restarts`) and an interrupted call is retried
 (`max_task_retries`). A retried call reproduces its samples exactly because every call carries its seed and
@@ -14,15 +16,15 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
+from torch import nn
 
 from thinktok.envs import TaskConfig, load_task
-from thinktok.models.parallel import MixingHead
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import load_base_tokenizer
 
-from .parallel import ParallelConfig, ParallelRollout, ParallelScorer, sample_parallel
 from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
 
@@ -30,11 +32,11 @@ from .rollout import Rollout, sample
 @dataclass
 class RayConfig:
     address: str | None = None  # join an existing cluster (multi-node); None starts a local one
-    num_rollout_workers: int = 2
-    num_teacher_workers: int = 1
+    num_rollout_workers: int = 2  # Ray actors sampling rollouts, each a policy copy
+    num_teacher_workers: int = 1  # reward workers (the parallel path: scoring workers)
     gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
-    gpus_per_teacher_worker: float = 0.0
-    max_restarts: int = 3
+    gpus_per_teacher_worker: float = 0.0  # GPU fraction per reward (scoring) worker
+    max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call
     verbose: bool = False  # forward actor logs to the driver
     start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
 
@@ -51,77 +53,63 @@ def init_ray(cfg: RayConfig) -> None:
              configure_logging=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
 
+class VersionedWeights:
+    """The one weight loader every worker shares: `modules` (the model, the thought mode, a mixing head: names
+    as the learner publishes them) get the state of the version a call asks for, fetched only when stale."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules, self.version = modules, -1
+
+    def load(self, weights: list, version: int) -> None:
+        """weights: [ObjectRef] of {name: state dict}, wrapped in a list so Ray fetches it only when stale."""
+        if self.modules and version != self.version:  # a worker without policy modules fetches nothing
+            state = ray.get(weights[0])
+            for name, module in self.modules.items():
+                module.load_state_dict(state[name])
+            self.version = version
+
+
+def policy_copy(policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str):
+    """(model in eval mode, thought mode) on `device`, from the run's initial policy."""
+    policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
+    return policy.model.to(device).eval(), make_mode(thought, policy.vocab, sampling).to(device)
+
+
 class RolloutWorker:
     """Holds a policy copy; samples with exactly the weights of the version it is asked for."""
 
-    def __init__(self, policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
+    def __init__(self, policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str,
+                 threads: int = 1):
         torch.set_num_threads(threads)
-        self.policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
-        self.policy.model.to(device).eval()
-        self.mode = make_mode(thought, self.policy.vocab, sampling).to(device)
-        self.version = -1
-
-    def load(self, weights: list, version: int) -> None:
-        """weights: [ObjectRef] of a state dict, wrapped in a list so Ray fetches it only when stale."""
-        if version != self.version:
-            state = ray.get(weights[0])
-            self.policy.model.load_state_dict(state["model"])
-            self.mode.load_state_dict(state["mode"])
-            self.version = version
+        self.model, self.mode = policy_copy(policy_path, thought, sampling, device)
+        self.weights = VersionedWeights({"model": self.model, "mode": self.mode})
 
     def sample(self, prompts: list[list[int]], seed: int, weights: list, version: int) -> list[Rollout]:
-        self.load(weights, version)
-        return sample(self.policy.model, self.mode, prompts, seed=seed, weight_version=version)
-
-    def sample_parallel(self, windows: torch.Tensor, thought_len: int, seed: int, weights: list,
-                        version: int) -> ParallelRollout:
-        self.load(weights, version)
-        out = sample_parallel(self.policy.model, self.mode, windows.to(self.policy.model.device), thought_len, seed, version)
-        return out.to("cpu")
+        self.weights.load(weights, version)
+        return sample(self.model, self.mode, prompts, seed=seed, weight_version=version)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-class TeacherWorker:
-    """Holds the frozen teacher (and, for gold_loglik or parallel gains, a policy copy) and scores rollouts.
-    With `parallel`, it scores parallel-thought windows instead (ParallelScorer)."""
+class RewardWorker:
+    """Holds the frozen teacher (and, for rewards that read the policy, a policy copy) and scores rollouts."""
 
     def __init__(self, teacher_path: str | None, rewards: RewardConfig, task: TaskConfig, policy_path: str,
-                 thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1,
-                 parallel: ParallelConfig | None = None):
+                 thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
         torch.set_num_threads(threads)
-        needs_teacher = teacher_path and (parallel is None or parallel.scorer == "teacher")
-        teacher = Teacher.load(teacher_path, device) if needs_teacher else None
-        self.model = self.mode = self.head = None
-        if set(POLICY_REWARDS) & set(rewards.weights) or parallel:  # rewards that read the policy need a copy
-            policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
-            self.mode = make_mode(thought, policy.vocab, sampling).to(device)
-            self.model = policy.model.to(device).eval()
-        self.version = -1
-        if parallel:
-            self.head = MixingHead(self.model.config.hidden_size).to(device) if parallel.mixing_head else None
-            self.scorer = ParallelScorer(parallel, self.model, self.mode, self.head, teacher)
-        else:
-            self.rewards = RewardModel(rewards, teacher, load_task(task), load_base_tokenizer(policy_path), self.model,
-                                       self.mode)
-
-    def load(self, weights: list, version: int) -> None:
-        if self.model is not None and version != self.version:
-            state = ray.get(weights[0])
-            self.model.load_state_dict(state["model"])
-            self.mode.load_state_dict(state["mode"])  # a learned sigma, for densities the scorer computes
-            if self.head is not None:
-                self.head.load_state_dict(state["head"])
-            self.version = version
+        teacher = Teacher.load(teacher_path, device) if teacher_path else None
+        model = mode = None
+        if set(POLICY_REWARDS) & set(rewards.weights):  # rewards that read the policy need a copy
+            model, mode = policy_copy(policy_path, thought, sampling, device)
+        # the mode too: a learned sigma enters the densities the rewards compute
+        self.weights = VersionedWeights({"model": model, "mode": mode} if model is not None else {})
+        self.rewards = RewardModel(rewards, teacher, load_task(task), load_base_tokenizer(policy_path),
+                                   model, mode)
 
     def score(self, rollouts: list[Rollout], rows: list[dict], weights: list, version: int) -> Rewards:
-        self.load(weights, version)
+        self.weights.load(weights, version)
         return self.rewards.score(rollouts, rows)
-
-    def score_parallel(self, rollout: ParallelRollout, weights: list, version: int) -> tuple[ParallelRollout, dict]:
-        self.load(weights, version)
-        return self.scorer(rollout.to(self.model.device)).to("cpu"), self.scorer.stats
 
     def pid(self) -> int:
         return os.getpid()
@@ -130,33 +118,38 @@ class TeacherWorker:
 @dataclass
 class Workers:
     rollout: list = field(default_factory=list)
-    teacher: list = field(default_factory=list)
+    reward: list = field(default_factory=list)  # reward workers, or the parallel path's scoring workers
 
 
-def start_workers(cfg: RayConfig, policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
-                  sampling: SamplingConfig, rewards: RewardConfig, task: TaskConfig,
-                  parallel: ParallelConfig | None = None) -> Workers:
+def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[type, tuple]) -> Workers:
+    """rollout, reward: (worker class, constructor arguments before `device`), one pair per path."""
     init_ray(cfg)
     opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
-    device = lambda gpus: "cuda" if gpus > 0 else "cpu"  # noqa: E731
-    rollout_cls = ray.remote(RolloutWorker).options(num_gpus=cfg.gpus_per_rollout_worker, **opts)
-    teacher_cls = ray.remote(TeacherWorker).options(num_gpus=cfg.gpus_per_teacher_worker, **opts)
-    workers = Workers(
-        [rollout_cls.remote(policy_path, thought, sampling, device(cfg.gpus_per_rollout_worker))
-         for _ in range(cfg.num_rollout_workers)],
-        [teacher_cls.remote(teacher_path, rewards, task, policy_path, thought, sampling, device(cfg.gpus_per_teacher_worker),
-                            parallel=parallel)
-         for _ in range(cfg.num_teacher_workers)],
-    )
+
+    def start(cls, args, gpus, n):
+        actor = ray.remote(cls).options(num_gpus=gpus, **opts)
+        return [actor.remote(*args, "cuda" if gpus > 0 else "cpu") for _ in range(n)]
+
+    workers = Workers(start(*rollout, cfg.gpus_per_rollout_worker, cfg.num_rollout_workers),
+                      start(*reward, cfg.gpus_per_teacher_worker, cfg.num_teacher_workers))
     # fail here, not mid-step, if one cannot start or be placed
-    ready, pending = ray.wait([w.pid.remote() for w in workers.rollout + workers.teacher],
-                              num_returns=len(workers.rollout) + len(workers.teacher), timeout=cfg.start_timeout_s)
+    every = workers.rollout + workers.reward
+    ready, pending = ray.wait([w.pid.remote() for w in every], num_returns=len(every),
+                              timeout=cfg.start_timeout_s)
     if pending:
         stop_workers(workers)
-        raise RuntimeError(f"{len(pending)} Ray actors were not placed within {cfg.start_timeout_s} s: the cluster lacks "
-                           f"the resources asked for (ray.* settings: {cfg})")
+        raise RuntimeError(f"{len(pending)} Ray actors were not placed within {cfg.start_timeout_s} s: the "
+                           f"cluster lacks the resources asked for (ray.* settings: {cfg})")
     ray.get(ready)
     return workers
+
+
+def sequential_workers(policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
+                       sampling: SamplingConfig,
+                       rewards: RewardConfig, task: TaskConfig) -> tuple[tuple, tuple]:
+    """The sequential path's (rollout, reward) worker classes and arguments, for `start_workers`."""
+    return ((RolloutWorker, (policy_path, thought, sampling)),
+            (RewardWorker, (teacher_path, rewards, task, policy_path, thought, sampling)))
 
 
 def chunks(items: list, n: int) -> list[list]:
@@ -171,5 +164,5 @@ def chunks(items: list, n: int) -> list[list]:
 
 
 def stop_workers(workers: Workers) -> None:
-    for w in workers.rollout + workers.teacher:
+    for w in workers.rollout + workers.reward:
         ray.kill(w, no_restart=True)

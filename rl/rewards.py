@@ -21,8 +21,9 @@ q = the teacher, pi_text = the policy's text distribution renormalised over text
   thinking_cost   -thinking_cost per thought step the policy chose (markers and pauses are not choices)
 
 Credit: each reward names the steps whose actions it depends on (`Rewards.credit`); the learner's loss runs
-over the union for the weighted terms. gold_loglik and thought_gain depend only on the opening thoughts and the choice to
-stop them (the first text step, when it was chosen against a thought); every other term on every action.
+over the union for the weighted terms. gold_loglik and thought_gain depend only on the opening thoughts and
+the choice to stop them (the first text step, when it was chosen against a thought); every other term on every
+action.
 
 Every mode is laid out per step (S,) so that PPO can use token-wise rewards; per-step values sum to the
 rollout's scalar reward, which GRPO/RLOO use. A non-finite reward is an error naming the rollout.
@@ -34,13 +35,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thinktok.errors import UserError
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action, ThoughtMode
 
 from .rollout import Rollout, opening_thoughts, text_token_logprobs, with_gold
 
 REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "thought_gain", "exact_match")
-POLICY_REWARDS = ("teacher_kl", "gold_loglik", "thought_gain")  # rewards that read the policy's text distribution
+# rewards that read the policy's text distribution
+POLICY_REWARDS = ("teacher_kl", "gold_loglik", "thought_gain")
 GOLD_REWARDS = ("gold_loglik", "thought_gain")  # depend only on the opening thoughts (and the choice to stop)
 
 
@@ -49,8 +52,9 @@ CONTEXTS = ("none", "gold_cot", "own_cot")
 
 @dataclass
 class RewardConfig:
+    # reward term -> weight, summed (teacher_loglik | teacher_kl | gold_loglik | thought_gain | exact_match)
     weights: dict[str, float] = field(default_factory=lambda: {"teacher_loglik": 1.0})
-    thinking_cost: float = 0.0
+    thinking_cost: float = 0.0  # subtracted per thought step the policy chose
     # what the teacher reads between the prompt and the student's text, so that it knows more than the student
     # in one pass: none | gold_cot (the task's gold chain of thought: privileged context) | own_cot (its own
     # greedy chain of thought up to the last " ;", the answer it would give dropped). A CoT-trained teacher
@@ -61,11 +65,13 @@ class RewardConfig:
     def validate(self) -> None:
         unknown = set(self.weights) - set(REWARD_MODES)
         if unknown:
-            raise ValueError(f"unknown reward mode {sorted(unknown)[0]!r}: expected {', '.join(REWARD_MODES)}")
+            raise UserError(f"unknown reward mode {sorted(unknown)[0]!r}: expected "
+                             f"{', '.join(REWARD_MODES)}")
         if self.teacher_context not in CONTEXTS:
-            raise ValueError(f"unknown rewards.teacher_context {self.teacher_context!r}: expected {', '.join(CONTEXTS)}")
+            raise UserError(f"unknown rewards.teacher_context {self.teacher_context!r}: expected "
+                             f"{', '.join(CONTEXTS)}")
         if not self.weights and not self.thinking_cost:
-            raise ValueError("rewards: give at least one weight")
+            raise UserError("rewards: give at least one weight")
 
 
 @dataclass
@@ -84,15 +90,17 @@ class RewardModel:
         cfg.validate()
         needs_teacher = {"teacher_loglik", "teacher_kl"} & set(cfg.weights)
         if needs_teacher and teacher is None:
-            raise ValueError(f"reward {sorted(needs_teacher)[0]} needs a teacher")
-        if {"gold_loglik", "thought_gain", "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
-            raise ValueError("rewards gold_loglik, thought_gain and exact_match need the task and tokenizer")
+            raise UserError(f"reward {sorted(needs_teacher)[0]} needs a teacher")
+        if {"gold_loglik", "thought_gain",
+            "exact_match"} & set(cfg.weights) and (task is None or tokenizer is None):
+            raise UserError("rewards gold_loglik, thought_gain and exact_match need the task and tokenizer")
         if cfg.teacher_context != "none" and (task is None or tokenizer is None):
-            raise ValueError(f"rewards.teacher_context={cfg.teacher_context} needs the task and tokenizer")
+            raise UserError(f"rewards.teacher_context={cfg.teacher_context} needs the task and tokenizer")
         reads_policy = sorted(set(cfg.weights) & set(POLICY_REWARDS))
         if reads_policy and (policy is None or mode is None):
-            raise ValueError(f"reward {reads_policy[0]} needs the policy and its thought mode")
-        self.cfg, self.teacher, self.task, self.tokenizer, self.policy, self.mode = cfg, teacher, task, tokenizer, policy, mode
+            raise UserError(f"reward {reads_policy[0]} needs the policy and its thought mode")
+        self.cfg, self.teacher, self.task, self.tokenizer = cfg, teacher, task, tokenizer
+        self.policy, self.mode = policy, mode
 
     def score(self, rollouts: list[Rollout], rows: list[dict] | None = None) -> Rewards:
         """rows: the task rows the rollouts answer (for gold_loglik and exact_match)."""
@@ -102,9 +110,11 @@ class RewardModel:
         if "teacher_loglik" in w or "teacher_kl" in w:
             context = self.teacher_context(rollouts, rows)
             views = [r.prompt_ids + c + r.real_ids for r, c in zip(rollouts, context)]
-            teacher_lp = self.teacher.token_logprobs(views, [len(r.prompt_ids) + len(c) for r, c in zip(rollouts, context)])
+            teacher_lp = self.teacher.token_logprobs(
+                views, [len(r.prompt_ids) + len(c) for r, c in zip(rollouts, context)])
             if "teacher_loglik" in w:
-                self._add("teacher_loglik", [self._spread(r, lp) for r, lp in zip(rollouts, teacher_lp)], per_step, parts)
+                self._add("teacher_loglik", [self._spread(r, lp) for r, lp in zip(rollouts, teacher_lp)],
+                          per_step, parts)
             if "teacher_kl" in w:
                 policy_lp = text_token_logprobs(self.policy, self.mode, rollouts)
                 steps = [self._spread(r, q - p) for r, q, p in zip(rollouts, teacher_lp, policy_lp)]
@@ -116,17 +126,20 @@ class RewardModel:
         if "gold_loglik" in w or "thought_gain" in w:
             gold = self.gold_loglik(rollouts, rows)
         if "gold_loglik" in w:
-            self._add("gold_loglik", [self._at_end(r, v) for r, v in zip(rollouts, gold.tolist())], per_step, parts)
+            at_end = [self._at_end(r, v) for r, v in zip(rollouts, gold.tolist())]
+            self._add("gold_loglik", at_end, per_step, parts)
         if "thought_gain" in w:
             gain = gold - self.gold_loglik(rollouts, rows, thoughts=False)
-            self._add("thought_gain", [self._at_end(r, v) for r, v in zip(rollouts, gain.tolist())], per_step, parts)
+            self._add("thought_gain", [self._at_end(r, v) for r, v in zip(rollouts, gain.tolist())],
+                      per_step, parts)
         if self.cfg.thinking_cost:
             steps = [-self.cfg.thinking_cost * r.is_chosen_thought.float() for r in rollouts]
             self._add("thinking_cost", steps, per_step, parts, weight=1.0)
         return Rewards(per_step, torch.stack([s.sum() for s in per_step]), parts, self.credit(rollouts))
 
     def teacher_context(self, rollouts: list[Rollout], rows: list[dict] | None) -> list[list[int]]:
-        """Token ids the teacher reads between each rollout's prompt and its text (rewards.teacher_context)."""
+        """Token ids the teacher reads between each rollout's prompt and its text
+        (rewards.teacher_context)."""
         how = self.cfg.teacher_context
         if how == "gold_cot":
             return [self.tokenizer(self.task.reasoning(row)).input_ids for row in rows]
@@ -156,7 +169,7 @@ class RewardModel:
         bad = (~torch.isfinite(scalars)).nonzero()
         if len(bad):
             i = int(bad[0])
-            raise ValueError(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on it")
+            raise UserError(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on it")
         for acc, s in zip(per_step, steps):
             acc += weight * s
         parts[name] = scalars
@@ -175,8 +188,9 @@ class RewardModel:
         return out
 
     def gold_loglik(self, rollouts: list[Rollout], rows: list[dict], thoughts: bool = True) -> torch.Tensor:
-        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening thought
-        steps (none with thoughts=False), under the plain text distribution (`text_token_logprobs`)."""
+        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening
+        thought steps (none with thoughts=False), under the plain text distribution
+        (`text_token_logprobs`)."""
         every = self.mode.cfg.every
         forced = [with_gold(r, self.gold_ids(row), every, thoughts) for r, row in zip(rollouts, rows)]
         return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter; it m
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from thinktok.models.policy import load_policy  # noqa: E402
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode  # noqa: E402
+from thinktok.models.thought_modes import make_mode  # noqa: E402
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -30,7 +31,8 @@ MODE_CASES = {
     "soft-gumbel": dict(mode="soft", num_thinking=0, noise="gumbel", max_thought_tokens=3),
     "soft-dirichlet": dict(mode="soft", num_thinking=0, noise="dirichlet", max_thought_tokens=3),
     "soft-slots": dict(mode="soft", num_thinking=0, slots=2, cold_stop_steps=1, cold_stop_entropy=100.0),
-    "soft-none-cold": dict(mode="soft", num_thinking=0, noise="none", cold_stop_steps=2, cold_stop_entropy=10.0),
+    "soft-none-cold": dict(mode="soft", num_thinking=0, noise="none", cold_stop_steps=2,
+                           cold_stop_entropy=10.0),
 }
 
 

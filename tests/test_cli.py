@@ -11,12 +11,14 @@ from thinktok.models.policy import load_policy
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "thinktok.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "thinktok.cli", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_jsonl_schema(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--mode", "soft", "--num-samples", "2", "--max-new-tokens", "4", "--max-thought-tokens", "2",
+    assert main(["sample", "--mode", "soft", "--num-samples", "2", "--max-new-tokens", "4",
+                 "--max-thought-tokens", "2",
                  "--format", "jsonl", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
@@ -58,7 +60,8 @@ def test_parallel_sample_puts_a_thought_after_every_token(capsys):
     rec = json.loads(capsys.readouterr().out)
     kinds = [s["kind"] for s in rec["steps"]]
     assert rec["mode"] == "parallel" and rec["num_real"] == 4 and kinds == ["real", "thought", "thought"] * 4
-    assert all(s["text"].startswith("<think") and s["logprob"] <= 0 for s in rec["steps"] if s["kind"] == "thought")
+    thoughts = [s for s in rec["steps"] if s["kind"] == "thought"]
+    assert all(s["text"].startswith("<think") and s["logprob"] <= 0 for s in thoughts)
     assert rec["real_text"] == "12 * 34 ="
 
 
@@ -73,8 +76,7 @@ def test_continuous_marker_shows_nearest_tokens(capsys):
     (["--mode", "telepathy"], "unknown thought mode 'telepathy'"),
     (["--num-thinking", "-2"], "num_thinking must be >= 0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-    (["--model", "/no/such/checkpoint"], "does not exist"),
-    (["--format", "pdf"], "unknown format"),
+    (["--model", "/no/such/checkpoint"], "does not exist"), (["--format", "pdf"], "unknown format"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_errors_are_one_line_exit_2(args, message, capsys):
@@ -88,7 +90,8 @@ def test_checkpoint_without_requested_tokens(tmp_path):
     load_policy("tiny", 4, markers=False).save(tmp_path / "ck")
     r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "64")
     assert r.returncode == 2 and "has 4 thinking tokens" in r.stderr and "Traceback" not in r.stderr
-    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1", "--max-new-tokens", "2")
+    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1",
+            "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
 
 
@@ -97,8 +100,7 @@ def test_checkpoint_without_requested_tokens(tmp_path):
     (["train", "configs/quickstart.yaml", "rl.lrr=1"], "unknown config key rl.lrr"),
     (["train", "configs/quickstart.yaml", "thought.mode=telepathy"], "unknown thought mode"),
     (["train", "configs/quickstart.yaml", "rewards.weights={vibes: 1}"], "unknown reward mode 'vibes'"),
-    (["train", "--resume", "/no/such/run"], "no/such/run/config.yaml"),
-    (["train"], "needs a CONFIG"),
+    (["train", "--resume", "/no/such/run"], "no/such/run/config.yaml"), (["train"], "needs a CONFIG"),
     (["sft", "configs/sft_mult2_tiny.yaml", "train.batch_size=big"], "train.batch_size: expected int"),
     (["eval", "/no/such/run"], "no checkpoint found"),
 ])
@@ -111,18 +113,77 @@ def test_config_commands_reject_bad_input(args, message, capsys):
 def test_summary_means_and_spreads_over_runs(tmp_path, capsys):
     """Two fake runs' first/last evals -> mean and sample std per column, by hand."""
     def ev(step, acc, none, pause, shuf, steps):
-        controls = {k: {"accuracy": v} for k, v in zip(("no_thoughts", "pause", "shuffled_thoughts"), (none, pause, shuf))}
+        controls = {k: {"accuracy": v} for k, v in zip(("no_thoughts", "pause", "shuffled_thoughts"),
+                                                       (none, pause, shuf))}
         return json.dumps({"step": step, "accuracy": acc, "thought_steps_mean": steps, "controls": controls})
 
     for name, end in (("a", ev(10, 0.5, 0.1, 0.2, 0.3, 2.0)), ("b", ev(10, 0.7, 0.3, 0.2, 0.1, 4.0))):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "evals.jsonl").write_text(ev(0, 0.0, 0.0, 0.0, 0.0, 1.0) + "\n" + ev(5, 9, 9, 9, 9, 9)
+        (tmp_path / name / "evals.jsonl").write_text(ev(0, 0.0, 0.0, 0.0, 0.0, 1.0) + "\n" + ev(
+            5, 9, 9, 9, 9, 9)
                                                      + "\n" + end + "\n")
     out = tmp_path / "s.json"
     assert main(["summary", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out)]) == 0
     s = json.loads(out.read_text())
-    assert s["end"]["learned"]["mean"] == pytest.approx(0.6) and s["end"]["learned"]["std"] == pytest.approx(0.1414214)
+    assert s["end"]["learned"]["mean"] == pytest.approx(0.6)
+    assert s["end"]["learned"]["std"] == pytest.approx(0.1414214)
     assert s["end"]["pause"]["std"] == 0 and s["end"]["thought_steps"]["values"] == [2.0, 4.0]
     assert s["start"]["learned"]["mean"] == 0 and s["steps"] == [[0, 10], [0, 10]]
     assert "shuffled thoughts" in capsys.readouterr().out
     assert main(["summary", str(tmp_path)]) == 2  # no evals.jsonl: one error line
+
+
+def test_sample_reads_the_checkpoints_thought_settings(tmp_path):
+    """A checkpoint records its vocabulary and thought mode: `sample --model CKPT` needs no other flag (8
+    thinking tokens, 2 fixed slots here), flags override what they state, and a model directory from before
+    the run-info layout gets an error naming the missing file."""
+    from thinktok.checkpoint import RUN_INFO, save_run_info
+    from thinktok.envs import TaskConfig
+    from thinktok.models.thoughts import ThoughtConfig
+
+    policy = load_policy("tiny", 8, False)
+    policy.save(tmp_path / "ckpt")
+    save_run_info(tmp_path / "ckpt", TaskConfig(), "rl", ThoughtConfig(mode="vocab", num_thinking=8, slots=2))
+    out = tmp_path / "s.jsonl"
+    common = ["sample", "--model", str(tmp_path / "ckpt"), "--num-samples", "2", "--max-new-tokens", "3",
+              "--format", "jsonl", "--out", str(out)]
+    assert main(common) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["num_thought"] for r in records] == [2, 2]
+    assert main(common + ["--mode", "pause", "--num-thinking", "8", "--num-pause", "3"]) == 0
+    assert [json.loads(line)["num_thought"] for line in out.read_text().splitlines()] == [3, 3]
+    policy.model.save_pretrained(tmp_path / "old")
+    done = run("eval", str(tmp_path / "old"))
+    assert done.returncode == 2 and RUN_INFO in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user errors become one line and exit code 2: an error of the code itself propagates."""
+    import thinktok.analysis.evaluate as evaluate
+
+    def broken(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(evaluate, "evaluate", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["eval", "somewhere"])
+
+
+def test_sequential_commands_do_not_import_the_kernel(tmp_path):
+    """Imports cost what they use: the sequential path (train, sft, eval, a sampled rollout) never imports the
+    kernels or registers the parallel attention backend (Triton itself may load: torch._dynamo imports it)."""
+    code = (
+        "import sys; import thinktok.rl.train, thinktok.sft, thinktok.analysis.evaluate; "
+        "import thinktok.analysis.compare; "
+        "from thinktok.cli import main; "
+        "assert main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--format', 'jsonl', '--out', "
+        "'s.jsonl']) == 0; "
+        "from transformers import AttentionInterface; "
+        "ours = ('thinktok.kernels', 'thinktok.models.parallel_gpt2'); "
+        "bad = [m for m in sys.modules if m.startswith(ours)]; "
+        "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]; print('loaded:', bad)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded: []" in done.stdout

@@ -3,7 +3,7 @@
 import pytest
 
 from thinktok.config import ConfigError, load_config
-from thinktok.rl.sft import SFTConfig
+from thinktok.sft import SFTConfig
 
 
 def write(tmp_path, text):
@@ -14,7 +14,8 @@ def write(tmp_path, text):
 
 def test_yaml_and_dotted_overrides(tmp_path):
     p = write(tmp_path, "name: x\ntask:\n  digits: 3\ntrain:\n  lr: 1.0e-3\n")
-    cfg = load_config(SFTConfig, p, ["train.lr=0.01", "task.spaced=true", "thought.mode=pause", "thought.num_thinking=2",
+    cfg = load_config(SFTConfig, p,
+                      ["train.lr=0.01", "task.spaced=true", "thought.mode=pause", "thought.num_thinking=2",
                                      "slots=2"])
     assert (cfg.name, cfg.task.digits, cfg.train.lr, cfg.task.spaced, cfg.slots) == ("x", 3, 0.01, True, 2)
     assert cfg.thought.mode == "pause" and cfg.thought.num_thinking == 2
@@ -23,15 +24,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown config key train.lrr"),
-    ("bogus=1", "unknown config key bogus"),
+    ("train.lrr=1", "unknown config key train.lrr"), ("bogus=1", "unknown config key bogus"),
     ("train.batch_size=big", "train.batch_size: expected int"),
-    ("task.spaced=3", "task.spaced: expected bool"),
-    ("train.epochs=true", "train.epochs: expected float"),
-    ("task=3", "task: expected a mapping"),
-    ("noequals", "is not key=value"),
-    ("thought.mode=telepathy", "unknown thought mode"),
-    ("format=poem", "unknown format"),
+    ("task.spaced=3", "task.spaced: expected bool"), ("train.epochs=true", "train.epochs: expected float"),
+    ("task=3", "task: expected a mapping"), ("noequals", "is not key=value"),
+    ("thought.mode=telepathy", "unknown thought mode"), ("format=poem", "unknown format"),
 ])
 def test_bad_overrides_name_the_key(tmp_path, override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
@@ -48,7 +45,7 @@ def test_malformed_yaml(tmp_path):
 def test_every_shipped_config_loads_and_validates():
     from pathlib import Path
 
-    from thinktok.rl.train import TrainConfig
+    from thinktok.rl.config import TrainConfig
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 6

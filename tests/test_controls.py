@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import boost_thinking
+from thinktok.analysis.controls import control_modes, derange, thought_inputs
+from thinktok.analysis.evaluate import evaluate_policy
 from thinktok.envs.base import norm
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
-from thinktok.rl.controls import control_modes, derange, thought_inputs
-from thinktok.rl.evaluate import evaluate_policy
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.rl.rollout import sample
 
 DIGITS = [f" {d}" for d in range(10)]
@@ -53,11 +54,12 @@ def test_replay_feeds_the_donor_thoughts_at_the_thought_steps():
 
 
 def test_controls_agree_when_thoughts_cannot_matter():
-    """init=mean: every thinking row is the same vector, so learned, pause and shuffled thoughts feed identical
-    inputs: their numbers must be identical (a replay that fed anything else would show)."""
+    """init=mean: every thinking row is the same vector, so learned, pause and shuffled thoughts feed
+    identical inputs: their numbers must be identical (a replay that fed anything else would show)."""
     policy = load_policy("tiny", 8, False, init="mean", seed=0)
     mode = greedy_mode(policy, mode="vocab", num_thinking=8, max_thought_tokens=2)
-    boost_thinking(policy, 25)  # scales every (identical) thinking row alike: the model thinks, rows stay equal
+    # scales every (identical) thinking row alike: the model thinks, rows stay equal
+    boost_thinking(policy, 25)
     result = evaluate_policy(policy, mode, toy_task(policy), "test")
     main = {k: result[k] for k in ("accuracy", "real_tokens_mean", "thought_steps_mean")}
     assert main["thought_steps_mean"] > 0

@@ -82,7 +82,8 @@ def test_prontoqa_answer_follows_the_chain():
 
 def test_prosqa_import_coconut_json(tmp_path):
     rows = [{"question": f"Is Tom a a{i} or b{i}?", "answer": f"Tom is a a{i}.", "steps": [f"Tom is a c{i}."],
-             "edges": [[0, 1]], "root": 0, "target": 1, "neg_target": 2, "idx_to_symbol": ["c", f"a{i}", f"b{i}"]}
+             "edges": [[0, 1]], "root": 0, "target": 1, "neg_target": 2, "idx_to_symbol": [
+                 "c", f"a{i}", f"b{i}"]}
             for i in range(6)]
     path = tmp_path / "prosqa.json"
     path.write_text(json.dumps(rows))
@@ -95,7 +96,8 @@ def test_prosqa_import_coconut_json(tmp_path):
 
 def test_text_task_from_file(tmp_path):
     (tmp_path / "a.txt").write_text(" ".join(f"w{i}" for i in range(100)))
-    t = load_task(TaskConfig(name="text", path=str(tmp_path), prompt_words=5, answer_words=5, num_train=5, num_val=2, num_test=2))
+    t = load_task(TaskConfig(name="text", path=str(tmp_path), prompt_words=5, answer_words=5, num_train=5,
+                             num_val=2, num_test=2))
     row = t.dataset["train"][1]
     assert row["prompt"] == "w10 w11 w12 w13 w14" and row["answer"] == "w15 w16 w17 w18 w19"
     with pytest.raises(ValueError, match="needs path="):

@@ -26,11 +26,7 @@ STRIP = (
 def source_checkout(code: str, tmp_path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", STRIP + code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", STRIP + code], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300,
     )
 
@@ -106,7 +102,7 @@ def test_cpu_exit_from_a_source_checkout(tmp_path):
     there is no GPU in one line, exits 1, no traceback."""
     code = (
         "import thinktok.rl.rollout as r, thinktok.kernels as k, thinktok.models.thoughts, "
-        "thinktok.rl.bench, "
+        "thinktok.analysis.bench, "
         "thinktok.rl.train; print(r.__file__, k.__file__); "
         "from thinktok.gpu_suite import main; sys.exit(main([]))"
     )
@@ -119,9 +115,7 @@ def test_cpu_exit_from_a_source_checkout(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_target_takes_an_interpreter():
     done = subprocess.run(
-        ["make", "-n", "gpu-suite", "PYTHON=python3", "GPU_SUITE_OUT=/tmp/x"],
-        cwd=ROOT,
-        capture_output=True,
+        ["make", "-n", "gpu-suite", "PYTHON=python3", "GPU_SUITE_OUT=/tmp/x"], cwd=ROOT, capture_output=True,
         text=True,
     )
     assert "GPU_SUITE_OUT=/tmp/x python3 -m thinktok.gpu_suite" in done.stdout
@@ -131,20 +125,10 @@ def test_parts_run_at_tiny_sizes_on_cpu(tmp_path, monkeypatch):
     """The parts' own code (bench calls, kernel error records) shrunk to a CPU; the GPU runs the same."""
     monkeypatch.setattr(
         suite,
-        "SIZES",
-        suite.Sizes(
-            device="cpu",
-            model="tiny",
-            dtype="float32",
-            new_tokens=16,
-            batches=(2,),
-            compiled_batch=2,
-            compiled_modes=("vocab",),
-            repeats=1,
-            parallel=(2, 8, 2, 2),
-            kernel=(1, 8, 2, 16),
-            kernel_dtypes=("float32",),
-            tiles=("fixed",),
+        "SIZES", suite.Sizes(
+            device="cpu", model="tiny", dtype="float32", new_tokens=16, batches=(2,), compiled_batch=2,
+            compiled_modes=("vocab",), repeats=1, parallel=(2, 8, 2, 2), kernel=(1, 8, 2, 16),
+            kernel_dtypes=("float32",), tiles=("fixed",),
         ),
     )
     for name in ("kernel_errors", "rollout_batches", "rollout_compiled", "parallel"):
@@ -182,12 +166,8 @@ def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(
         suite,
-        "SIZES",
-        suite.Sizes(
-            device="cpu",
-            train_steps=2,
-            train_overrides=small,
-            teacher_overrides=(
+        "SIZES", suite.Sizes(
+            device="cpu", train_steps=2, train_overrides=small, teacher_overrides=(
                 "model.name=tiny",
                 "train.device=cpu",
                 "train.max_steps=2",

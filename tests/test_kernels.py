@@ -8,8 +8,14 @@ import pytest
 import torch
 
 import thinktok.kernels.parallel_thought as pt
-from thinktok.kernels import (parallel_thought_attention, parallel_thought_attention_reference, parallel_thought_decode,
-                              parallel_thought_decode_reference, parallel_thought_mask)
+import thinktok.kernels.tiles as tiling
+from thinktok.kernels import (
+    parallel_thought_attention,
+    parallel_thought_attention_reference,
+    parallel_thought_decode,
+    parallel_thought_decode_reference,
+    parallel_thought_mask,
+)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -22,17 +28,14 @@ def rel(a, b):
 
 def inputs(b, h, t, l, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, t * (1 + l), d, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+    return [torch.randn(b, h, t * (1 + l), d, generator=g).to(DEVICE,
+                                                              dtype).requires_grad_() for _ in range(3)]
 
 
 def test_mask_by_hand():
     # T=2, L=2: rows r0 r1 | (0,0) (0,1) | (1,0) (1,1)
     expect = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 0, 1, 0, 0, 0],
-        [1, 0, 1, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],
+        [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0], [1, 1, 0, 0, 1, 0],
         [1, 1, 0, 0, 1, 1],
     ], dtype=torch.bool)
     assert torch.equal(parallel_thought_mask(2, 2), expect)
@@ -96,7 +99,8 @@ def test_custom_scale_and_cpu_fallback(monkeypatch):
     q, k, v = inputs(1, 2, 6, 2, 16, torch.float32)
     out = parallel_thought_attention(q, k, v, 6, 2, scale=0.3)
     assert rel(out, parallel_thought_attention_reference(q, k, v, 6, 2, scale=0.3)) < 1e-5
-    if not GPU:  # without the interpreter flag a CPU tensor takes the PyTorch path (SDPA, the reference's mask)
+    # without the interpreter flag a CPU tensor takes the PyTorch path (SDPA, the reference's mask)
+    if not GPU:
         monkeypatch.delenv("TRITON_INTERPRET")
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
             q, k, v = inputs(2, 3, 7, 3, 64, dtype)
@@ -109,8 +113,7 @@ def test_custom_scale_and_cpu_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize("t, l, shape, match", [
-    (4, 2, (1, 1, 11, 16), "sequence length 11"),
-    (0, 2, (1, 1, 0, 16), "must be >= 1"),
+    (4, 2, (1, 1, 11, 16), "sequence length 11"), (0, 2, (1, 1, 0, 16), "must be >= 1"),
     (4, 0, (1, 1, 4, 16), "must be >= 1"),
 ])
 def test_bad_shapes_are_named(t, l, shape, match):
@@ -124,14 +127,19 @@ def test_flex_mask_mod_is_the_same_pattern():
 
     from thinktok.kernels.bench import flex_pattern
 
-    assert torch.equal(create_mask(flex_pattern(7, 3), None, None, 28, 28, device="cpu")[0, 0], parallel_thought_mask(7, 3))
+    assert torch.equal(create_mask(flex_pattern(7, 3), None, None, 28, 28, device="cpu")[0, 0],
+                       parallel_thought_mask(7, 3))
 
 
 def decode_inputs(b, h, t, l, j, d, dtype, seed=1):
-    """Step j of the incremental form, cut from one full layout: the queries are thought (t, j) for every t."""
+    """Step j of the incremental form, cut from one full layout: the queries are thought (t, j) for every
+    t."""
     q, k, v = (x.detach() for x in inputs(b, h, t, l, d, dtype, seed))
     rows = t + torch.arange(t, device=q.device) * l + j
-    thought = lambda x: x[:, :, t:].reshape(b, h, t, l, d)[:, :, :, : j + 1]  # noqa: E731
+
+    def thought(x):  # the first j + 1 thought keys/values of every position
+        return x[:, :, t:].reshape(b, h, t, l, d)[:, :, :, : j + 1]
+
     return (q[:, :, rows], k[:, :, :t], v[:, :, :t], thought(k), thought(v)), (q, k, v, rows)
 
 
@@ -142,7 +150,8 @@ def test_decode_reference_is_the_full_pattern_at_one_step():
     assert rel(parallel_thought_decode_reference(*args), full[:, :, rows]) < 1e-6
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 0, 64), (2, 3, 37, 4, 3, 64), (1, 2, 70, 2, 0, 128), (1, 2, 33, 3, 1, 24)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 0, 64), (2, 3, 37, 4, 3, 64), (1, 2, 70, 2, 0, 128), (1, 2, 33, 3, 1, 24)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_kernel_matches_reference(shape, dtype, monkeypatch):
     monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
@@ -168,7 +177,7 @@ CONFIG_SHAPES = [(1, 2, 37, 3, 16), (1, 1, 5, 9, 32)]  # several blocks of every
 
 
 @pytest.mark.skipif(GPU, reason="the interpreter's check; on a GPU the autotuned full-size tests cover it")
-@pytest.mark.parametrize("cfg", pt.tune_configs(),
+@pytest.mark.parametrize("cfg", tiling.tune_configs(),
                          ids=lambda c: "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
 def test_every_tune_config_matches_reference(cfg, monkeypatch):
     monkeypatch.setattr(pt, "_empty", lambda x, **kw: torch.full_like(x, float("nan"), **kw))
@@ -185,21 +194,21 @@ def test_every_tune_config_matches_reference(cfg, monkeypatch):
 
 
 def test_tile_switch(monkeypatch):
-    assert pt.resolve_tiles(None) == "fixed"  # the default: v1's tiles
-    monkeypatch.setenv(pt.TILES_ENV, "autotune")
+    assert tiling.resolve_tiles(None) == "fixed"  # the default: v1's tiles
+    monkeypatch.setenv(tiling.TILES_ENV, "autotune")
     if not GPU:
         with pytest.raises(ValueError, match="interpreter"):
-            pt.resolve_tiles(None)
+            tiling.resolve_tiles(None)
     with pytest.raises(ValueError, match="tiles must be"):
-        pt.resolve_tiles("fastest")
+        tiling.resolve_tiles("fastest")
 
 
 def test_configs_pruned_per_head_dim():
     import triton
 
     configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in pt.tune_configs()]
-    assert len(pt._prune(configs, {}, HEAD_DIM=64)) == len(configs)
-    kept = pt._prune(configs, {}, HEAD_DIM=128)
+                             num_stages=c["num_stages"]) for c in tiling.tune_configs()]
+    assert len(tiling._prune(configs, {}, HEAD_DIM=64)) == len(configs)
+    kept = tiling._prune(configs, {}, HEAD_DIM=128)
     assert 0 < len(kept) < len(configs)
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 and c.num_stages <= 3 for c in kept)

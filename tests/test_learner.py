@@ -1,6 +1,6 @@
 """The learner's signal on toy problems, without Ray: per algorithm, one update makes the known better action
-likelier; the sampler is the behaviour policy (a stale batch is corrected); forced steps carry no gradient; the
-KL is over text steps only; extra parameters are clipped; the mode sits on the model's device."""
+likelier; the sampler is the behaviour policy (a stale batch is corrected); forced steps carry no gradient;
+the KL is over text steps only; extra parameters are clipped; the mode sits on the model's device."""
 
 import math
 
@@ -11,8 +11,10 @@ from trl import GRPOConfig
 
 from conftest import boost_thinking
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, make_mode
-from thinktok.rl.learner import RayRollouts, ThoughtGRPOTrainer, ThoughtPPOTrainer, rollout_reward
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
+from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, rollout_reward
+from thinktok.rl.ppo import ThoughtPPOTrainer, value_head
 from thinktok.rl.rollout import recompute_logprobs, sample
 
 PROMPTS = {"p0": [1105, 1635, 4974, 796], "p1": [15496]}
@@ -41,22 +43,26 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
             steps = torch.zeros(r.num_steps)
             steps[-1] = reward(r)
             per_step.append(steps)
-        trainer.store(rollouts, per_step, [GOLD[p] for p in prompts])
         return {"prompt_ids": [r.prompt_ids for r in rollouts],
                 "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
                 "logprobs": [r.logprob.tolist() for r in rollouts],
                 "env_mask": [(r.action != Action.FORCED).long().tolist() for r in rollouts],
-                "reward": [float(s.sum()) for s in per_step]}
+                "reward": [float(s.sum()) for s in per_step],
+                "rollout": rollouts, "per_step": per_step, "gold": [GOLD[p] for p in prompts]}
 
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=len(PROMPTS) * group, num_generations=group, max_steps=1,
-                      learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, beta=0.0,
+                      learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                      beta=0.0,
                       scale_rewards="none" if algo == "rloo" else "group", report_to=[], save_strategy="no",
                       logging_steps=1, disable_dropout=True, seed=0, max_completion_length=16)
+    modules = {"mode": mode,
+               **({"value_head": value_head(policy.model.config.hidden_size)} if algo == "ppo" else {})}
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
-    return cls(model=policy.model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
+    return cls(model=policy.model, reward_funcs=[rollout_reward], args=args,
+               processing_class=policy.tokenizer,
                train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), rollout_func=rollout_func,
-               thought_mode=mode, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
+               extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
 
 
 @torch.no_grad()
@@ -74,15 +80,16 @@ def test_one_update_makes_the_better_discrete_action_likelier(tmp_path, algo):
     before = p_think_first(policy)
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size), algo=algo)
     rollouts = trainer.rollout_func(list(PROMPTS) * 8, trainer)
-    assert 0 < sum(rollouts["reward"]) < 16  # both actions sampled: the group baseline has something to compare
+    # both actions sampled: the group baseline has something to compare
+    assert 0 < sum(rollouts["reward"]) < 16
     trainer.train()
     assert p_think_first(policy) > before + 0.01, (before, p_think_first(policy))
 
 
 def test_one_update_makes_the_rewarded_slot_content_likelier(tmp_path):
     """Fixed slots (the policy chooses only what to think): reward 1 when the first slot holds <think0>
-    (P = 1/4 at the start, 4 thinking tokens), else 0; one GRPO update raises P(<think0> | prompt) in the slot's
-    own distribution (thinking columns only)."""
+    (P = 1/4 at the start, 4 thinking tokens), else 0; one GRPO update raises P(<think0> | prompt) in the
+    slot's own distribution (thinking columns only)."""
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=4, slots=2))
     v = policy.vocab
 
@@ -102,7 +109,8 @@ def first_thought_mean(policy, u: torch.Tensor) -> float:
     """h . u at the position that chooses the first continuous thought (after the prompt and <bot>)."""
     out = []
     for p in PROMPTS.values():
-        hidden = policy.model(torch.tensor([p + [policy.vocab.bot_id]]), output_hidden_states=True).hidden_states
+        hidden = policy.model(torch.tensor([p + [policy.vocab.bot_id]]),
+                              output_hidden_states=True).hidden_states
         out.append(hidden[-1][0, -1] @ u)
     return sum(out).item() / len(out)
 
@@ -129,9 +137,9 @@ def generated_batch(trainer):
 
 
 def hand_loss(trainer, inputs, old_shift: float, eps: float = 0.2) -> torch.Tensor:
-    """TRL's clipped surrogate (loss_type dapo) over the action steps, written out: the behaviour log-probs are
-    the sampler's, shifted by old_shift; forced steps take no part, in the sum or in the normaliser."""
-    rollouts = [trainer._rollouts[i] for i in inputs["rollout_idx"].tolist()]
+    """TRL's clipped surrogate (loss_type dapo) over the action steps, written out: the behaviour log-probs
+    are the sampler's, shifted by old_shift; forced steps take no part, in the sum or in the normaliser."""
+    rollouts = inputs["rollout"]
     lp = recompute_logprobs(trainer.model, trainer.thought_mode, rollouts).logprob
     total, count = 0.0, 0
     for b, r in enumerate(rollouts):
@@ -182,8 +190,9 @@ def test_text_kl_is_exact_over_text_steps_only(tmp_path):
     trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_ref=ref, kl_coef=0.1)
     rollouts = sample(policy.model, mode, list(PROMPTS.values()) * 4, seed=1)
     assert sum(r.num_thought for r in rollouts) > 0
-    trainer._recomputed = recompute_logprobs(policy.model, mode, rollouts, text=True)
-    got = trainer.text_kl(rollouts)
+    batch = RecomputeBatch(policy.model, rollouts,
+                           recompute_logprobs(policy.model, mode, rollouts, text=True))
+    got = trainer.text_kl(batch)
     terms = []
     with torch.no_grad():
         for r in rollouts:
@@ -206,7 +215,8 @@ def test_extra_parameters_are_clipped_with_the_model(tmp_path):
         p.grad = torch.zeros_like(p)
     mode.log_sigma.grad = torch.tensor(100.0)
     norm = trainer._clip_grad_norm(policy.model)
-    assert norm.item() == pytest.approx(100.0) and mode.log_sigma.grad.abs().item() == pytest.approx(1.0, rel=1e-4)
+    assert norm.item() == pytest.approx(100.0) and mode.log_sigma.grad.abs().item() == pytest.approx(
+        1.0, rel=1e-4)
 
 
 def test_the_mode_moves_to_the_learner_device(tmp_path, monkeypatch):
@@ -215,10 +225,12 @@ def test_the_mode_moves_to_the_learner_device(tmp_path, monkeypatch):
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
     moved = []
     original = type(mode).to
-    monkeypatch.setattr(type(mode), "to", lambda self, *a, **k: moved.append(a or k) or original(self, *a, **k))
+    monkeypatch.setattr(type(mode), "to", lambda self, *a,
+                        **k: moved.append(a or k) or original(self, *a, **k))
     trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0)
     assert moved and torch.device(moved[0][0]) == trainer.accelerator.device
-    devices = {t.device for t in list(mode.buffers()) + list(mode.parameters()) + list(policy.model.parameters())}
+    tensors = list(mode.buffers()) + list(mode.parameters()) + list(policy.model.parameters())
+    devices = {t.device for t in tensors}
     assert devices == {trainer.accelerator.device}
 
 

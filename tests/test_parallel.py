@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from thinktok.kernels import parallel_thought_mask
-from thinktok.models.parallel import MixingHead, layout_positions, parallel_hidden
+from thinktok.models.parallel_gpt2 import MixingHead, layout_positions, parallel_hidden
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
-from thinktok.rl.parallel import (ParallelConfig, ParallelScorer, position_advantages, sample_parallel, score,
-                                  text_windows, true_targets)
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
+from thinktok.rl.parallel.config import ParallelConfig
+from thinktok.rl.parallel.rollout import sample_parallel, text_windows
+from thinktok.rl.parallel.scorer import ParallelScorer, position_advantages, score, true_targets
 
 T, L = 6, 3
 
@@ -143,7 +145,8 @@ def test_mixing_head_is_a_convex_mix():
     pre_h, post_h = torch.randn(1000, 8), torch.randn(1000, 8)
     w = head(pre_h, post_h)
     assert (w >= 0).all() and (w <= 1).all()  # in (0, 1); float rounds the far tails to 0 and 1
-    w.sum().backward()  # never a dead unit: every input still sends the head a gradient (a clamp at 0 did not)
+    # never a dead unit: every input still sends the head a gradient (a clamp at 0 did not)
+    w.sum().backward()
     assert head.net[-1].bias.grad.abs() > 0
     pre = torch.tensor([0.0, 0.0])  # target (token 0) log-prob -0.69
     post = torch.tensor([-1.0, 0.75])  # -2.13 after the thought
@@ -155,7 +158,8 @@ def test_mixing_head_is_a_convex_mix():
 def test_position_advantages_by_hand():
     gain = torch.tensor([[1.0, 2.0, 5.0], [3.0, 0.0, 7.0], [0.0, 1.0, 1.0], [2.0, 1.0, 1.0]])
     adv = position_advantages(gain, group=2, positive_only=False)
-    assert torch.equal(adv, torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(adv,
+                       torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
     assert torch.equal(position_advantages(gain, 2, True), adv.clamp_min(0))
 
 

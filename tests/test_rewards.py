@@ -41,7 +41,8 @@ def test_teacher_sees_no_thinking_token_and_is_frozen(teacher):
     policy, mode, rollouts = rollouts_for(seed=0)
     assert sum(r.num_thought for r in rollouts) > 0
     seen = []
-    hook = teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    hook = teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()),
+                                                   with_kwargs=True)
     RewardModel(RewardConfig(), teacher).score(rollouts)
     hook.remove()
     ids = torch.cat([s.flatten() for s in seen])
@@ -76,7 +77,8 @@ def test_teacher_loglik_and_kl_by_hand(teacher):
         p = hand_policy_text_lp(policy, r)
         assert rewards.parts["teacher_loglik"][i].item() == pytest.approx(q.mean().item(), abs=1e-5)
         assert rewards.parts["teacher_kl"][i].item() == pytest.approx((q - p).mean().item(), abs=1e-4)
-        assert rewards.total[i].item() == pytest.approx(q.mean().item() + 0.5 * (q - p).mean().item(), abs=1e-4)
+        assert rewards.total[i].item() == pytest.approx(q.mean().item() + 0.5 * (q - p).mean().item(),
+                                                        abs=1e-4)
         # token-wise: each text step carries its own share, thought steps carry nothing
         assert torch.allclose(rewards.per_step[i][r.is_real], (q + 0.5 * (q - p)) / r.num_real, atol=1e-5)
         assert rewards.per_step[i][~r.is_real].abs().sum() == 0
@@ -109,7 +111,8 @@ def test_exact_match_gold_loglik_and_thinking_cost(case):
         assert rewards.parts["exact_match"][i] == float(TASK.check(text, row))
         tokens = r.token.tolist()
         first = next(k for k, t in enumerate(tokens) if t < policy.vocab.real_size)
-        chosen = sum(t >= policy.vocab.real_size for t in tokens) if case == "vocab" else 0  # pauses are no choice
+        # pauses are no choice
+        chosen = sum(t >= policy.vocab.real_size for t in tokens) if case == "vocab" else 0
         assert rewards.parts["thinking_cost"][i].item() == pytest.approx(-0.1 * chosen)
         gold = policy.tokenizer(TASK.target(row)).input_ids
         block = tokens[:first] if case == "pause-every" else ()
@@ -129,7 +132,8 @@ def test_gold_loglik_credits_only_the_opening_thoughts():
     rewards = rm.score(rollouts, ROWS)
     for r, credit in zip(rollouts, rewards.credit):
         first = int(r.is_real.nonzero()[0])
-        # the opening thoughts and the choice to end them (a text token chosen over a thought) carry the reward
+        # the opening thoughts and the choice to end them (a text token chosen over a thought) carry the
+        # reward
         assert credit[: first + 1].all() and not credit[first + 1 :].any()
     # a step after the first text token (here turned into a thought) does not change the reward: no credit
     r = rollouts[0]
@@ -138,7 +142,8 @@ def test_gold_loglik_credits_only_the_opening_thoughts():
     assert later > int(r.is_real.nonzero()[0])
     edited.token[later], edited.action[later] = policy.vocab.think_id(0), Action.ANY
     again = rm.score([edited] + rollouts[1:], ROWS)
-    assert again.parts["gold_loglik"][0].item() == pytest.approx(rewards.parts["gold_loglik"][0].item(), abs=1e-6)
+    assert again.parts["gold_loglik"][0].item() == pytest.approx(rewards.parts["gold_loglik"][0].item(),
+                                                                 abs=1e-6)
 
 
 def test_thinking_cost_counts_chosen_thoughts_only():
@@ -152,7 +157,8 @@ def test_thinking_cost_counts_chosen_thoughts_only():
 def test_non_finite_reward_names_the_rollout(teacher, monkeypatch):
     _, _, rollouts = rollouts_for()
     real = teacher.token_logprobs
-    monkeypatch.setattr(teacher, "token_logprobs", lambda s, st: [x if i != 1 else x * math.nan for i, x in enumerate(real(s, st))])
+    monkeypatch.setattr(teacher, "token_logprobs", lambda s,
+                        st: [x if i != 1 else x * math.nan for i, x in enumerate(real(s, st))])
     with pytest.raises(ValueError, match="reward teacher_loglik is nan for rollout 1"):
         RewardModel(RewardConfig(), teacher).score(rollouts)
 
@@ -165,14 +171,16 @@ def test_reward_config_errors():
 
 
 def test_thought_gain_by_hand():
-    """log pi_text(gold | prompt, opening thoughts) - log pi_text(gold | prompt), per gold token, written out."""
+    """log pi_text(gold | prompt, opening thoughts) - log pi_text(gold | prompt), per gold token, written
+    out."""
     policy, mode, rollouts = rollouts_for("pause-prompt")
     rm = RewardModel(RewardConfig(weights={"thought_gain": 1.0}), task=TASK, tokenizer=policy.tokenizer,
                      policy=policy.model, mode=mode)
     rewards = rm.score(rollouts, ROWS)
     for i, (r, row) in enumerate(zip(rollouts, ROWS)):
         gold = policy.tokenizer(TASK.target(row)).input_ids
-        expect = hand_gold_lp(policy, r.prompt_ids + r.token[:3].tolist(), gold) - hand_gold_lp(policy, r.prompt_ids, gold)
+        expect = hand_gold_lp(policy, r.prompt_ids + r.token[:3].tolist(), gold) - hand_gold_lp(
+            policy, r.prompt_ids, gold)
         assert rewards.parts["thought_gain"][i].item() == pytest.approx(expect, abs=1e-5)
         assert abs(expect) > 1e-4 and rewards.credit[i][:3].all() and not rewards.credit[i][4:].any()
 

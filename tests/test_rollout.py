@@ -122,8 +122,9 @@ def test_pause_every_inserts_k_before_each_text_token():
 
 
 def test_vocab_slots_sample_content_only():
-    """slots=3: exactly three thinking tokens after the prompt, each drawn from the thinking columns alone (its
-    log-prob by hand: a softmax over those N logits), then text only, whatever the boosted rows would win."""
+    """slots=3: exactly three thinking tokens after the prompt, each drawn from the thinking columns alone
+    (its log-prob by hand: a softmax over those N logits), then text only, whatever the boosted rows would
+    win."""
     policy, mode = make("vocab-slots", max_new_tokens=4)
     v = policy.vocab
     rollouts = sample(policy.model, mode, PROMPTS, seed=1)
@@ -150,7 +151,8 @@ def test_vocab_slots_every_and_soft_slots_fix_the_count():
 def test_continuous_fixed_count_and_learned_stop():
     policy, mode = make("continuous")
     r = sample(policy.model, mode, PROMPTS[:1])[0]
-    assert r.action.tolist()[:5] == [Action.FORCED, Action.VECTOR, Action.VECTOR, Action.VECTOR, Action.FORCED]
+    assert r.action.tolist()[:5] == [Action.FORCED, Action.VECTOR, Action.VECTOR, Action.VECTOR,
+                                     Action.FORCED]
     assert r.token[4] == policy.vocab.eot_id
     policy, mode = make("continuous-stop")
     with torch.no_grad():  # make <eot> overwhelmingly likely: the policy stops at once

@@ -10,8 +10,16 @@ from thinktok.config import load_config
 from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import ThoughtConfig
-from thinktok.rl.sft import (CurriculumConfig, SFTConfig, collate, continuous_inputs, encode, label_loss, run_sft,
-                             step_codebook)
+from thinktok.sft import (
+    CurriculumConfig,
+    SFTConfig,
+    collate,
+    continuous_inputs,
+    encode,
+    label_loss,
+    run_sft,
+    step_codebook,
+)
 
 BASE = ["task.num_train=64", "task.num_val=4", "task.num_test=8", "train.batch_size=16", "train.log_every=5",
         "train.lr=3e-3"]
@@ -67,7 +75,8 @@ def test_coconut_forward_feeds_hidden_states():
 
 def test_continuous_curriculum(tmp_path):
     cfg, ckpt = sft(tmp_path, "thought.mode=continuous", "thought.num_thinking=0", "format=cot",
-                    "curriculum.stages=2", "curriculum.thoughts_per_step=1", "curriculum.epochs_per_stage=1", steps=-1)
+                    "curriculum.stages=2", "curriculum.thoughts_per_step=1", "curriculum.epochs_per_stage=1",
+                    steps=-1)
     info = (ckpt / "thinktok_run.yaml").read_text()
     assert "mode: continuous" in info and "max_thought_tokens: 2" in info
     with pytest.raises(ValueError, match="set format=cot"):
@@ -75,7 +84,8 @@ def test_continuous_curriculum(tmp_path):
 
 
 def test_compare_shared_vs_distinct_slots(tmp_path, capsys):
-    """`thinktok compare`: both arms evaluated on the first run's task, rows' movement from the checkpoints."""
+    """`thinktok compare`: both arms evaluated on the first run's task, rows' movement from the
+    checkpoints."""
     sft(tmp_path / "shared", "thought.mode=single", "thought.num_thinking=1", "slots=2", steps=10)
     sft(tmp_path / "distinct", "thought.mode=vocab", "thought.num_thinking=2", "slots=2", steps=10)
     out = tmp_path / "cmp"
@@ -85,10 +95,12 @@ def test_compare_shared_vs_distinct_slots(tmp_path, capsys):
     shared, distinct = report["runs"]
     assert report["task"] == "multiplication" and shared["num_examples"] == distinct["num_examples"] == 4
     assert shared["mode"] == distinct["mode"] == "pause"  # supervised slots decode as fixed insertions
-    assert set(shared["controls"]) == {"no_thoughts", "pause", "shuffled_thoughts"}  # the eval controls, per run
+    # the eval controls, per run
+    assert set(shared["controls"]) == {"no_thoughts", "pause", "shuffled_thoughts"}
     assert shared["movement"]["num_rows"] == 1 and distinct["movement"]["num_rows"] == 2
     # the movement is the checkpoint's rows against its saved initial rows, the last SFT record says the same
-    last = json.loads((tmp_path / "distinct" / "checkpoint" / "thinking_rows.json").read_text())["movement"][-1]
+    rows_file = tmp_path / "distinct" / "checkpoint" / "thinking_rows.json"
+    last = json.loads(rows_file.read_text())["movement"][-1]
     assert distinct["movement"]["rows"] == pytest.approx(last, rel=1e-4) and max(last) > 0
     assert (out / "compare.png").stat().st_size > 10_000
     assert "distinct" in capsys.readouterr().out
@@ -99,7 +111,7 @@ def test_discrete_curriculum_rewrites_steps_in_thinking_tokens(tmp_path):
     """Stage s: the first s reasoning steps become thinking tokens (distinct step tokens -> distinct thinking
     tokens), which the model is trained to emit; the rest stays text. Written out for one row."""
     from thinktok.envs import load_task
-    from thinktok.rl.sft import encode, step_codebook
+    from thinktok.sft import encode, step_codebook
 
     cfg = load_config(SFTConfig, None, ["thought.mode=vocab", "thought.num_thinking=16", "format=cot",
                                         "curriculum.stages=2", "task.spaced=true", *BASE])
@@ -115,7 +127,8 @@ def test_discrete_curriculum_rewrites_steps_in_thinking_tokens(tmp_path):
     rest = tok(" " + " ; ".join(row["steps"][1:] + [row["answer"]])).input_ids
     assert ex["input_ids"] == prompt + first + rest + [v.eos_id]
     assert ex["labels"] == [-100] * len(prompt) + first + rest + [v.eos_id]  # trained to emit its thoughts
-    cfg_run, ckpt = sft(tmp_path, "thought.mode=vocab", "thought.num_thinking=16", "format=cot", "task.spaced=true",
+    cfg_run, ckpt = sft(tmp_path, "thought.mode=vocab", "thought.num_thinking=16", "format=cot",
+                        "task.spaced=true",
                         "curriculum.stages=2", "curriculum.epochs_per_stage=0.2", steps=-1)
     info = (ckpt / "thinktok_run.yaml").read_text()
     assert "mode: vocab" in info and "num_thinking: 16" in info
@@ -128,7 +141,8 @@ def test_label_loss_is_hf_causal_lm_loss_on_labelled_positions():
     """The head runs only where a label is predicted; the loss must still be HF's full-sequence one."""
     policy = load_policy("tiny", 4, False, seed=0)
     cfg = SFTConfig(task=TaskConfig(name="hops", num_train=8, num_val=1, num_test=1), format="cot",
-                    thought=ThoughtConfig(mode="vocab", num_thinking=4), curriculum=CurriculumConfig(stages=1))
+                    thought=ThoughtConfig(mode="vocab",
+                                          num_thinking=4), curriculum=CurriculumConfig(stages=1))
     task = load_task(cfg.task)
     code = step_codebook(policy.tokenizer, task.dataset["train"])
     batch = collate([encode(policy.tokenizer, policy, cfg, task, r, 1, code) for r in task.dataset["train"]],

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, check_trainable, make_mode
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, check_trainable
 from thinktok.models.vocab import ThinkingVocab
 
 V = ThinkingVocab(real_size=10, num_thinking=3, markers=False, eos_id=9)
@@ -36,7 +37,8 @@ def test_token_logprob_by_hand():
 
 def test_top_p_keeps_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [1e-9] * 9]))
-    lp = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(top_p=0.7)).token_logprobs(logits, torch.tensor([True]))
+    lp = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(top_p=0.7)).token_logprobs(
+        logits, torch.tensor([True]))
     assert torch.allclose(lp[0, :2].exp(), torch.tensor([0.5, 0.3]) / 0.8, atol=1e-6)
     assert torch.isinf(lp[0, 2:]).all()
 
@@ -70,10 +72,12 @@ def test_soft_densities_by_hand():
     # Concrete (Gumbel-softmax) density, Maddison et al. 2017
     concrete = (math.lgamma(k) + (k - 1) * math.log(tau) + (p.log() - (tau + 1) * w.log()).sum()
                 - k * torch.log((p * w ** -tau).sum()))
-    got = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau, density_scale="joint").soft_logprob(p, w)
+    got = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau,
+               density_scale="joint").soft_logprob(p, w)
     assert got.item() == pytest.approx(concrete.item(), rel=1e-5)
     per_dim = mode(VM, mode="soft", num_thinking=0, noise="gumbel", gumbel_tau=tau).soft_logprob(p, w)
-    assert per_dim.item() == pytest.approx(concrete.item() / (k - 1), rel=1e-5)  # the simplex has k-1 dimensions
+    # the simplex has k-1 dimensions
+    assert per_dim.item() == pytest.approx(concrete.item() / (k - 1), rel=1e-5)
     a = 2.0 * p[0]
     dirichlet = torch.lgamma(a.sum()) - torch.lgamma(a).sum() + ((a - 1) * w[0].log()).sum()
     got = mode(VM, mode="soft", num_thinking=0, noise="dirichlet", dirichlet_alpha=2.0,

@@ -11,14 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make
-from thinktok.models.thoughts import Action
+from thinktok.analysis.compare import summary
 from thinktok.config import load_config
 from thinktok.models.policy import load_policy
-from thinktok.rl.actors import RayConfig, start_workers, stop_workers
-from thinktok.rl.compare import summary
-from thinktok.rl.learner import PoisonedStep, gae
+from thinktok.models.thoughts import Action
+from thinktok.rl.actors import RayConfig, sequential_workers, start_workers, stop_workers
+from thinktok.rl.config import TrainConfig
+from thinktok.rl.learner import PoisonedStep
+from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
-from thinktok.rl.train import TrainConfig, run_train
+from thinktok.rl.train import run_train
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,11 @@ def teacher(tmp_path_factory):
 
 def config(tmp_path, teacher, *overrides):
     """A short teacher-scored run: tiny random policy, free placement, a small task, a few steps."""
-    base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.spaced=true", "task.reverse=true",
+    base = [f"run_dir={tmp_path}", f"teacher={teacher}", "policy=tiny", "task.spaced=true",
+            "task.reverse=true",
             "thought.init=norm", "task.num_train=64", "task.num_val=8",
-            "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3", "sampling.max_new_tokens=6",
+            "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3",
+            "sampling.max_new_tokens=6",
             "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
             "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
     return load_config(TrainConfig, None, base + list(overrides))
@@ -48,7 +52,8 @@ def test_short_run_writes_everything(tmp_path, teacher):
     final = run_train(config(tmp_path, teacher))
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == [1, 2, 3]
-    keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss", "samples_per_s",
+    keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss",
+            "samples_per_s",
             "weight_version", "logprob_mismatch"}
     assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
     # on-policy: the Ray workers' sampling log-probs are the learner's own, to float error, at every step (the
@@ -59,13 +64,16 @@ def test_short_run_writes_everything(tmp_path, teacher):
     assert model.get_input_embeddings().weight.shape[0] == 50257 + 8
     assert load_policy(str(final), 8, False).tokenizer.convert_tokens_to_ids("<think7>") == 50264
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
-    assert (tmp_path / "samples" / "step_2.html").exists() and (tmp_path / "samples" / "step_2.jsonl").exists()
+    samples = tmp_path / "samples"
+    assert (samples / "step_2.html").exists() and (samples / "step_2.jsonl").exists()
     evals = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2, 3] and evals[0]["num_examples"] == 4  # start, every 2, end
     table = summary([str(tmp_path)])  # the start/end table `thinktok train` prints: first and last eval
     assert table["start"]["learned"]["mean"] == evals[0]["accuracy"]
-    assert table["end"]["shuffled_thoughts"]["values"] == [evals[-1]["controls"]["shuffled_thoughts"]["accuracy"]]
-    assert not list((tmp_path / "trainer").glob(".saving*")) and not list((tmp_path / "trainer").glob(".checkpoint*"))
+    end_shuffled = evals[-1]["controls"]["shuffled_thoughts"]["accuracy"]
+    assert table["end"]["shuffled_thoughts"]["values"] == [end_shuffled]
+    trainer_dir = tmp_path / "trainer"
+    assert not list(trainer_dir.glob(".saving*")) and not list(trainer_dir.glob(".checkpoint*"))
     with pytest.raises(ValueError, match="already holds a run"):
         run_train(config(tmp_path, teacher))
 
@@ -96,9 +104,11 @@ def whole_and_resumed(tmp_path, make_config, trainer_cls, monkeypatch):
 def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
     from thinktok.rl.train import GRPORun
 
-    whole, cut = whole_and_resumed(tmp_path, lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun, monkeypatch)
+    whole, cut = whole_and_resumed(tmp_path, lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun,
+                                   monkeypatch)
     for x, y in zip(metrics(whole), metrics(cut)):
-        for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean", "weight_version"):
+        for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean",
+                    "weight_version"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     wa = AutoModelForCausalLM.from_pretrained(whole / "trainer" / "checkpoint-4").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(cut / "trainer" / "checkpoint-4").state_dict()
@@ -111,7 +121,9 @@ def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher):
     policy = load_policy("tiny", 8, False)
     path = teacher + "_policy"
     policy.save(path)
-    workers = start_workers(cfg.ray, path, teacher, cfg.thought, cfg.sampling, cfg.rewards, cfg.task)
+    workers = start_workers(cfg.ray,
+                            *sequential_workers(path, teacher, cfg.thought, cfg.sampling, cfg.rewards,
+                                                         cfg.task))
     try:
         weights = [ray.put({"model": policy.model.state_dict(), "mode": {}})]
         prompts = [[1105, 1635, 4974, 796]] * 48
@@ -124,7 +136,8 @@ def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher):
         got = ray.get(pending)
         assert ray.get(victim.pid.remote()) != pid  # it really died and came back
         assert len(got) == len(expected)
-        assert all(torch.equal(a.token, b.token) and torch.equal(a.logprob, b.logprob) for a, b in zip(got, expected))
+        assert all(torch.equal(a.token, b.token) and torch.equal(a.logprob, b.logprob) for a, b in zip(
+            got, expected))
     finally:
         stop_workers(workers)
 
@@ -155,7 +168,8 @@ def test_algorithms_and_modes(tmp_path, teacher, overrides):
     assert any(not torch.equal(init[k], after[k]) for k in init)  # the learner moved the weights
     extra = torch.load(final / "thinktok_extra.pt")
     if "rl.algo=ppo" in overrides:
-        assert extra["value_head"]["weight"].abs().sum() > 0 and extra["mode"]["log_sigma"] != torch.tensor(0.1).log()
+        assert extra["value_head"]["weight"].abs().sum() > 0
+        assert extra["mode"]["log_sigma"] != torch.tensor(0.1).log()
 
 
 def test_gae_by_hand():
@@ -174,7 +188,7 @@ def test_logps_override_matches_trl_base_method(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from thinktok.rl.learner import ThoughtGRPOTrainer
+    from thinktok.rl.learner import RecomputeBatch, ThoughtGRPOTrainer
 
     policy, mode = make("vocab", max_new_tokens=5)
     mode.cfg.max_thought_tokens = 50
@@ -184,10 +198,11 @@ def test_logps_override_matches_trl_base_method(tmp_path):
     assert sum(r.num_thought for r in rollouts) > 0
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=2, num_generations=2, report_to=[])
-    trainer = ThoughtGRPOTrainer(model=policy.model, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
-                                 args=args, processing_class=policy.tokenizer, train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
-                                 rollout_func=lambda p, t: None, thought_mode=mode)
-    trainer._rollouts = rollouts
+    trainer = ThoughtGRPOTrainer(model=policy.model,
+                                 reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                                 args=args, processing_class=policy.tokenizer,
+                                 train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
+                                 rollout_func=lambda p, t: None, extra_modules={"mode": mode})
     width = max(len(r.prompt_ids) for r in rollouts)
     steps = max(r.num_steps for r in rollouts)
     ids = torch.zeros(2, width + steps, dtype=torch.long)
@@ -196,7 +211,8 @@ def test_logps_override_matches_trl_base_method(tmp_path):
         ids[i, width - len(r.prompt_ids) : width] = torch.tensor(r.prompt_ids)
         ids[i, width : width + r.num_steps] = r.token
         mask[i, width - len(r.prompt_ids) : width + r.num_steps] = 1
-    ours, _, _ = trainer._get_per_token_logps_and_entropies(policy.model, ids, mask, steps)
+    ours, _, _ = trainer._get_per_token_logps_and_entropies(RecomputeBatch(policy.model, rollouts), ids,
+                                                            mask, steps)
     base, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, policy.model, ids, mask, steps)
     # steps sampled from the plain softmax over text + thinking tokens (ANY: under the thought budget) are
     # what TRL computes; past the budget our distribution masks thinking tokens and TRL's cannot know it
@@ -219,14 +235,16 @@ def parallel_config(run_dir, teacher, *overrides):
     return load_config(TrainConfig, PARALLEL, [
         f"run_dir={run_dir}", f"teacher={teacher}", "policy=tiny", "task.num_train=32", "task.num_val=8",
         "task.num_test=8", "thought.num_thinking=8", "parallel.num_real=8", "parallel.thought_len=2",
-        "parallel.lookahead=2", "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_steps=2", "rl.lr=1e-2",
+        "parallel.lookahead=2", "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_steps=2",
+        "rl.lr=1e-2",
         "eval_every=2", "eval_examples=4", "save_every=2", "samples_per_eval=1", *overrides])
 
 
 @pytest.mark.parametrize("scorer,mixing", [("policy", "true"), ("teacher", "false")])
 def test_parallel_run(tmp_path, teacher, scorer, mixing):
     """rollout=parallel through Ray and TRL: per-position gains, the kernel's recompute, checkpoints."""
-    final = run_train(parallel_config(tmp_path, teacher, f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}"))
+    final = run_train(parallel_config(tmp_path, teacher, f"parallel.scorer={scorer}",
+                                      f"parallel.mixing_head={mixing}"))
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == [1, 2]
     assert all({"gain_mean", "nll_base", "nll_thought", "thought_tokens"} <= m.keys() for m in lines)
@@ -237,10 +255,12 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     model = AutoModelForCausalLM.from_pretrained(final)
     init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init")
     rows = slice(50257, 50265)  # the thinking rows moved: REINFORCE and the NLL reached them
-    assert not torch.allclose(model.get_input_embeddings().weight[rows], init.get_input_embeddings().weight[rows])
+    assert not torch.allclose(model.get_input_embeddings().weight[rows],
+                              init.get_input_embeddings().weight[rows])
     # movement alone is weak (Adam moves any row with a gradient): the trained rows also change what the model
     # predicts after a thought, against the same model with its initial rows put back
-    from thinktok.rl.parallel import ParallelScorer, sample_parallel
+    from thinktok.rl.parallel.rollout import sample_parallel
+    from thinktok.rl.parallel.scorer import ParallelScorer
 
     policy = load_policy(str(final), 8, False)
     real = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -253,20 +273,23 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     assert (trained - reset).abs().max() > 1e-4
     extra = torch.load(final / "thinktok_extra.pt")
     assert ("mixing_head" in extra) == (mixing == "true")
-    from thinktok.rl.evaluate import evaluate  # `thinktok eval` knows a parallel checkpoint by its run info
+    # `thinktok eval` knows a parallel checkpoint by its run info
+    from thinktok.analysis.evaluate import evaluate
 
     result = evaluate(str(tmp_path), None, "test", limit=3)
-    assert result["format"] == "parallel" and result["num_windows"] == 3 and result["mixing_head"] == (mixing == "true")
+    assert result["format"] == "parallel" and result["num_windows"] == 3
+    assert result["mixing_head"] == (mixing == "true")
     assert result["nll_base"] > 0 and result["nll_thought"] > 0 and result["thought_len"] == 2
 
 
 def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
     """The mixing head (weights, Adam state, fresh gradients each step) and the thinking rows come back from
     the checkpoint: the resumed run's numbers are the uninterrupted run's."""
-    from thinktok.rl.train import ParallelRun
+    from thinktok.rl.parallel.learner import ParallelRun
 
     over = ("parallel.mixing_head=true", "rl.max_steps=4", "eval_every=0")
-    whole, cut = whole_and_resumed(tmp_path, lambda d: parallel_config(d, teacher, *over), ParallelRun, monkeypatch)
+    whole, cut = whole_and_resumed(tmp_path, lambda d: parallel_config(d, teacher, *over), ParallelRun,
+                                   monkeypatch)
     for x, y in zip(metrics(whole), metrics(cut)):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
@@ -276,7 +299,8 @@ def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
 
 
 def policy_mode(policy):
-    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
+    from thinktok.models.thought_modes import make_mode
+    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 
     return make_mode(ThoughtConfig(mode="vocab", num_thinking=8), policy.vocab, SamplingConfig())
 
@@ -285,7 +309,8 @@ def test_config_refuses_what_the_learner_cannot_do(tmp_path, teacher):
     with pytest.raises(ValueError, match="max_staleness=2: asynchronous"):
         config(tmp_path, teacher, "rl.max_staleness=2").validate()
     with pytest.raises(ValueError, match="noise=none makes soft thoughts deterministic"):
-        config(tmp_path, teacher, "thought.mode=soft", "thought.num_thinking=0", "thought.noise=none").validate()
+        config(tmp_path, teacher, "thought.mode=soft", "thought.num_thinking=0",
+               "thought.noise=none").validate()
     with pytest.raises(ValueError, match="rl.beta is a KL on text steps"):
         load_config(TrainConfig, PARALLEL, ["rl.beta=0.1"]).validate()
 

@@ -14,7 +14,8 @@ def test_expansion_sizes_and_layout():
     assert (v.real_size, v.size) == (50257, 50257 + 16 + 2)
     assert p.model.get_input_embeddings().weight.shape[0] == v.size == len(p.tokenizer)
     assert p.model.config.vocab_size == v.size
-    assert p.tokenizer.convert_tokens_to_ids(["<think0>", "<think15>", "<bot>", "<eot>"]) == [50257, 50272, 50273, 50274]
+    assert p.tokenizer.convert_tokens_to_ids(["<think0>", "<think15>", "<bot>", "<eot>"]) == [
+        50257, 50272, 50273, 50274]
     assert (v.bot_id, v.eot_id, v.eos_id) == (50273, 50274, 50256)
     # special: dropped from decoded text, so TRL's decoded completions and the teacher never see them
     assert p.tokenizer.decode([50257, 1105, 50260], skip_special_tokens=True) == " 12"

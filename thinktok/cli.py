@@ -13,7 +13,8 @@
     thinktok bench train [CONFIG]       (1, 2, 4 rollout actors)
 
 Bad input (unknown mode, negative counts, a checkpoint without the requested thinking tokens, an
-unreadable path) ends with one `thinktok: error: ...` line and exit code 2, never a traceback.
+unreadable path: `thinktok.errors.UserError` and missing files) ends with one `thinktok: error: ...` line and
+exit code 2; anything else is a bug in thinktok and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -35,20 +36,25 @@ class Parser(argparse.ArgumentParser):
 
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample annotated rollouts")
-    p.add_argument("--model", default="tiny", help="tiny | small | gpt2 | hub name | checkpoint directory")
-    p.add_argument("--mode", default="vocab", help="vocab | single | continuous | soft | pause | parallel")
-    p.add_argument("--num-thinking", type=int, default=None, help="thinking tokens (default 64; single: 1; pause: 1)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny | small | gpt2 | hub name | checkpoint or run directory (a thinktok checkpoint "
+                   "brings its thought settings: the flags below override only what they state)")
+    p.add_argument("--mode", default=None, help="vocab | single | continuous | soft | pause | parallel "
+                   "(default: the checkpoint's, else vocab)")
+    p.add_argument("--num-thinking", type=int, default=None,
+                   help="thinking tokens (default: the checkpoint's, else 64; single: 1; pause: 1)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32, help="real tokens per sample")
-    p.add_argument("--max-thought-tokens", type=int, default=32, help="thought steps per sample")
+    p.add_argument("--max-thought-tokens", type=int, default=None,
+                   help="thought steps per sample (default 32)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--sigma", type=float, default=0.1, help="continuous: exploration std")
-    p.add_argument("--noise", default="gumbel", help="soft: none | gumbel | dirichlet")
-    p.add_argument("--num-pause", type=int, default=4, help="pause: tokens per insertion")
-    p.add_argument("--pause-at", default="prompt", help="pause: prompt | every")
+    p.add_argument("--sigma", type=float, default=None, help="continuous: exploration std (default 0.1)")
+    p.add_argument("--noise", default=None, help="soft: none | gumbel | dirichlet (default gumbel)")
+    p.add_argument("--num-pause", type=int, default=None, help="pause: tokens per insertion (default 4)")
+    p.add_argument("--pause-at", default=None, help="pause: prompt | every (default prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--format", default="text", help="text | html | jsonl")
@@ -57,17 +63,21 @@ def add_sample(sub) -> None:
 
 def add_sft(sub) -> None:
     p = sub.add_parser("sft", help="supervised training: base/teacher models and supervised thinking tokens")
-    p.add_argument("config", help="YAML experiment (configs/sft_*.yaml)")
+    p.add_argument("config", nargs="?", help="YAML experiment (configs/sft_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields (train.lr=3e-4)")
+    p.add_argument("--help-config", action="store_true", help="print every config field: type, default, help")
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="distributed RL: Ray rollout/teacher actors, TRL learner")
-    p.add_argument("config", nargs="?", help="YAML experiment (configs/quickstart.yaml); optional with --resume")
+    p.add_argument("config", nargs="?",
+                   help="YAML experiment (configs/quickstart.yaml); optional with --resume")
     p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields (rl.lr=1e-4)")
     p.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--ray-address", default=None,
+                   help="join an existing Ray cluster (default: start a local one)")
     p.add_argument("--verbose", action="store_true", help="forward actor logs")
+    p.add_argument("--help-config", action="store_true", help="print every config field: type, default, help")
 
 
 def add_eval(sub) -> None:
@@ -82,26 +92,31 @@ def add_eval(sub) -> None:
 
 
 def add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="supervised vs RL-trained thinking tokens on one task: eval + row movement")
+    p = sub.add_parser("compare",
+                       help="supervised vs RL-trained thinking tokens on one task: eval + row movement")
     p.add_argument("runs", nargs="+", help="run directories or checkpoints")
     p.add_argument("--task", default=None, help="task name (default: the first run's task, as configured)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="first N examples (windows, for parallel runs) only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N examples (windows, for parallel runs) only")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
 
 
 def add_signal(sub) -> None:
-    p = sub.add_parser("signal", help="before training: advantages of rollouts with vs without thoughts, reward vs "
+    p = sub.add_parser("signal",
+                       help="before training: advantages of rollouts with vs without thoughts, reward vs "
                                       "correctness, for a train config")
     p.add_argument("config", help="YAML experiment, as for train")
     p.add_argument("overrides", nargs="*", help="key=value, dotted keys for nested fields")
-    p.add_argument("--batches", type=int, default=4, help="batches of prompts_per_step x num_generations rollouts")
+    p.add_argument("--batches", type=int, default=4,
+                   help="batches of prompts_per_step x num_generations rollouts")
     p.add_argument("--out", default=None, help="also write the JSON here")
 
 
 def add_summary(sub) -> None:
-    p = sub.add_parser("summary", help="RL runs' held-out accuracy at start and end, with thoughts and under each "
+    p = sub.add_parser("summary",
+                       help="RL runs' held-out accuracy at start and end, with thoughts and under each "
                                        "control; mean +/- std over several runs (seeds)")
     p.add_argument("runs", nargs="+", help="run directories of `thinktok train` (each with evals.jsonl)")
     p.add_argument("--json", default=None, help="also write the numbers (means, stds, per-run values) here")
@@ -110,7 +125,8 @@ def add_summary(sub) -> None:
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
     p.add_argument("what", help="rollout | parallel | attention | train")
-    p.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="train: the experiment to time")
+    p.add_argument("config", nargs="?", default="configs/quickstart.yaml",
+                   help="train: the experiment to time")
     p.add_argument("overrides", nargs="*", help="train: key=value overrides")
     p.add_argument("--steps", type=int, default=6, help="train: RL steps per actor count")
     p.add_argument("--model", default="tiny")
@@ -134,22 +150,20 @@ def _cuda() -> bool:
 def run_sample(a) -> None:
     from rich.console import Console
 
+    from thinktok.analysis.render import to_html, to_json, to_jsonl, to_rich
     from thinktok.models.policy import load_policy
-    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
-    from thinktok.rl.render import to_html, to_json, to_jsonl, to_rich
+    from thinktok.models.thought_modes import make_mode
+    from thinktok.models.thoughts import SamplingConfig
     from thinktok.rl.rollout import sample
 
     if a.format not in ("text", "html", "jsonl"):
         raise UsageError(f"unknown format {a.format!r}: expected text, html or jsonl")
     if a.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {a.num_samples}")
+    cfg = sample_thought(a)
     parallel = a.mode == "parallel"  # a thought of max_thought_tokens after every prompt token (Quiet-STaR)
-    default_n = {"vocab": 64, "parallel": 64}.get(a.mode, 1 if a.mode in ("single", "pause") else 0)
-    cfg = ThoughtConfig(mode="vocab" if parallel else a.mode,
-                        num_thinking=default_n if a.num_thinking is None else a.num_thinking,
-                        max_thought_tokens=a.max_thought_tokens, sigma=a.sigma, noise=a.noise,
-                        num_pause=a.num_pause, pause_at=a.pause_at)
-    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                              max_new_tokens=a.max_new_tokens)
     cfg.validate()
     sampling.validate()
     policy = load_policy(a.model, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
@@ -157,31 +171,62 @@ def run_sample(a) -> None:
     mode = make_mode(cfg, policy.vocab, sampling).to(a.device)
     texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
     if parallel:
-        records = [sample_window(model, mode, policy.tokenizer, t, a.max_thought_tokens, a.seed + i)
+        records = [sample_window(model, mode, policy.tokenizer, t, cfg.max_thought_tokens, a.seed + i)
                    for i, t in enumerate(texts)]
     else:
         rollouts = sample(model, mode, [policy.tokenizer(t).input_ids for t in texts], seed=a.seed)
         records = [to_json(r, policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
     if a.format == "text":
         with open(a.out, "w") if a.out else open(os.devnull, "w") as f:
-            console = Console(file=f if a.out else None, force_terminal=False if a.out else None, soft_wrap=True)
+            console = Console(file=f if a.out else None, force_terminal=False if a.out else None,
+                              soft_wrap=True)
             for i, rec in enumerate(records):
-                console.print(f"[dim]— sample {i} · {rec['num_real']} text, {rec['num_thought']} thought steps[/dim]")
+                console.print(f"[dim]— sample {i} · {rec['num_real']} text, {rec['num_thought']} thought "
+                              f"steps[/dim]")
                 console.print(to_rich(rec))
         return
-    payload = to_jsonl(records) if a.format == "jsonl" else to_html(records, title=f"thinktok sample · {a.model} · {a.mode}")
+    payload = to_jsonl(records) if a.format == "jsonl" else to_html(
+        records, title=f"thinktok sample · {a.model} · {a.mode}")
     if a.out:
         Path(a.out).write_text(payload)
     else:
         sys.stdout.write(payload)
 
 
+def sample_thought(a):
+    """The thought settings of `thinktok sample`: a thinktok checkpoint's own (its run info), else the
+    defaults, with every flag the user gave on top."""
+    from dataclasses import replace
+
+    from thinktok.checkpoint import RUN_INFO, find_checkpoint, load_parallel_info, load_run_info
+    from thinktok.models.thoughts import ThoughtConfig
+
+    run_like = any((Path(a.model) / p).exists() for p in (RUN_INFO, "checkpoint", "trainer"))
+    ckpt = find_checkpoint(a.model) if run_like else None
+    base, own_mode = ThoughtConfig(), "vocab"
+    if ckpt is not None:
+        a.model, base = str(ckpt), load_run_info(ckpt)[2]
+        own_mode = "parallel" if load_parallel_info(ckpt) is not None else base.mode
+    mode = a.mode if a.mode is not None else own_mode
+    stated = {"mode": "vocab" if mode == "parallel" else mode, "num_thinking": a.num_thinking,
+              "max_thought_tokens": a.max_thought_tokens, "sigma": a.sigma, "noise": a.noise,
+              "num_pause": a.num_pause, "pause_at": a.pause_at}
+    if a.mode is not None and a.mode != own_mode:  # another mode: its defaults, not the checkpoint's settings
+        base = ThoughtConfig()
+        if a.num_thinking is None:
+            stated["num_thinking"] = {"vocab": 64, "parallel": 64, "single": 1, "pause": 1}.get(mode, 0)
+    a.mode = mode
+    cfg = replace(base, **{k: v for k, v in stated.items() if v is not None})
+    cfg.validate()
+    return cfg
+
+
 def sample_window(model, mode, tokenizer, text: str, thought_len: int, seed: int) -> dict:
     """--mode parallel: the prompt as one window, a thought sampled after every token at once."""
     import torch
 
-    from thinktok.rl.parallel import sample_parallel
-    from thinktok.rl.render import parallel_to_json
+    from thinktok.analysis.render import parallel_to_json
+    from thinktok.rl.parallel.rollout import sample_parallel
 
     real = torch.tensor([tokenizer(text).input_ids], device=model.device)
     r = sample_parallel(model, mode, real, thought_len, seed)
@@ -190,18 +235,32 @@ def sample_window(model, mode, tokenizer, text: str, thought_len: int, seed: int
 
 def run_sft(a) -> None:
     from thinktok.config import load_config, save_config
-    from thinktok.rl.sft import SFTConfig, run_sft
+    from thinktok.sft import SFTConfig, run_sft
 
+    if a.help_config:
+        return print_config_help(SFTConfig)
+    if a.config is None:
+        raise UsageError("sft needs a CONFIG")
     cfg = load_config(SFTConfig, a.config, a.overrides)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out_dir / "config.yaml")
     print(f"checkpoint: {run_sft(cfg)}")
 
 
+def print_config_help(cls) -> None:
+    """`--help-config`: every field, nested ones dotted, as `key: type = default  help`."""
+    from thinktok.config import describe
+
+    print("\n".join(describe(cls)))
+
+
 def run_train(a) -> None:
     from thinktok.config import load_config
-    from thinktok.rl.train import TrainConfig, run_train
+    from thinktok.rl.config import TrainConfig
+    from thinktok.rl.train import run_train
 
+    if a.help_config:
+        return print_config_help(TrainConfig)
     if a.config and "=" in a.config:  # `--resume RUN key=value`: the first override landed in `config`
         a.overrides, a.config = [a.config, *a.overrides], None
     path = Path(a.resume) / "config.yaml" if a.resume else a.config
@@ -213,7 +272,7 @@ def run_train(a) -> None:
     final = run_train(cfg, resume=bool(a.resume))
     print(f"final checkpoint: {final}")
     if cfg.rollout == "sequential" and cfg.eval_every:
-        from thinktok.rl.compare import summary
+        from thinktok.analysis.compare import summary
 
         summary([str(cfg.out_dir)])
 
@@ -221,13 +280,13 @@ def run_train(a) -> None:
 def run_eval(a) -> None:
     import json
 
-    from thinktok.rl.evaluate import evaluate
+    from thinktok.analysis.evaluate import evaluate
 
     print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, a.device, a.limit)))
 
 
 def run_compare(a) -> None:
-    from thinktok.rl.compare import compare
+    from thinktok.analysis.compare import compare
 
     compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
 
@@ -235,7 +294,7 @@ def run_compare(a) -> None:
 def run_summary(a) -> None:
     import json
 
-    from thinktok.rl.compare import summary
+    from thinktok.analysis.compare import summary
 
     result = summary(a.runs)
     if a.json:
@@ -245,9 +304,9 @@ def run_summary(a) -> None:
 def run_signal(a) -> None:
     import json
 
+    from thinktok.analysis.signal import run_signal
     from thinktok.config import load_config
-    from thinktok.rl.signal import run_signal
-    from thinktok.rl.train import TrainConfig
+    from thinktok.rl.config import TrainConfig
 
     cfg = load_config(TrainConfig, a.config, a.overrides)
     print(json.dumps(run_signal(cfg, a.batches, Path(a.out) if a.out else None), indent=2))
@@ -255,15 +314,16 @@ def run_signal(a) -> None:
 
 def run_bench(a) -> None:
     if a.what == "rollout":
-        from thinktok.rl.bench import bench_rollout
+        from thinktok.analysis.bench import bench_rollout
 
         bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
     elif a.what == "parallel":
-        from thinktok.rl.bench import bench_parallel
+        from thinktok.analysis.bench import bench_parallel
 
-        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, a.device, a.dtype, Path(a.out))
+        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, a.device,
+                       a.dtype, Path(a.out))
     elif a.what == "train":
-        from thinktok.rl.bench import bench_train
+        from thinktok.analysis.bench import bench_train
 
         bench_train(a.config, a.overrides, a.steps, (1, 2, 4), Path(a.out))
     elif a.what == "attention":
@@ -286,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     add_signal(sub)
     add_summary(sub)
     add_bench(sub)
-    from thinktok.models.policy import PolicyLoadError
+    from thinktok.errors import UserError
+    from thinktok.rl.learner import PoisonedStep
 
     try:
         a = parser.parse_args(argv)
         {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "compare": run_compare,
          "signal": run_signal, "summary": run_summary, "bench": run_bench}[a.command](a)
-    except (UsageError, PolicyLoadError, ValueError, OSError, FloatingPointError) as e:
+    # user errors (and a diverged step, which names its cause) are one line; a bug keeps its traceback
+    except (UsageError, UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            PoisonedStep) as e:
         print(f"thinktok: error: {e}", file=sys.stderr)
         return 2
     return 0

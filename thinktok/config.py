@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from thinktok.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that does not match its dataclass: names the key."""
 
 
@@ -112,3 +114,48 @@ def to_dict(config) -> dict:
 
 def save_config(config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field's help: the comment on its line, else the comment lines right above it. Read from the
+    source, so the help `--help-config` prints is the comment a developer reads (one text, not two)."""
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    helps, above, line_comment = {}, [], {}
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT:
+            line_comment.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
+    for n, line in enumerate(source.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        name = stripped.split(":", 1)[0].strip()
+        if name in names and ":" in stripped:
+            own = line_comment.get(n) if not stripped.startswith("#") and "#" in line else None
+            helps[name] = own or " ".join(above)
+        above = [] if not stripped.startswith("#") else above
+    return helps
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """Every field of a config dataclass, nested ones dotted: `key: type = default  help`."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        if typing.get_origin(tp) is not None:
+            name = str(tp).replace("typing.", "")
+        out.append(f"{prefix}{f.name}: {name} = {default!r}  {helps.get(f.name, '')}".rstrip())
+    return out

@@ -12,170 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from xml.etree import ElementTree
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "triton", "trl", "ray", "datasets", "accelerate", "pytest")
+from .suite_runner import ROOT, Part, env_info, run_in_process, run_isolated, run_suite, summary_table, write
 
-
-@dataclass(frozen=True)
-class Part:
-    name: str
-    run: Callable[[Path], dict]  # output folder -> results (JSON-able); raising marks the part failed
-    budget_s: int  # wall-clock limit of the part's process, import and CUDA start-up included
-    help: str
-
-
-def where(exc: BaseException) -> str:
-    """The innermost frame of the project's own code in exc's traceback (else the innermost of all)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if f.filename.startswith(str(ROOT)) and "/site-packages/" not in f.filename]
-    if not frames:
-        return "?"
-    f = (ours or frames)[-1]
-    name = Path(f.filename).relative_to(ROOT) if f.filename.startswith(str(ROOT)) else f.filename
-    return f"{name}:{f.lineno} in {f.name}"
-
-
-def write(out: Path, name: str, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-
-
-def run_in_process(part: Part, out: Path) -> dict:
-    """Run one part here -> its record (ok, or failed with error type, message, where), also written."""
-    start = time.perf_counter()
-    record = {"name": part.name, "status": "ok", "error": None, "results": None, "budget_s": part.budget_s}
-    try:
-        record["results"] = part.run(out)
-    except Exception as e:  # noqa: BLE001 -- any failure is recorded and the suite goes on
-        traceback.print_exc()
-        record |= {
-            "status": "failed",
-            "error": {"type": type(e).__name__, "message": str(e)[:2000], "where": where(e)},
-        }
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    write(out, part.name, record)
-    return record
-
-
-def run_isolated(part: Part, out: Path) -> dict:
-    """Run one part in a child process (`--run-part`), its output shown and kept in `<part>.log`; the child
-    writes the record. After its budget the child's whole process group is killed (Ray's processes too)."""
-    start = time.perf_counter()
-    path = out / f"{part.name}.json"
-    path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "thinktok.gpu_suite", "--run-part", part.name, "--out", str(out)]
-    with open(out / f"{part.name}.log", "w") as log:
-        child = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-        tee = threading.Thread(target=copy_lines, args=(child.stdout, log), daemon=True)
-        tee.start()
-        try:
-            child.wait(timeout=part.budget_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        try:  # what the part left behind (a Ray cluster after a failure, say) must not hold the GPU
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.wait()
-        tee.join(timeout=5)
-    if not timed_out and path.exists():
-        return json.loads(path.read_text())
-    if timed_out:
-        status, error = (
-            "timeout",
-            {"type": "Timeout", "message": f"killed after its budget of {part.budget_s} s"},
-        )
-    else:
-        status, error = "failed", {"type": "Crashed", "message": f"exit code {child.returncode}, no record"}
-    record = {
-        "name": part.name,
-        "status": status,
-        "error": {**error, "where": f"{part.name}.log"},
-        "results": None,
-        "budget_s": part.budget_s,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    write(out, part.name, record)
-    return record
-
-
-def copy_lines(source, log) -> None:
-    for line in source:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        log.write(line)
-
-
-def run_suite(parts: list[Part], out: Path, isolate: bool = True) -> list[dict]:
-    """Every part in order, whatever the earlier ones did; then summary.json and the printed table."""
-    records = []
-    for part in parts:
-        print(f"\n=== {part.name} (budget {part.budget_s} s): {part.help}", flush=True)
-        records.append((run_isolated if isolate else run_in_process)(part, out))
-    write(
-        out,
-        "summary",
-        {"parts": [{k: r[k] for k in ("name", "status", "seconds", "budget_s", "error")} for r in records]},
-    )
-    print(summary_table(records))
-    return records
-
-
-def summary_table(records: list[dict]) -> str:
-    lines = [f"{'part':<22} {'status':<8} {'seconds':>8} {'budget':>7}  why", "-" * 100]
-    for r in records:
-        e = r["error"]
-        why = (
-            f"{e['type']}: {e['message'].splitlines()[0][:80] if e['message'] else ''} ({e['where']})"
-            if e
-            else ""
-        )
-        lines.append(f"{r['name']:<22} {r['status']:<8} {r['seconds']:>8.1f} {r['budget_s']:>7}  {why}")
-    failed = [r["name"] for r in records if r["status"] != "ok"]
-    lines.append(
-        f"{len(records) - len(failed)}/{len(records)} parts ok"
-        + (f"; not ok: {', '.join(failed)}" if failed else "")
-    )
-    return "\n".join(lines)
-
-
-# ---- the parts ------------------------------------------------------------------------------------
-
-
-def env_info(out: Path) -> dict:
-    """nvidia-smi's report and the package versions (printed at the top of the output)."""
-    try:
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        smi = f"nvidia-smi failed: {e}"
-    versions = {"python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"nvidia_smi": smi, "versions": versions}
+# the suite's entry points, the runner's included (tests and scripts reach them here)
+__all__ = ["BY_NAME", "PARTS", "ROOT", "SIZES", "Sizes", "main", "run_in_process", "run_isolated",
+           "run_suite", "summary_table"]
 
 
 @dataclass(frozen=True)
@@ -243,7 +92,10 @@ def kernel_errors(out: Path) -> dict:
     )
 
     need_cuda()
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     heads, t, l, d = SIZES.kernel
     device, results = SIZES.device, {}
     for dtype in (getattr(torch, name) for name in SIZES.kernel_dtypes):
@@ -263,8 +115,7 @@ def kernel_errors(out: Path) -> dict:
             o = parallel_thought_attention(q, k, v, t, l, tiles=tiles)
             grads = torch.autograd.grad(o, (q, k, v), do)
             results[f"{str(dtype)[6:]}/{tiles}"] = {
-                "forward": rel(o, ref),
-                **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)},
+                "forward": rel(o, ref), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)},
                 "decode": rel(parallel_thought_decode(*dec, kt, vt, tiles=tiles), dec_ref),
             }
     print(json.dumps(results, indent=1))
@@ -280,18 +131,12 @@ def attention(out: Path) -> dict:
 
 def rollout_batches(out: Path) -> dict:
     """Every mode's dynamic sampler against HF generate: base (GPT-2 small's shape), bf16, 128 new tokens."""
-    from thinktok.rl.bench import bench_rollout
+    from thinktok.analysis.bench import bench_rollout
 
     need_cuda()
     return {
         b: bench_rollout(
-            SIZES.model,
-            b,
-            SIZES.new_tokens,
-            1,
-            SIZES.device,
-            SIZES.dtype,
-            out / f"rollout_b{b}",
+            SIZES.model, b, SIZES.new_tokens, 1, SIZES.device, SIZES.dtype, out / f"rollout_b{b}",
             engines=("dynamic",),
         )
         for b in SIZES.batches
@@ -300,23 +145,17 @@ def rollout_batches(out: Path) -> dict:
 
 def rollout_compiled(out: Path) -> dict:
     """Batch 64: the static-cache sampler with its step compiled as CUDA graphs, every mode (the 5x goal)."""
-    from thinktok.rl.bench import bench_rollout
+    from thinktok.analysis.bench import bench_rollout
 
     need_cuda()
     return bench_rollout(
-        SIZES.model,
-        SIZES.compiled_batch,
-        SIZES.new_tokens,
-        SIZES.repeats,
-        SIZES.device,
-        SIZES.dtype,
-        out / "rollout_compiled",
-        modes=SIZES.compiled_modes,
+        SIZES.model, SIZES.compiled_batch, SIZES.new_tokens, SIZES.repeats, SIZES.device, SIZES.dtype,
+        out / "rollout_compiled", modes=SIZES.compiled_modes,
     )
 
 
 def parallel(out: Path) -> dict:
-    from thinktok.rl.bench import bench_parallel
+    from thinktok.analysis.bench import bench_parallel
 
     need_cuda()
     return bench_parallel(
@@ -327,7 +166,7 @@ def parallel(out: Path) -> dict:
 def suite_teacher(out: Path, cfg) -> list[str]:
     """Overrides pointing a train config at its teacher: itself if present, else one trained briefly here."""
     from thinktok.config import load_config
-    from thinktok.rl.sft import SFTConfig, run_sft
+    from thinktok.sft import SFTConfig, run_sft
 
     if cfg.teacher is None or Path(cfg.teacher).exists():
         return []
@@ -371,7 +210,8 @@ def train(config: str) -> Callable[[Path], dict]:
         import torch
 
         from thinktok.config import load_config
-        from thinktok.rl.train import TrainConfig, run_train
+        from thinktok.rl.config import TrainConfig
+        from thinktok.rl.train import run_train
 
         need_cuda()
         run_dir, steps = out / Path(config).stem, SIZES.train_steps
@@ -421,33 +261,20 @@ def train(config: str) -> Callable[[Path], dict]:
 #   train_parallel_gpt2small 55: Ray start + 20 steps of 16 windows of 4096 tokens through the kernel (~1 s)
 PARTS = [
     Part(
-        "kernel_tests",
-        kernel_tests,
-        75,
+        "kernel_tests", kernel_tests, 75,
         "GPU-only tests of tests/test_kernels.py (full size, dtypes, decode)",
-    ),
-    Part("kernel_errors", kernel_errors, 25, "relative errors at T=1024 L=16, fixed vs autotuned tiles"),
+    ), Part("kernel_errors", kernel_errors, 25, "relative errors at T=1024 L=16, fixed vs autotuned tiles"),
     Part(
-        "attention",
-        attention,
-        70,
+        "attention", attention, 70,
         "bench attention: kernel (fixed, autotuned) vs dense SDPA vs compiled flex",
-    ),
-    Part(
-        "rollout_batches",
-        rollout_batches,
-        75,
+    ), Part(
+        "rollout_batches", rollout_batches, 75,
         "bench rollout, base bf16, batch 1/64/256, dynamic vs generate",
-    ),
-    Part("rollout_compiled", rollout_compiled, 105, "bench rollout, batch 64, compiled static sampler"),
-    Part("parallel", parallel, 25, "bench parallel on CUDA (base bf16, batch 8, T 64, L 8, n 4)"),
-    Part(
+    ), Part("rollout_compiled", rollout_compiled, 105, "bench rollout, batch 64, compiled static sampler"),
+    Part("parallel", parallel, 25, "bench parallel on CUDA (base bf16, batch 8, T 64, L 8, n 4)"), Part(
         "train_gpt2small", train("configs/gpu_gpt2small.yaml"), 100, "20 steps of configs/gpu_gpt2small.yaml"
-    ),
-    Part(
-        "train_parallel_gpt2small",
-        train("configs/parallel_gpu_gpt2small.yaml"),
-        55,
+    ), Part(
+        "train_parallel_gpt2small", train("configs/parallel_gpu_gpt2small.yaml"), 55,
         "20 steps of configs/parallel_gpu_gpt2small.yaml",
     ),
 ]
@@ -456,9 +283,7 @@ BY_NAME = {p.name: p for p in PARTS}
 
 def main(argv: list[str] | None = None) -> int:
     for key, value in (
-        ("HF_HUB_OFFLINE", "1"),
-        ("RAY_AUTH_MODE", "disabled"),
-        ("TOKENIZERS_PARALLELISM", "false"),
+        ("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false"),
     ):
         os.environ.setdefault(key, value)
     p = argparse.ArgumentParser(prog="gpu-suite", description=__doc__.split("\n\n")[0])

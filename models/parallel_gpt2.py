@@ -70,7 +70,8 @@ def layout_positions(num_real: int, thought_len: int, device=None) -> torch.Tens
     return torch.cat([t, (t[:, None] + 1 + j[None, :]).flatten()])
 
 
-def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int, cache: ParallelCache | None = None,
+def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
+                    cache: ParallelCache | None = None,
                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ids (B, T + T*L) in the layout -> last hidden state (B, N, H), after the final layer norm.
     With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j).
@@ -85,7 +86,8 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int, c
         pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
         # an all-ones mask only tells transformers there is no padding (windows hold EOS ids); the registered
         # mask function turns it into nothing
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos.expand(ids.shape[0], -1),
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    position_ids=pos.expand(ids.shape[0], -1),
                     num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1]
@@ -114,7 +116,8 @@ class MixingHead(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        self.net = nn.Sequential(nn.Linear(2 * hidden_size, hidden_size), nn.ReLU(),
+                                 nn.Linear(hidden_size, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.constant_(self.net[-1].bias, self.INIT_BIAS)
 

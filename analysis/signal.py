@@ -21,17 +21,20 @@ from pathlib import Path
 import torch
 
 from thinktok.envs import load_task
+from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
-from thinktok.models.thoughts import make_mode
-
-from .rewards import POLICY_REWARDS, RewardConfig, RewardModel
-from .rollout import sample
-from .train import TrainConfig, ensure_checkpoint, ensure_teacher
+from thinktok.models.thought_modes import make_mode
+from thinktok.rl.config import TrainConfig
+from thinktok.rl.rewards import POLICY_REWARDS, RewardConfig, RewardModel
+from thinktok.rl.rollout import sample
+from thinktok.rl.train import ensure_teacher
+from thinktok.sft import ensure_checkpoint
 
 
 def group_advantages(total: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
-    """(B,) rewards, consecutive groups of G -> GRPO's advantages: minus the group mean, over the group std."""
+    """(B,) rewards, consecutive groups of G -> GRPO's advantages: minus the group mean, over the group
+    std."""
     g = total.reshape(-1, group)
     adv = g - g.mean(1, keepdim=True)
     return (adv / (g.std(1, keepdim=True) + 1e-4) if scale else adv).flatten()
@@ -52,7 +55,8 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
     cfg.validate()
     if cfg.rollout != "sequential":
-        raise ValueError("thinktok signal measures sequential rollouts (parallel runs log their gains per step)")
+        raise UserError("thinktok signal measures sequential rollouts (parallel runs log their gains per "
+                         "step)")
     torch.manual_seed(cfg.seed)
     thought = cfg.thought
     ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy")
@@ -62,9 +66,10 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
     task = load_task(cfg.task)
     mode = make_mode(thought, policy.vocab, cfg.sampling)
     reads_policy = set(POLICY_REWARDS) & set(cfg.rewards.weights)
-    rewards = RewardModel(cfg.rewards, teacher, task, policy.tokenizer, policy.model if reads_policy else None,
-                          mode if reads_policy else None)
-    judge = RewardModel(RewardConfig(weights={"thought_gain": 1.0}), None, task, policy.tokenizer, policy.model, mode)
+    rewards = RewardModel(cfg.rewards, teacher, task, policy.tokenizer,
+                          policy.model if reads_policy else None, mode if reads_policy else None)
+    judge = RewardModel(RewardConfig(weights={"thought_gain": 1.0}), None, task, policy.tokenizer,
+                        policy.model, mode)
     rows_all = task.dataset["train"].to_list()
     rng = random.Random(cfg.seed)
     g = cfg.rl.num_generations
@@ -85,8 +90,10 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
     helps = think & (gain > 0)
     return {
         "rollouts": len(total), "with_thoughts": int(think.sum()),
-        "advantage_with_thoughts": mean_where(adv, think), "advantage_without_thoughts": mean_where(adv, ~think),
-        "advantage_helpful_thoughts": mean_where(adv, helps), "advantage_unhelpful_thoughts": mean_where(adv, think & ~helps),
+        "advantage_with_thoughts": mean_where(adv, think), "advantage_without_thoughts": mean_where(
+            adv, ~think),
+        "advantage_helpful_thoughts": mean_where(adv, helps), "advantage_unhelpful_thoughts": mean_where(
+            adv, think & ~helps),
         "advantage_gain_corr": corr(adv[think], gain[think]), "thought_gain_mean": mean_where(gain, think),
         "reward_correctness_corr": corr(total, ok), "accuracy": ok.mean().item(),
         "accuracy_with_thoughts": mean_where(ok, think), "accuracy_without_thoughts": mean_where(ok, ~think),

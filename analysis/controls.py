@@ -20,9 +20,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from thinktok.models.thoughts import Action, State, StepOut, ThoughtMode, VocabThoughts
-
-from .rollout import Rollout, step_inputs
+from thinktok.models.thought_modes import VocabThoughts
+from thinktok.models.thoughts import Action, State, StepOut, ThoughtMode
+from thinktok.rl.rollout import Rollout, step_inputs
 
 CONTROLS = ("no_thoughts", "pause", "shuffled_thoughts")
 
@@ -81,7 +81,8 @@ def pause_input(mode: ThoughtMode, embed: nn.Embedding) -> torch.Tensor:
 
 
 def derange(donors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Example i gets example i+1's thoughts (the last gets the first's): with two or more, none keeps its own."""
+    """Example i gets example i+1's thoughts (the last gets the first's): with two or more, none keeps its
+    own."""
     return donors[1:] + donors[:1]
 
 

@@ -1,6 +1,7 @@
 """Parallel thought rollouts (Quiet-STaR style): for a window of T real tokens, think L thinking tokens at
 every position at once, then reward each position's thought by how much it raises the log-prob of the
-next n true tokens. Every pass runs through GPT-2 with the fused parallel-thought kernel (models/parallel.py).
+next n true tokens. Every pass runs through GPT-2 with the fused parallel-thought kernel
+(models/parallel_gpt2.py).
 
 Layout of a scored window: the T real tokens, then per position t a segment of L + n - 1 tokens,
 [thought_0 .. thought_{L-1}, x_{t+1} .. x_{t+n-1}] (the true continuation teacher-forced after the thought),
@@ -12,7 +13,7 @@ Targets ("scorer"): `policy` scores the true next token (Quiet-STaR, the policy'
 the frozen teacher's next-token distribution over the real window (top-k, renormalised; the teacher reads
 only real tokens, as everywhere): the gain is then in expected log-prob under the teacher's distribution.
 
-  sample_parallel   incremental form: pass j feeds thought j-1 at all T positions against a KV cache
+  sample_parallel   incremental form (rollout.py): pass j feeds thought j-1 at all T positions against a cache
   score             thought log-probs (differentiable) and post/base target log-probs from one pass
   ParallelScorer    what the scoring actor runs: targets + per-position gains
   position_advantages  gain minus the mean over the G thoughts sampled at the same position (Quiet-STaR)
@@ -20,87 +21,21 @@ only real tokens, as everywhere): the gain is then in expected log-prob under th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from thinktok.models.parallel import MixingHead, ParallelCache, parallel_hidden, project
+from thinktok.checkpoint import load_extra_state
+from thinktok.errors import UserError
+from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden, project
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
 
-from .rollout import rng_devices
-
-SCORERS = ("policy", "teacher")
-
-
-@dataclass
-class ParallelConfig:
-    num_real: int = 64  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
-    thought_len: int = 12  # L: thinking tokens sampled at every position (Quiet-STaR's 12)
-    lookahead: int = 4  # n: true tokens after each thought whose log-prob gain is the reward (Quiet-STaR's 4)
-    scorer: str = "policy"  # policy | teacher
-    teacher_top_k: int = 16  # teacher scorer: the teacher's top-k next tokens, renormalised, are the targets
-    mixing_head: bool = False  # Quiet-STaR's learned mixing of post- and pre-thought predictions
-    nll_coef: float = 1.0  # weight of the post-thought NLL of the targets (Quiet-STaR trains it beside REINFORCE)
-    positive_only: bool = True  # keep only positive advantages (Quiet-STaR)
-    format: str = "cot"  # task rows become text as prompt + target(row, format)
-
-    def validate(self) -> None:
-        for name in ("num_real", "thought_len", "lookahead", "teacher_top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_real < 2:
-            raise ValueError("parallel.num_real must be >= 2: a position needs a next token to be scored")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"unknown parallel.scorer {self.scorer!r}: expected one of {', '.join(SCORERS)}")
-        if self.nll_coef < 0:
-            raise ValueError(f"parallel.nll_coef must be >= 0, got {self.nll_coef}")
-
-
-@dataclass
-class ParallelRollout:
-    """R rows (windows, each repeated G times by the learner), every tensor batch-first."""
-
-    real: torch.Tensor  # (R, T) the text
-    thoughts: torch.Tensor  # (R, T, L) thinking token ids
-    logprob: torch.Tensor  # (R, T, L) sampling log-probs
-    target_ids: torch.Tensor | None = None  # (R, T, K) what real row r predicts (the scorer's targets)
-    target_p: torch.Tensor | None = None  # (R, T, K) their weights (sum 1)
-    gain: torch.Tensor | None = None  # (R, T) reward of each position's thought (0 where unscored)
-    weight_version: int = 0
-
-    def layout(self, lookahead: int) -> torch.Tensor:
-        """(R, T + T*(L+n-1)) ids: real tokens, then each position's thought and its teacher-forced continuation."""
-        r, t, _ = self.thoughts.shape
-        segments = torch.cat([self.thoughts, continuation(self.real, lookahead)], dim=2)
-        return torch.cat([self.real, segments.reshape(r, -1)], dim=1)
-
-    def tensors(self) -> dict[str, torch.Tensor | None]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weight_version"}
-
-    def apply(self, fn) -> "ParallelRollout":
-        """fn on every tensor field that is set (row selection, device moves)."""
-        return replace(self, **{k: None if x is None else fn(x) for k, x in self.tensors().items()})
-
-    def rows(self, idx: list[int]) -> "ParallelRollout":
-        return self.apply(lambda x: x[idx])
-
-    def to(self, device) -> "ParallelRollout":
-        return self.apply(lambda x: x.to(device))
-
-    @staticmethod
-    def cat(parts: list["ParallelRollout"]) -> "ParallelRollout":
-        joined = {k: None if x is None else torch.cat([p.tensors()[k] for p in parts]) for k, x in parts[0].tensors().items()}
-        return ParallelRollout(**joined, weight_version=min(p.weight_version for p in parts))
-
-
-def continuation(real: torch.Tensor, lookahead: int) -> torch.Tensor:
-    """(R, T) -> (R, T, n-1): x_{t+1} .. x_{t+n-1} for each t. Past the window's end the last token repeats:
-    those inputs only feed predictions that are invalid anyway (they lie after the end too)."""
-    t = real.shape[1]
-    idx = (torch.arange(t)[:, None] + 1 + torch.arange(lookahead - 1)[None]).clamp_max(t - 1).to(real.device)
-    return real[:, idx]
+from .config import ParallelConfig
+from .rollout import ParallelRollout, choosing_hidden, sample_parallel, task_windows, thought_logprobs
 
 
 def true_targets(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +49,8 @@ def teacher_targets(teacher: Teacher, real: torch.Tensor, k: int) -> tuple[torch
     """Teacher scorer: the teacher's top-k next-token distribution after each real row, renormalised.
     (R, T) -> ids (R, T, k), weights (R, T, k). The teacher reads the real window only."""
     if int(real.max()) >= teacher.vocab_size:
-        raise ValueError(f"window has ids >= the teacher's vocabulary ({teacher.vocab_size}): thoughts leaked into it")
+        raise UserError(f"window has ids >= the teacher's vocabulary ({teacher.vocab_size}): thoughts "
+                         f"leaked into it")
     logits = teacher.model(input_ids=real.to(teacher.model.device)).logits.float()
     top = logits.topk(k, dim=-1)
     return top.indices.to(real.device), top.values.softmax(-1).to(real.device)
@@ -127,46 +63,11 @@ def valid_predictions(num_real: int, lookahead: int, device=None) -> torch.Tenso
     return t + k + 1 < num_real
 
 
-def choosing_hidden(h_real: torch.Tensor, h_seg: torch.Tensor, thought_len: int) -> torch.Tensor:
-    """Hidden states that choose thought j at every position: real row t for j=0, segment j-1 after.
-    (R, T, H), (R, T, S, H) -> (R, T, L, H)."""
-    return torch.cat([h_real[:, :, None], h_seg[:, :, : thought_len - 1]], dim=2)
-
-
-def thought_logprobs(model, mode: ThoughtMode, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the thinking tokens only (thoughts never choose text): (..., H) -> (..., N_think).
-    Projects onto the thinking columns alone, not the whole vocabulary."""
-    lo = mode.vocab.real_size
-    return project(model, hidden, lo, lo + mode.vocab.num_thinking).float().log_softmax(-1)
-
-
-@torch.no_grad()
-def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: int, seed: int = 0,
-                    weight_version: int = 0) -> ParallelRollout:
-    """Incremental form: the real prefix once, then one pass per thought step feeding T new tokens (one per
-    position) against cached keys/values. Thoughts are drawn from the thinking tokens (temperature 1)."""
-    r, t = real.shape
-    lo = mode.vocab.real_size
-    cache = ParallelCache()
-    steps = torch.arange(t, device=real.device)
-    thoughts, logps = [], []
-    with torch.random.fork_rng(devices=rng_devices(real.device)):
-        torch.manual_seed(seed)
-        hidden = parallel_hidden(model, real, t, 0, cache)  # (R, T, H): chooses thought 0
-        for j in range(thought_len):
-            lp = thought_logprobs(model, mode, hidden)  # (R, T, N_think)
-            choice = torch.multinomial(lp.reshape(r * t, -1).exp(), 1).reshape(r, t)
-            thoughts.append(choice + lo)
-            logps.append(lp.gather(-1, choice[..., None])[..., 0])
-            if j + 1 < thought_len:
-                hidden = parallel_hidden(model, choice + lo, t, 0, cache, position_ids=steps + 1 + j)
-    return ParallelRollout(real, torch.stack(thoughts, 2), torch.stack(logps, 2), weight_version=weight_version)
-
-
 class Scored(NamedTuple):
     thought_logprob: torch.Tensor  # (R, T, L) log-prob of each sampled thought token
     thought_entropy: torch.Tensor  # (R, T, L) entropy of the distribution it was drawn from
-    post: torch.Tensor | None  # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
+    # (R, T, n) expected log-prob of the targets after the thought (mixed, with a head)
+    post: torch.Tensor | None
     base: torch.Tensor | None  # (R, T, n) the same without the thought
     valid: torch.Tensor  # (T, n) which predictions exist
     post_raw: torch.Tensor | None = None  # (R, T, n) with a mixing head: the post-thought pass alone, unmixed
@@ -183,7 +84,8 @@ class Scored(NamedTuple):
         return ((post - self.base) * self.valid).sum(-1)
 
     def nll(self, base: bool = False) -> torch.Tensor:
-        """Mean negative log-likelihood of the targets over valid predictions, after the thought (or without)."""
+        """Mean negative log-likelihood of the targets over valid predictions, after the thought (or
+        without)."""
         lp = self.base if base else self.post
         return -(lp * self.valid).sum() / (self.valid.sum() * lp.shape[0]).clamp_min(1)
 
@@ -205,9 +107,11 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
         return Scored(thought_lp, entropy, None, None, valid)
 
     if rollout.target_ids is None:
-        raise ValueError("score needs targets: pass the rollout through ParallelScorer (or set true_targets) first")
+        raise UserError("score needs targets: pass the rollout through ParallelScorer (or set "
+                         "true_targets) first")
     ids, p = rollout.target_ids, rollout.target_p  # (R, T, K)
-    rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n, device=h.device)[None]).clamp_max(t - 1)
+    rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n,
+                                                                     device=h.device)[None]).clamp_max(t - 1)
     pre_logits = project(model, h_real, 0, lo).float() if base or head is not None else None  # (R, T, V_text)
     post_lp, base_lp, raw_lp = [], [], []
     if base:
@@ -216,13 +120,19 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     for k in range(n if post else 0):  # one (R, T, V) slab at a time: the text head is the memory peak
         logits = project(model, h_seg[:, :, l - 1 + k], 0, lo).float()
         ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
-        expected = lambda x: (p_k * (x.gather(-1, ids_k) - x.logsumexp(-1, keepdim=True))).sum(-1)  # noqa: E731
+
+        def expected(x, ids_k=ids_k, p_k=p_k):  # E_p[log softmax(x)] over the k target ids
+            return (p_k * (x.gather(-1, ids_k) - x.logsumexp(-1, keepdim=True))).sum(-1)
+
         if head is not None:
             raw_lp.append(expected(logits).detach())
             pre = pre_logits[:, rows[:, k]]  # (R, T, V): real row t+k
             logits = pre + head(h_real[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
         post_lp.append(expected(logits))
-    stack = lambda xs: torch.stack(xs, -1) if xs else None  # noqa: E731
+
+    def stack(xs):
+        return torch.stack(xs, -1) if xs else None
+
     return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid, stack(raw_lp))
 
 
@@ -238,7 +148,8 @@ def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> 
 
 @dataclass
 class ParallelScorer:
-    """What the scoring actor holds: a policy copy (+ mixing head) and, for the teacher scorer, the teacher."""
+    """What the scoring actor holds: a policy copy (+ mixing head) and, for the teacher scorer, the
+    teacher."""
 
     cfg: ParallelConfig
     model: torch.nn.Module
@@ -249,10 +160,10 @@ class ParallelScorer:
 
     def __post_init__(self):
         if self.cfg.scorer == "teacher" and self.teacher is None:
-            raise ValueError("parallel.scorer=teacher needs a teacher checkpoint (teacher=...)")
+            raise UserError("parallel.scorer=teacher needs a teacher checkpoint (teacher=...)")
         if self.teacher is not None and self.teacher.vocab_size != self.mode.vocab.real_size:
-            raise ValueError(f"teacher vocabulary ({self.teacher.vocab_size}) != the policy's text vocabulary "
-                             f"({self.mode.vocab.real_size}): its targets would name other tokens")
+            raise UserError(f"teacher vocabulary ({self.teacher.vocab_size}) != the policy's text "
+                             f"vocabulary ({self.mode.vocab.real_size}): its targets would name other tokens")
 
     def targets(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.scorer == "teacher":
@@ -267,24 +178,10 @@ class ParallelScorer:
         gain = scored.gain.float()
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
-            raise ValueError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
+            raise UserError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
         self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item(),
                       "gain_unmixed_mean": scored.gain_raw[:, :-1].mean().item()}
         return replace(rollout, gain=gain)
-
-
-def text_windows(texts: list[list[int]], num_real: int, eos: int) -> list[list[int]]:
-    """Token lists joined by EOS and cut into windows of num_real tokens (a short tail is dropped)."""
-    ids = [t for text in texts for t in text + [eos]]
-    if len(ids) < num_real:
-        raise ValueError(f"the task's text has {len(ids)} tokens, fewer than one window of parallel.num_real={num_real}")
-    return [ids[i : i + num_real] for i in range(0, len(ids) - num_real + 1, num_real)]
-
-
-def task_windows(task, split: str, cfg: ParallelConfig, tokenizer) -> list[list[int]]:
-    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_real tokens."""
-    texts = [tokenizer(r["prompt"] + task.target(r, cfg.format)).input_ids for r in task.dataset[split]]
-    return text_windows(texts, cfg.num_real, tokenizer.eos_token_id)
 
 
 @torch.no_grad()
@@ -302,6 +199,24 @@ def evaluate_parallel(model, mode: ThoughtMode, cfg: ParallelConfig, windows: li
         gains.append(scored.gain[:, :-1].mean().item())
         stats.append(scorer.stats)
     model.train(was_training)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
     # with a mixing head, gain_mean is the mixed prediction's; gain_unmixed_mean the post-thought pass alone's
-    return {"gain_mean": mean(gains), **{k: mean([s[k] for s in stats]) for k in stats[0]}, "num_windows": len(windows)}
+    return {"gain_mean": mean(gains), **{k: mean([s[k] for s in stats]) for k in stats[0]},
+            "num_windows": len(windows)}
+
+
+def evaluate_parallel_checkpoint(ckpt: Path, policy, mode: ThoughtMode, cfg: ParallelConfig, task, split: str,
+                                 batch_size: int, limit: int | None) -> dict:
+    """`thinktok eval` of a parallel checkpoint: `evaluate_parallel` on the split's windows, with the
+    checkpoint's mixing head when it has one."""
+    head = MixingHead(policy.model.config.hidden_size).to(policy.model.device) if cfg.mixing_head else None
+    load_extra_state(ckpt, {"mixing_head": head} if head is not None else {})
+    windows = task_windows(task, split, cfg, policy.tokenizer)[:limit]
+    start = time.perf_counter()
+    out = evaluate_parallel(policy.model, mode, cfg, windows, head, batch_size=batch_size)
+    return {**out, "thought_len": cfg.thought_len, "lookahead": cfg.lookahead,
+            "mixing_head": head is not None,
+            "wall_s": time.perf_counter() - start}

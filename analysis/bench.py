@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, make_mode
-
-from .rollout import sample
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
+from thinktok.rl.rollout import sample
 
 BENCH_MODES = {
     "vocab": dict(mode="vocab", num_thinking=64),
@@ -51,7 +51,8 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
     that fails (a compile error, say) is recorded in its row and raised once every mode has run."""
     torch_dtype = getattr(torch, dtype)
     prompt = [[1105, 1635, 4974, 796]] * batch  # "12 * 34 ="
-    results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device, "dtype": dtype,
+    results = {"model": model_name, "batch": batch, "new_tokens": new_tokens, "device": device,
+               "dtype": dtype,
                "modes": {}}
     out.mkdir(parents=True, exist_ok=True)
     path, failed, baseline = out / "rollout.json", [], None
@@ -77,7 +78,10 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
             results["generate_tokens_per_s"] = baseline
         row = results["modes"][name] = {}
         for engine in engines:
-            run = lambda: sample(model, mode, prompt, **ENGINES[engine])  # noqa: E731
+
+            def run(engine=engine):
+                return sample(model, mode, prompt, **ENGINES[engine])
+
             try:
                 steps = sum(r.num_steps for r in run())  # the warm-up (the compiled path compiles here)
                 rate = steps / timed(run, repeats, device, warm_up=False)
@@ -106,16 +110,19 @@ def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[in
     import tempfile
 
     from thinktok.config import load_config
-
-    from .train import TrainConfig, run_train
+    from thinktok.rl.config import TrainConfig
+    from thinktok.rl.train import run_train
 
     results = {"config": config, "steps": steps, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in workers:
-            cfg = load_config(TrainConfig, config, [*overrides, f"ray.num_rollout_workers={n}", f"run_dir={tmp}/{n}",
-                                                    f"rl.max_steps={steps}", "eval_every=0", f"save_every={steps}"])
+            cfg = load_config(TrainConfig, config,
+                              [*overrides, f"ray.num_rollout_workers={n}", f"run_dir={tmp}/{n}",
+                                                    f"rl.max_steps={steps}", "eval_every=0",
+                                                    f"save_every={steps}"])
             run_train(cfg)
-            lines = [json.loads(x) for x in (Path(tmp) / str(n) / "metrics.jsonl").read_text().splitlines()][1:]  # warm-up
+            log = (Path(tmp) / str(n) / "metrics.jsonl").read_text().splitlines()
+            lines = [json.loads(x) for x in log][1:]  # the first step is the warm-up
             rate = statistics.mean(m["samples_per_s"] for m in lines)
             batch = cfg.rl.prompts_per_step * cfg.rl.num_generations
             results["runs"][n] = {"samples_per_s": rate, "step_s": batch / rate}
@@ -132,22 +139,25 @@ def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[in
 
 def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int, lookahead: int, repeats: int,
                    device: str, dtype: str, out: Path) -> dict:
-    """`thinktok bench parallel`: real tokens per second that get a thought of `thought_len` tokens and a scored
-    gain over `lookahead` true tokens, against the base model just reading the text (Quiet-STaR's complaint:
-    0.38 tokens/s with thoughts vs 2.94 without), against the naive form (T separate KV-cached rollouts, one
-    per position) and, for the teacher-forced scoring pass, against a dense explicit mask."""
+    """`thinktok bench parallel`: real tokens per second that get a thought of `thought_len` tokens and a
+    scored gain over `lookahead` true tokens, against the base model just reading the text (Quiet-STaR's
+    complaint: 0.38 tokens/s with thoughts vs 2.94 without), against the naive form (T separate KV-cached
+    rollouts, one per position) and, for the teacher-forced scoring pass, against a dense explicit mask."""
     from thinktok.kernels import parallel_thought_mask
-    from thinktok.models.parallel import layout_positions, parallel_hidden
-
-    from .parallel import ParallelScorer, ParallelConfig, sample_parallel
+    from thinktok.models.parallel_gpt2 import layout_positions, parallel_hidden
+    from thinktok.rl.parallel.config import ParallelConfig
+    from thinktok.rl.parallel.rollout import sample_parallel
+    from thinktok.rl.parallel.scorer import ParallelScorer
 
     torch_dtype = getattr(torch, dtype)
     cfg = ThoughtConfig(mode="vocab", num_thinking=64)
     policy = load_policy(model_name, cfg.vocab_tokens, cfg.markers, dtype=torch_dtype)
     model = policy.model.to(device).eval()
     mode = make_mode(cfg, policy.vocab, SamplingConfig()).to(device)
-    real = torch.randint(0, policy.vocab.real_size, (batch, num_real), generator=torch.Generator().manual_seed(0)).to(device)
-    scorer = ParallelScorer(ParallelConfig(num_real=num_real, thought_len=thought_len, lookahead=lookahead), model, mode)
+    real = torch.randint(0, policy.vocab.real_size, (batch, num_real),
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    scorer = ParallelScorer(ParallelConfig(num_real=num_real, thought_len=thought_len, lookahead=lookahead),
+                            model, mode)
     lo, hi = policy.vocab.real_size, policy.vocab.real_size + policy.vocab.num_thinking
 
     @torch.no_grad()
@@ -165,7 +175,8 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
                 tok = torch.multinomial(o.logits[:, -1, lo:hi].float().softmax(-1), 1) + lo
                 o = model(input_ids=tok, past_key_values=o.past_key_values, use_cache=True)
             if lookahead > 1:
-                model(input_ids=real[:, t + 1 : t + lookahead], past_key_values=o.past_key_values, use_cache=True)
+                model(input_ids=real[:, t + 1 : t + lookahead], past_key_values=o.past_key_values,
+                      use_cache=True)
 
     seg = thought_len + lookahead - 1
     ids = torch.cat([real, torch.randint(lo, hi, (batch, num_real * seg), device=device)], 1)
@@ -175,7 +186,8 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
         parallel_hidden(model, ids, num_real, seg)
 
     mask = parallel_thought_mask(num_real, seg, device)
-    dense = torch.zeros(mask.shape, dtype=torch_dtype, device=device).masked_fill(~mask, float("-inf"))[None, None]
+    dense = torch.zeros(mask.shape, dtype=torch_dtype, device=device).masked_fill(~mask, float("-inf"))[
+        None, None]
     positions = layout_positions(num_real, seg, device)[None]
 
     @torch.no_grad()
@@ -184,23 +196,26 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
 
     tokens = batch * num_real
     secs = {name: timed(fn, repeats, device) for name, fn in
-            (("base", base), ("parallel", parallel), ("naive", naive), ("scored_pass", scored_pass), ("dense_pass", dense_pass))}
+            (("base", base), ("parallel", parallel), ("naive", naive), ("scored_pass", scored_pass),
+             ("dense_pass", dense_pass))}
     results = {"model": model_name, "batch": batch, "num_real": num_real, "thought_len": thought_len,
                "lookahead": lookahead, "device": device, "dtype": dtype, "seconds": secs,
                "tokens_per_s": {k: tokens / v for k, v in secs.items() if k in ("base", "parallel", "naive")},
-               "parallel_vs_base": secs["base"] / secs["parallel"], "parallel_vs_naive": secs["naive"] / secs["parallel"],
+               "parallel_vs_base": secs["base"] / secs["parallel"],
+               "parallel_vs_naive": secs["naive"] / secs["parallel"],
                "kernel_vs_dense_mask": secs["dense_pass"] / secs["scored_pass"]}
     # the work itself: per window, T prefix + T*L sampled thought tokens, then T + T*(L+n-1) scored tokens
     processed = batch * num_real * (2 + 2 * thought_len + lookahead - 1)
     results["processed_tokens_per_s_vs_base"] = processed / secs["parallel"] / results["tokens_per_s"]["base"]
     tps = results["tokens_per_s"]
-    print(f"real tokens/s with a {thought_len}-token thought scored over {lookahead}: parallel {tps['parallel']:.1f}, "
-          f"naive {tps['naive']:.1f}; base model reading the text: {tps['base']:.1f}")
+    print(f"real tokens/s with a {thought_len}-token thought scored over {lookahead}: parallel "
+          f"{tps['parallel']:.1f}, naive {tps['naive']:.1f}; base model reading the text: {tps['base']:.1f}")
     print(f"parallel = {results['parallel_vs_base']:.3f}x the base model's reading speed, "
           f"{results['parallel_vs_naive']:.1f}x the naive per-position loop; it processes "
-          f"{processed // (batch * num_real)} tokens per real token, at {results['processed_tokens_per_s_vs_base']:.2f}x "
-          "the base model's tokens/s")
-    print(f"scoring pass, parallel-thought attention vs dense explicit mask: {results['kernel_vs_dense_mask']:.2f}x"
+          f"{processed // (batch * num_real)} tokens per real token, at "
+          f"{results['processed_tokens_per_s_vs_base']:.2f}x the base model's tokens/s")
+    print(f"scoring pass, parallel-thought attention vs dense explicit mask: "
+          f"{results['kernel_vs_dense_mask']:.2f}x"
           + ("" if device.startswith("cuda") else " (CPU: both are dense SDPA; the kernel needs CUDA)"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "parallel.json"

@@ -30,13 +30,12 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from thinktok.envs import FORMATS, TaskConfig, load_task
+from thinktok.errors import UserError
 from thinktok.models.policy import Policy, freeze_rows, load_policy
 from thinktok.models.thoughts import ThoughtConfig
 from thinktok.models.vocab import row_movement
 
-from .checkpoint import save_run_info
-
-ROWS_FILE = "thinking_rows.json"
+from .checkpoint import ROWS_FILE, save_run_info
 
 
 @dataclass
@@ -47,29 +46,30 @@ class ModelConfig:
 
 @dataclass
 class TrainArgs:
-    epochs: float = 3.0
+    epochs: float = 3.0  # epochs (without a curriculum)
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_ratio: float = 0.05
-    log_every: int = 20
-    device: str = "cpu"
+    batch_size: int = 32  # examples per optimizer step
+    lr: float = 1e-3  # peak learning rate (cosine schedule)
+    warmup_ratio: float = 0.05  # fraction of the steps spent warming up
+    log_every: int = 20  # steps between logged losses
+    device: str = "cpu"  # cpu | cuda
 
 
 @dataclass
 class CurriculumConfig:
-    """Coconut: stage s replaces the first s reasoning steps with s * thoughts_per_step continuous thoughts."""
+    """Coconut: stage s replaces the first s reasoning steps with s * thoughts_per_step continuous
+    thoughts."""
 
-    stages: int = 2
-    thoughts_per_step: int = 1
-    epochs_per_stage: float = 1.0
+    stages: int = 2  # curriculum stages after stage 0 (plain CoT): stage s rewrites the first s steps
+    thoughts_per_step: int = 1  # continuous thoughts per rewritten reasoning step
+    epochs_per_stage: float = 1.0  # epochs of each curriculum stage
 
 
 @dataclass
 class SFTConfig:
-    name: str = "sft"
+    name: str = "sft"  # run name: the run directory is runs/<name> unless run_dir is set
     run_dir: str | None = None  # default runs/<name>
-    seed: int = 0
+    seed: int = 0  # seeds the model's initialisation, the new rows and the data order
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     format: str = "answer"  # answer | cot: the gold continuation trained on
@@ -82,23 +82,26 @@ class SFTConfig:
     def validate(self) -> None:
         self.task.validate()
         if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}: expected one of {', '.join(FORMATS)}")
+            raise UserError(f"unknown format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.thought is not None:
             self.thought.validate()
             if self.thought.mode == "soft":
-                raise ValueError("soft thoughts have no supervised arm here: train them with RL (thinktok train)")
+                raise UserError("soft thoughts have no supervised arm here: train them with RL (thinktok "
+                                 "train)")
             if self.thought.mode == "continuous" and self.format != "cot":
-                raise ValueError("the continuous curriculum replaces chain-of-thought steps: set format=cot")
+                raise UserError("the continuous curriculum replaces chain-of-thought steps: set format=cot")
             if self.discrete_curriculum:
                 if self.curriculum.stages < 1:
-                    raise ValueError("the discrete curriculum (mode vocab, format cot) needs curriculum.stages >= 1")
+                    raise UserError("the discrete curriculum (mode vocab, format cot) needs "
+                                     "curriculum.stages >= 1")
             elif self.thought.mode != "continuous" and self.slots < 1:
-                raise ValueError(f"thought mode {self.thought.mode} needs slots >= 1")
+                raise UserError(f"thought mode {self.thought.mode} needs slots >= 1")
 
     @property
     def discrete_curriculum(self) -> bool:
         """mode vocab with format cot and no slots: reasoning steps are rewritten in thinking tokens."""
-        return self.thought is not None and self.thought.mode == "vocab" and self.format == "cot" and not self.slots
+        vocab = self.thought is not None and self.thought.mode == "vocab"
+        return vocab and self.format == "cot" and not self.slots
 
     @property
     def out_dir(self) -> Path:
@@ -215,7 +218,8 @@ class ThinkingRowRecorder(TrainerCallback):
 
     def record(self, step: int) -> None:
         self.history["step"].append(step)
-        self.history["movement"].append(row_movement(self.policy.model, self.policy.vocab, self.policy.init_rows).tolist())
+        self.history["movement"].append(row_movement(self.policy.model, self.policy.vocab,
+                                                     self.policy.init_rows).tolist())
         self.history["cum_grad_norm"].append(self.cum_grad.tolist())
 
 
@@ -225,8 +229,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     thought = cfg.thought
-    policy = load_policy(cfg.model.name, thought.vocab_tokens if thought else 0, bool(thought and thought.markers),
-                         init=cfg.model.init, seed=cfg.seed)
+    policy = load_policy(cfg.model.name, thought.vocab_tokens if thought else 0,
+                         bool(thought and thought.markers), init=cfg.model.init, seed=cfg.seed)
     task = load_task(cfg.task)
     if thought is not None and not cfg.train_slots:
         freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
@@ -242,7 +246,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         epochs = cfg.curriculum.epochs_per_stage if len(stages) > 1 else t.epochs
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
-            num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio, lr_scheduler_type="cosine",
+            num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
+            lr_scheduler_type="cosine",
             logging_steps=t.log_every, report_to=["tensorboard"], save_strategy="no",
             use_cpu=t.device == "cpu", seed=cfg.seed, remove_unused_columns=False, disable_tqdm=False,
             dataloader_num_workers=0, weight_decay=0.0)
@@ -254,7 +259,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     (ckpt / ROWS_FILE).write_text(json.dumps(recorder.history))
     latents = cfg.curriculum.stages * cfg.curriculum.thoughts_per_step
     if cfg.discrete_curriculum:  # the longest rewritten reasoning is the thought budget at inference
-        latents = max(sum(len(policy.tokenizer(" " + step).input_ids) for step in row["steps"][: cfg.curriculum.stages])
+        stages = cfg.curriculum.stages
+        latents = max(sum(len(policy.tokenizer(" " + step).input_ids) for step in row["steps"][:stages])
                       for row in task.dataset["train"])
     save_run_info(ckpt, task=cfg.task, format=cfg.format, thought=inference_thought(cfg, latents))
     (out / "losses.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))
@@ -274,3 +280,17 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
                              init=cfg.model.init)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 
+
+def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> str | None:
+    """A checkpoint the run needs (teacher, initial policy), trained first from its SFT config when it is
+    missing (fresh machines). Built-in names (tiny, gpt2, ...) are not paths and pass through."""
+    if path is None or Path(path).exists() or not sft_config:
+        return path
+    from thinktok.config import load_config
+
+    sft = load_config(SFTConfig, sft_config)
+    print(f"{role} {path} not found: training it with {sft_config} first")
+    ckpt = run_sft(sft)
+    if ckpt.resolve() != Path(path).resolve():
+        raise UserError(f"{sft_config} writes {ckpt}, but {role}={path}")
+    return path

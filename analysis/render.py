@@ -16,20 +16,21 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from thinktok.models.thoughts import Action
-
-from .rollout import Rollout
+from thinktok.rl.rollout import Rollout
 
 STYLES = {"prompt": "bold white", "real": "cyan", "thought": "bold magenta"}
 CSS_COLOURS = {"prompt": "#222", "real": "#0a6ebd", "thought": "#c2185b"}
 
 
-def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, real_size: int, k: int = 3) -> torch.Tensor:
+def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, real_size: int,
+                   k: int = 3) -> torch.Tensor:
     """Top-k text tokens by cosine similarity: (N, D) vectors, (V, D) table -> (N, k) ids."""
     sim = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding[:real_size].float(), dim=-1).T
     return sim.topk(k, dim=-1).indices
 
 
-def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase, embedding: torch.Tensor | None = None) -> list[dict]:
+def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase,
+                 embedding: torch.Tensor | None = None) -> list[dict]:
     """One dict per generated step: kind, token_id (None for vector/soft thoughts), text, logprob."""
     near = {}
     if r.vector is not None and embedding is not None:
@@ -83,7 +84,8 @@ def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
     body = []
     for i, rec in enumerate(records):
         spans = [f'<span class="prompt">{html.escape(rec["prompt"])}</span>']
-        spans += [f'<span class="{s["kind"]}"{logprob_title(s)}>{html.escape(s["text"])}</span>' for s in rec["steps"]]
+        spans += [f'<span class="{s["kind"]}"{logprob_title(s)}>{html.escape(s["text"])}</span>'
+                  for s in rec["steps"]]
         body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_real"]} text, '
                     f'{rec["num_thought"]} thought steps</h3><pre>{"".join(spans)}</pre></div>')
     legend = " ".join(f'<span class="{k}">{k}</span>' for k in CSS_COLOURS)
@@ -95,7 +97,8 @@ def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
 
 def parallel_to_json(real: torch.Tensor, thoughts: torch.Tensor, logprob: torch.Tensor, tokenizer) -> dict:
     """One parallel-thought window as a rollout record: each real token (given, so no log-prob), then the
-    thought sampled after it. real (T,), thoughts and logprob (T, L) -> the record `to_html`/`to_jsonl` take."""
+    thought sampled after it. real (T,), thoughts and logprob (T, L) -> the record `to_html`/`to_jsonl`
+    take."""
     steps = []
     for tok, thought, lps in zip(real.tolist(), thoughts.tolist(), logprob.tolist()):
         steps.append({"kind": "real", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None})

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
+from thinktok.checkpoint import find_checkpoint, load_parallel_info, load_run_info
 from thinktok.envs import TaskConfig, load_task
-from thinktok.models.parallel import MixingHead
+from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import SamplingConfig, make_mode
+from thinktok.models.thought_modes import make_mode
+from thinktok.models.thoughts import SamplingConfig
+from thinktok.rl.rollout import sample
 
 from .controls import CONTROLS, control_modes, derange, thought_inputs
-from .checkpoint import EXTRA_STATE, find_checkpoint, load_parallel_info, load_run_info
-from .parallel import ParallelConfig, evaluate_parallel, task_windows
-from .rollout import sample
 
 
 def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict, list]:
@@ -25,14 +25,16 @@ def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict
     correct, real, thought, rollouts = 0, 0, 0, []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        out = sample(policy.model, modes(lo, lo + len(chunk)), [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
+        out = sample(policy.model, modes(lo, lo + len(chunk)),
+                     [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
         for r, row in zip(out, chunk):
             correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
             real += r.num_real
             thought += r.num_thought
         rollouts += out
     n = len(rows)
-    return {"accuracy": correct / n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n}, rollouts
+    return {"accuracy": correct / n, "real_tokens_mean": real / n,
+            "thought_steps_mean": thought / n}, rollouts
 
 
 def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None,
@@ -48,46 +50,35 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
         embed = policy.model.get_input_embeddings()
         shuffled = derange(thought_inputs(rollouts, mode, embed))
         result["controls"] = {
-            name: decode(policy, lambda lo, hi, name=name: control_modes(mode, shuffled[lo:hi], embed)[name], task,
-                         rows, batch_size)[0]
+            name: decode(policy, lambda lo, hi, name=name: control_modes(mode, shuffled[lo:hi], embed)[name],
+                         task, rows, batch_size)[0]
             for name in CONTROLS}
     return result
 
 
-def evaluate_parallel_checkpoint(ckpt: Path, policy, mode, cfg: ParallelConfig, task, split: str, batch_size: int,
-                                 limit: int | None) -> dict:
-    head = None
-    extra = ckpt / EXTRA_STATE
-    state = torch.load(extra) if extra.exists() else {}
-    if "mixing_head" in state:
-        head = MixingHead(policy.model.config.hidden_size).to(policy.model.device)
-        head.load_state_dict(state["mixing_head"])
-    windows = task_windows(task, split, cfg, policy.tokenizer)[:limit]
-    start = time.perf_counter()
-    out = evaluate_parallel(policy.model, mode, cfg, windows, head, batch_size=batch_size)
-    return {**out, "thought_len": cfg.thought_len, "lookahead": cfg.lookahead, "mixing_head": head is not None,
-            "wall_s": time.perf_counter() - start}
-
-
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
-             batch_size: int = 64, device: str = "cpu", limit: int | None = None, task_cfg: TaskConfig | None = None,
-             save: bool = True, policy=None) -> dict:
+             batch_size: int = 64, device: str = "cpu", limit: int | None = None,
+             task_cfg: TaskConfig | None = None, save: bool = True, policy=None) -> dict:
     """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
     task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run.
     policy: the checkpoint's policy when the caller has loaded it already."""
     ckpt = find_checkpoint(path)
     own_task, fmt, thought = load_run_info(ckpt)
-    task_cfg = task_cfg or (TaskConfig(name=task_name) if task_name and task_name != own_task.name else own_task)
+    if task_cfg is None:
+        task_cfg = TaskConfig(name=task_name) if task_name and task_name != own_task.name else own_task
     if split not in ("train", "validation", "test"):
-        raise ValueError(f"unknown split {split!r}: expected train, validation or test")
+        raise UserError(f"unknown split {split!r}: expected train, validation or test")
     policy = policy or load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     policy.model.to(device)
     mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
-    result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt, "mode": thought.mode}
+    result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt,
+              "mode": thought.mode}
     parallel = load_parallel_info(ckpt)
     if parallel is not None:  # parallel thoughts: NLL of the split's text with and without them
-        result.update(evaluate_parallel_checkpoint(ckpt, policy, mode.to(device), parallel, load_task(task_cfg), split,
-                                                   batch_size, limit))
+        from thinktok.rl.parallel.scorer import evaluate_parallel_checkpoint
+
+        result.update(evaluate_parallel_checkpoint(ckpt, policy, mode.to(device), parallel,
+                                                   load_task(task_cfg), split, batch_size, limit))
     else:
         with torch.no_grad():
             result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit))

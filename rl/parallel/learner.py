@@ -1,0 +1,115 @@
+"""The parallel path's learner: `ParallelRollouts` (TRL's rollout_func) and `ParallelGRPOTrainer`.
+
+A TRL row is one window with a thought at every position (completion = the T*L thought tokens); the advantage
+is per position (its gain minus the mean over the G thoughts sampled there) and the log-probs come from one
+pass through the kernel, beside the post-thought NLL (Quiet-STaR trains the prediction after a thought
+beside the REINFORCE term). The mixing head, when there is one, is the extra module "mixing_head".
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from thinktok.checkpoint import RunTrainer
+from thinktok.rl.actors import Workers, chunks
+from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, bound, check_finite, pad_to
+
+from .config import ParallelConfig
+from .rollout import ParallelRollout
+from .scorer import position_advantages, score
+
+
+class ParallelRollouts(RayRollouts):
+    """rollout_func for parallel thoughts: windows -> rollout workers (a thought at every position) ->
+    scoring workers (per-position gains) -> TRL rows of T*L thought tokens each."""
+
+    def __init__(self, workers: Workers, windows_by_prompt: dict[str, list[int]], cfg: ParallelConfig,
+                 seed: int):
+        super().__init__(workers, None, windows_by_prompt, seed)
+        self.cfg = cfg
+
+    def __call__(self, prompts: list[str], trainer) -> dict:
+        version = trainer.state.global_step
+        weights = self.publish(trainer, version)
+        real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
+        parts = [p for p in chunks(list(range(len(prompts))), len(self.workers.rollout)) if p]
+        rank = trainer.accelerator.process_index
+        futures = [w.sample.remote(real[part], self.cfg.thought_len, self.call_seed(version, k, rank),
+                                   weights, version)
+                   for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
+        sampled = ParallelRollout.cat(ray.get(futures))
+        groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.reward)) if g]
+        scored = self.get_scores([w.score.remote(sampled.rows(g), weights, version)
+                                  for w, g in zip(self.workers.reward, groups)], version)
+        batch = ParallelRollout.cat([part for part, _ in scored])
+        check_finite("reward", batch.gain, version)
+        r, t, l = batch.thoughts.shape
+        stats = {k: sum(s[k] for _, s in scored) / len(scored) for k in scored[0][1]}
+        stats.update(gain_mean=batch.gain[:, :-1].mean().item(), thought_tokens=t * l,
+                     weight_version=batch.weight_version)
+        scored_positions = torch.ones(r, t, l, dtype=torch.long)
+        scored_positions[:, -1] = 0  # the last position has no next token: its thought is not an action here
+        return {
+            "prompt_ids": batch.real.tolist(),
+            "completion_ids": batch.thoughts.reshape(r, -1).tolist(),
+            "logprobs": batch.logprob.reshape(r, -1).tolist(),
+            "env_mask": scored_positions.reshape(r, -1).tolist(),
+            "reward": batch.gain[:, :-1].mean(1).tolist(),  # for TRL's logs; advantages are per position
+            "rollout": [batch.rows([i]) for i in range(r)],  # one record per TRL row, shuffled with the batch
+            "scorer_stats": stats,  # not a list: TRL hands every row the same dict
+        }
+
+
+class ParallelGRPOTrainer(ThoughtGRPOTrainer):
+    """TRL's GRPO objective over parallel thoughts: per-position advantages, log-probs from one kernel pass,
+    plus the post-thought NLL."""
+
+    def __init__(self, *args, parallel: ParallelConfig, **kwargs):
+        self.parallel = parallel
+        super().__init__(*args, **kwargs)
+        self.mixing_head = self.extra_modules.get("mixing_head")
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        batch = ParallelRollout.cat(out["rollout"])  # TRL's row order, before the shuffle
+        r, t, l = batch.thoughts.shape
+        g = self.num_generations
+        adv = position_advantages(batch.gain, g, self.parallel.positive_only)  # (R, T)
+        if self.algo == "rloo":
+            adv = adv * g / (g - 1)
+        per_token = adv[..., None].expand(r, t, l).reshape(r, t * l)
+        out["advantages"] = pad_to(per_token, out["completion_ids"].shape[1]).to(out["advantages"].device)
+        check_finite("advantages", out["advantages"], self.state.global_step)
+        return out
+
+    def log_rollouts(self, inputs: list[dict]) -> None:
+        for k, v in inputs[0]["scorer_stats"].items():  # the scorers' statistics, from rollout_func
+            self._metrics["train"][f"rollout/{k}"].append(v)
+
+    def extra_loss(self, batch: RecomputeBatch, inputs: dict) -> torch.Tensor:
+        loss = super().extra_loss(batch, inputs)
+        if self.parallel.nll_coef:
+            nll = batch.recomputed.nll()
+            self._metrics["train"]["nll_post_thought"].append(nll.item())
+            loss = loss + self.parallel.nll_coef * nll
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **_):
+        """Log-probs of the sampled thoughts from one parallel pass: (R, logits_to_keep)."""
+        batch = bound(model, input_ids)
+        rollout = ParallelRollout.cat(batch.rollouts).to(input_ids.device)
+        with self.accelerator.autocast():
+            # the gain was scored by the scoring workers: only the thoughts' log-probs and the NLL term here
+            scored = score(batch.model, self.thought_mode, rollout, self.parallel.lookahead, self.mixing_head,
+                           post=self.parallel.nll_coef > 0, base=False)
+        r = len(batch.rollouts)
+        batch.recomputed, batch.logps = scored, scored.thought_logprob.detach().reshape(r, -1)
+        entropy = pad_to(scored.thought_entropy, logits_to_keep) if compute_entropy else None
+        return pad_to(scored.thought_logprob, logits_to_keep), entropy, None
+
+
+class ParallelRun(RunTrainer, ParallelGRPOTrainer):
+    """The parallel GRPO trainer with the run's checkpoints."""
