@@ -22,7 +22,7 @@ from .controls import CONTROLS, control_modes, derange, thought_inputs
 
 def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict, list]:
     """Greedy answers for `rows`, `modes(lo, hi)` the mode for rows[lo:hi] -> metrics, rollouts."""
-    correct, real, thought, rollouts = 0, 0, 0, []
+    correct, real, thought, prompt, rollouts = 0, 0, 0, 0, []
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
         out = sample(policy.model, modes(lo, lo + len(chunk)),
@@ -31,10 +31,11 @@ def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict
             correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
             real += r.num_real
             thought += r.num_thought
+            prompt += len(r.prompt_ids)
         rollouts += out
     n = len(rows)
-    return {"accuracy": correct / n, "real_tokens_mean": real / n,
-            "thought_steps_mean": thought / n}, rollouts
+    return {"accuracy": correct / n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n,
+            "prompt_tokens_mean": prompt / n}, rollouts
 
 
 def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None,
@@ -46,6 +47,11 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
     start = time.perf_counter()
     result, rollouts = decode(policy, lambda lo, hi: mode, task, rows, batch_size)
     result.update(num_examples=len(rows), wall_s=time.perf_counter() - start)
+    v = policy.vocab
+    if v.num_thinking:  # how often each thinking token was chosen or inserted: what the vocabulary became
+        think = torch.cat([r.token for r in rollouts] or [torch.zeros(0, dtype=torch.long)])
+        think = think[(think >= v.think_start) & (think < v.think_start + v.num_thinking)] - v.think_start
+        result["thought_usage"] = torch.bincount(think, minlength=v.num_thinking).tolist()
     if controls and mode.cfg.mode != "none":
         embed = policy.model.get_input_embeddings()
         shuffled = derange(thought_inputs(rollouts, mode, embed))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from trl.trainer.utils import selective_log_softmax
 
 
 class Teacher:
@@ -51,13 +52,8 @@ class Teacher:
                 raise ValueError(f"teacher input {i} has ids outside its vocabulary of {self.vocab_size}: "
                                  f"{bad[:4]} (thinking tokens must be stripped before scoring)")
         device = self.model.device
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True).to(device)  # (B, W), right pad
+        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True).to(device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, W, V)
-        # (B, W-1): token i+1 given :i+1
-        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        lp = selective_log_softmax(logits[:, :-1], ids[:, 1:])  # (B, W-1): token i+1 given :i+1
         return [lp[i, start[i] - 1 : len(s) - 1].cpu() for i, s in enumerate(seqs)]

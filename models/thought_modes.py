@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Dirichlet, Normal
+from torch.distributions import Dirichlet, Normal, RelaxedOneHotCategorical
 
 from thinktok.errors import UserError
 
@@ -159,9 +158,9 @@ class SoftThoughts(MarkedThoughts):
         p = self.soft_probs(logits, ids)
         if self.sampling.greedy or cfg.noise == "none":
             w = p
-        elif cfg.noise == "gumbel":
-            g = -torch.log(-torch.log(torch.rand_like(p).clamp(1e-20, 1.0)))
-            w = F.softmax((p.log() + g) / cfg.gumbel_tau, dim=-1)
+        elif cfg.noise == "gumbel":  # the distribution whose density soft_logprob scores
+            tau = torch.tensor(cfg.gumbel_tau, device=p.device)
+            w = RelaxedOneHotCategorical(tau, probs=p, validate_args=False).sample()
         elif cfg.noise == "dirichlet":
             w = Dirichlet(self.concentration(p)).sample()
         # A weight that underflows to 0 has density log 0; keep every weight positive (renormalised),

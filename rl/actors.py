@@ -41,7 +41,8 @@ class RayConfig:
     start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:
+    """Join cfg.address, or start a local cluster (with extra custom `resources`: the study's arm slots)."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local cluster: no token warnings
@@ -49,8 +50,9 @@ def init_ray(cfg: RayConfig) -> None:
     # A local cluster gets generous logical CPUs: actors mostly wait on each other and share the cores, and a
     # later run in the same process (bench train: 1, 2, 4 actors) must still fit.
     cpus = None if cfg.address else max(os.cpu_count() or 1, 64)
-    ray.init(address=cfg.address, num_cpus=cpus, log_to_driver=cfg.verbose, include_dashboard=False,
-             configure_logging=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.ERROR)
+    ray.init(address=cfg.address, num_cpus=cpus, resources=None if cfg.address else resources,
+             log_to_driver=cfg.verbose, include_dashboard=False, configure_logging=cfg.verbose,
+             logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
 
 class VersionedWeights:

@@ -3,6 +3,10 @@ and the one teacher-forced recompute of a finished rollout's log-probs that the 
 
 Sequence layout of one rollout: prompt positions 0..P-1, then step s (s = 0..S-1) is the action chosen
 from the model's output at position P-1+s; its input embedding is fed at position P+s.
+
+Why here and not beside the thought modes in models/: this is the rollout stage of the RL data flow (its
+records are what rewards score and the learner recomputes), while a mode is a per-step interface that knows
+nothing of sequences, caches or batches; keeping the sampler out of models/ keeps that interface small.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, PreTrainedModel
 
 from thinktok.errors import UserError
@@ -101,12 +106,10 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     """-> ids (B, P), attention mask (B, P), prompts right-aligned so that every row decodes in step."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=pad_id,
+                       padding_side="left")
+    mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True,
+                        padding_side="left")
     return ids.to(device), mask.to(device)
 
 
@@ -252,12 +255,8 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     embed = core.get_input_embeddings()
     seqs = [torch.cat([embed(torch.tensor(r.prompt_ids, device=device)),
                        step_inputs(r, embed)[:-1]]) for r in rollouts]
-    width = max(len(s) for s in seqs)
-    inputs = torch.zeros(len(seqs), width, seqs[0].shape[-1], device=device, dtype=seqs[0].dtype)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        inputs[i, : len(s)] = s
-        mask[i, : len(s)] = 1
+    inputs = pad_sequence(seqs, batch_first=True)  # (B, W, D), right-padded: true positions as sampled
+    mask = pad_sequence([torch.ones(len(s), dtype=torch.long, device=device) for s in seqs], batch_first=True)
     out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True)
     # the position that chose step s of rollout b is P_b - 1 + s
     rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)

@@ -46,9 +46,12 @@ def test_every_shipped_config_loads_and_validates():
     from pathlib import Path
 
     from thinktok.rl.config import TrainConfig
+    from thinktok.study import StudyConfig
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 6
+    kinds = {"sft_": SFTConfig, "study_": StudyConfig}
     for path in configs:
-        cfg = load_config(SFTConfig if path.name.startswith("sft_") else TrainConfig, path)
+        cls = next((c for prefix, c in kinds.items() if path.name.startswith(prefix)), TrainConfig)
+        cfg = load_config(cls, path)
         cfg.validate()

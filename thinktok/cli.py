@@ -6,6 +6,7 @@
     thinktok eval runs/sft_mult2_tiny --task multiplication [--split test]
     thinktok compare runs/sft_slots_k runs/rl_vocab runs/parallel_quickstart [--split test]
     thinktok signal configs/quickstart.yaml [key=value ...]   (does the reward favour thinking, at step 0?)
+    thinktok study configs/study_smoke.yaml [key=value ...] [--ray-address ADDR]   (every arm, seeds, report)
     thinktok summary runs/quickstart-s0 runs/quickstart-s1 runs/quickstart-s2   (start/end table, controls)
     thinktok bench rollout [--model tiny --batch 8 --new-tokens 64]
     thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
@@ -114,6 +115,14 @@ def add_signal(sub) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
 
 
+def add_study(sub) -> None:
+    p = sub.add_parser("study", help="every arm (SFT, RL, training-free) over seeds as Ray tasks, one report")
+    p.add_argument("config", nargs="?", help="YAML study (configs/study_smoke.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value over the study config (seeds=[0,1,2])")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
+    p.add_argument("--help-config", action="store_true", help="print every config field: type, default, help")
+
+
 def add_summary(sub) -> None:
     p = sub.add_parser("summary",
                        help="RL runs' held-out accuracy at start and end, with thoughts and under each "
@@ -160,13 +169,13 @@ def run_sample(a) -> None:
         raise UsageError(f"unknown format {a.format!r}: expected text, html or jsonl")
     if a.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {a.num_samples}")
-    cfg = sample_thought(a)
-    parallel = a.mode == "parallel"  # a thought of max_thought_tokens after every prompt token (Quiet-STaR)
+    # parallel: a thought of max_thought_tokens after every prompt token (Quiet-STaR)
+    cfg, model_path, parallel = sample_thought(a)
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               max_new_tokens=a.max_new_tokens)
     cfg.validate()
     sampling.validate()
-    policy = load_policy(a.model, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
+    policy = load_policy(model_path, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
     model = policy.model.to(a.device)
     mode = make_mode(cfg, policy.vocab, sampling).to(a.device)
     texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
@@ -186,16 +195,16 @@ def run_sample(a) -> None:
                 console.print(to_rich(rec))
         return
     payload = to_jsonl(records) if a.format == "jsonl" else to_html(
-        records, title=f"thinktok sample · {a.model} · {a.mode}")
+        records, title=f"thinktok sample · {a.model} · {'parallel' if parallel else cfg.mode}")
     if a.out:
         Path(a.out).write_text(payload)
     else:
         sys.stdout.write(payload)
 
 
-def sample_thought(a):
-    """The thought settings of `thinktok sample`: a thinktok checkpoint's own (its run info), else the
-    defaults, with every flag the user gave on top."""
+def sample_thought(a) -> tuple:
+    """-> (thought settings, model path, parallel?) of `thinktok sample`: a thinktok checkpoint's own settings
+    (its run info), else the defaults, with every flag the user gave on top."""
     from dataclasses import replace
 
     from thinktok.checkpoint import RUN_INFO, find_checkpoint, load_parallel_info, load_run_info
@@ -203,9 +212,9 @@ def sample_thought(a):
 
     run_like = any((Path(a.model) / p).exists() for p in (RUN_INFO, "checkpoint", "trainer"))
     ckpt = find_checkpoint(a.model) if run_like else None
-    base, own_mode = ThoughtConfig(), "vocab"
+    base, own_mode, model_path = ThoughtConfig(), "vocab", a.model
     if ckpt is not None:
-        a.model, base = str(ckpt), load_run_info(ckpt)[2]
+        model_path, base = str(ckpt), load_run_info(ckpt)[2]
         own_mode = "parallel" if load_parallel_info(ckpt) is not None else base.mode
     mode = a.mode if a.mode is not None else own_mode
     stated = {"mode": "vocab" if mode == "parallel" else mode, "num_thinking": a.num_thinking,
@@ -215,10 +224,9 @@ def sample_thought(a):
         base = ThoughtConfig()
         if a.num_thinking is None:
             stated["num_thinking"] = {"vocab": 64, "parallel": 64, "single": 1, "pause": 1}.get(mode, 0)
-    a.mode = mode
     cfg = replace(base, **{k: v for k, v in stated.items() if v is not None})
     cfg.validate()
-    return cfg
+    return cfg, model_path, mode == "parallel"
 
 
 def sample_window(model, mode, tokenizer, text: str, thought_len: int, seed: int) -> dict:
@@ -291,6 +299,17 @@ def run_compare(a) -> None:
     compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
 
 
+def run_study(a) -> None:
+    from thinktok.study import StudyConfig, load_study, run_study
+
+    if a.help_config:
+        return print_config_help(StudyConfig)
+    if a.config is None:
+        raise UsageError("study needs a CONFIG")
+    out = run_study(load_study(a.config, a.overrides), a.ray_address)
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
 def run_summary(a) -> None:
     import json
 
@@ -345,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     add_compare(sub)
     add_signal(sub)
     add_summary(sub)
+    add_study(sub)
     add_bench(sub)
     from thinktok.errors import UserError
     from thinktok.rl.learner import PoisonedStep
@@ -352,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = parser.parse_args(argv)
         {"sample": run_sample, "sft": run_sft, "train": run_train, "eval": run_eval, "compare": run_compare,
-         "signal": run_signal, "summary": run_summary, "bench": run_bench}[a.command](a)
+         "signal": run_signal, "summary": run_summary, "study": run_study, "bench": run_bench}[a.command](a)
     # user errors (and a diverged step, which names its cause) are one line; a bug keeps its traceback
     except (UsageError, UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             PoisonedStep) as e:

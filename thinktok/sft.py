@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from torch.nn.utils.rnn import pad_sequence
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from thinktok.envs import FORMATS, TaskConfig, load_task
@@ -147,17 +148,13 @@ def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: in
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
-    width = max(len(b["input_ids"]) for b in batch)
-    n_lat = max(len(b["latent_pos"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -100)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    latent = torch.full((len(batch), n_lat), -1)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
-        latent[i, : len(b["latent_pos"])] = torch.tensor(b["latent_pos"], dtype=torch.long)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "latent_pos": latent}
+    def padded(key, value):  # (B, longest), right-padded with `value`
+        return pad_sequence([torch.tensor(b[key], dtype=torch.long) for b in batch], batch_first=True,
+                            padding_value=value)
+
+    mask = pad_sequence([torch.ones(len(b["input_ids"]), dtype=torch.long) for b in batch], batch_first=True)
+    return {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", -100),
+            "attention_mask": mask, "latent_pos": padded("latent_pos", -1)}
 
 
 def continuous_inputs(model, input_ids, attention_mask, latent_pos) -> torch.Tensor:

@@ -1,0 +1,270 @@
+"""`thinktok study CONFIG [key=value ...] [--ray-address ADDR]`: the experiment itself. Every arm (a config
+fragment over `thinktok sft` or `thinktok train`, or a training-free evaluation of another arm's checkpoint)
+runs for every seed as a Ray task with its resource request, on a local cluster or an existing one. Each
+finished (arm, seed) is evaluated on the study's split, with the controls, and recorded in
+`<study>/<arm>/seed<k>/result.json`; a restarted study never reruns a recorded one, and a task whose node dies
+is retried elsewhere by Ray (the rerun resumes an RL arm from its last checkpoint, and restarts an SFT arm).
+Arms that start from another arm's checkpoint (`init_from`, same seed) wait for it. Progress: one line per
+(arm, seed) and state in `study.log` (and on stdout). The report (analysis/report.py) is written at the end.
+
+The study directory must be visible to every node (a shared filesystem), as the warm starts read checkpoints
+another task wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thinktok.config import load_config, save_config
+from thinktok.errors import UserError
+
+KINDS = ("sft", "train", "eval")
+
+
+@dataclass
+class ArmConfig:
+    name: str = "arm"  # the arm's name: its folder and its row in the report
+    kind: str = "sft"  # sft | train | eval (training-free: init_from's checkpoint under `thought` overrides)
+    config: str | None = None  # the YAML `thinktok sft` / `thinktok train` would take (not for eval)
+    overrides: list[str] = field(default_factory=list)  # key=value over config (eval: ThoughtConfig keys)
+    init_from: str | None = None  # another arm whose checkpoint (same seed) this one starts from
+    num_cpus: float = 1.0  # the Ray task's request
+    num_gpus: float = 0.0  # the Ray task's request
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources the task requests
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"  # the study directory is runs/<name> unless out_dir is set
+    out_dir: str | None = None  # default runs/<name>
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every arm runs once per seed
+    sft_overrides: list[str] = field(default_factory=list)  # applied to every sft arm (task, model, budget)
+    train_overrides: list[str] = field(default_factory=list)  # applied to every train arm (task, budget)
+    arms: list[ArmConfig] = field(default_factory=list)  # the arms, in any order (init_from orders them)
+    comparisons: list[list[str]] = field(default_factory=list)  # [arm a, arm b]: one paired statement each
+    split: str = "test"  # the split every arm is evaluated on
+    eval_limit: int | None = None  # first N examples of the split (None: all)
+    max_retries: int = 3  # reruns of an (arm, seed) whose task died with its node or worker
+    parallel_arms: int = 2  # local cluster only: (arm, seed)s running at once (each task uses one core)
+
+    def validate(self) -> None:
+        names = [a.name for a in self.arms]
+        if not names:
+            raise UserError("a study needs at least one arm")
+        if len(set(names)) != len(names):
+            raise UserError(f"arm names must be unique, got {names}")
+        if not self.seeds:
+            raise UserError("a study needs at least one seed")
+        for a in self.arms:
+            if a.kind not in KINDS:
+                raise UserError(f"arm {a.name}: unknown kind {a.kind!r}: expected one of {', '.join(KINDS)}")
+            if a.kind != "eval" and not a.config:
+                raise UserError(f"arm {a.name}: kind {a.kind} needs a config")
+            if a.kind == "eval" and not a.init_from:
+                raise UserError(f"arm {a.name}: kind eval evaluates another arm's checkpoint: set init_from")
+            if a.init_from is not None and a.init_from not in names:
+                raise UserError(f"arm {a.name}: init_from {a.init_from!r} is not an arm of this study")
+        for pair in self.comparisons:
+            if len(pair) != 2 or not set(pair) <= set(names):
+                raise UserError(f"comparison {pair} must name two arms of this study")
+        order(self.arms)  # refuses cycles
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+
+def order(arms: list[ArmConfig]) -> list[ArmConfig]:
+    """Arms with every init_from before its dependants."""
+    by_name, done, out = {a.name: a for a in arms}, set(), []
+    while len(out) < len(arms):
+        ready = [a for a in arms if a.name not in done and (a.init_from is None or a.init_from in done)]
+        if not ready:
+            raise UserError(f"init_from forms a cycle among {sorted(set(by_name) - done)}")
+        for a in ready:
+            out.append(a)
+            done.add(a.name)
+    return out
+
+
+def run_dir(study: Path, arm: str, seed: int) -> Path:
+    return study / arm / f"seed{seed}"
+
+
+def checkpoint_of(study: Path, arm: ArmConfig, seed: int) -> Path:
+    from thinktok.checkpoint import find_checkpoint
+
+    return find_checkpoint(run_dir(study, arm.name, seed))
+
+
+def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
+    """One (arm, seed): train (or, for eval arms, only load), then evaluate with the controls. Runs inside a
+    Ray task; returns the record the driver writes to result.json."""
+    import ray
+    import torch
+
+    out = run_dir(cfg.dir, arm.name, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    (out / "node.txt").write_text(node)  # where it ran: a rerun after a node's death shows here
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    init = str(checkpoint_of(cfg.dir, next(a for a in cfg.arms if a.name == arm.init_from), seed)) \
+        if arm.init_from else None
+    if arm.kind == "sft":
+        from thinktok.sft import SFTConfig, run_sft
+
+        over = [*cfg.sft_overrides, *arm.overrides, *([f"model.name={init}"] if init else []),
+                f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
+        sft = load_config(SFTConfig, arm.config, over)
+        save_config(sft, out / "config.yaml")
+        run_sft(sft)
+    elif arm.kind == "train":
+        from thinktok.rl.config import TrainConfig
+        from thinktok.rl.train import run_train
+
+        over = [*cfg.train_overrides, *arm.overrides,
+                *([f"policy={init}", "policy_sft=null"] if init else []),
+                f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
+        train = load_config(TrainConfig, arm.config, over)
+        resume = (out / "metrics.jsonl").exists() and any((out / "trainer").glob("checkpoint-*"))
+        if (out / "metrics.jsonl").exists() and not resume:  # died before its first checkpoint: start over
+            shutil.rmtree(out / "trainer", ignore_errors=True)
+            for name in ("metrics.jsonl", "evals.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        run_train(train, resume=resume)
+    wall = time.perf_counter() - start
+    return {"arm": arm.name, "seed": seed, "kind": arm.kind, "wall_s": wall, **measure(cfg, arm, seed, init)}
+
+
+def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> dict:
+    """The arm's evaluation on the study's split (with the controls) and its thinking rows' movement."""
+    import torch
+
+    from thinktok.analysis.compare import movement
+    from thinktok.analysis.evaluate import evaluate, evaluate_policy
+    from thinktok.checkpoint import load_run_info
+    from thinktok.envs import load_task
+    from thinktok.models.policy import load_policy
+    from thinktok.models.thought_modes import make_mode
+    from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
+
+    if arm.kind == "eval":  # training-free: the checkpoint decoded under other thought settings
+        task_cfg = load_run_info(init)[0]
+        thought = load_config(ThoughtConfig, None, list(arm.overrides))
+        policy = load_policy(init, thought.vocab_tokens, thought.markers, init=thought.init, seed=seed)
+        mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True))
+        with torch.no_grad():
+            result = evaluate_policy(policy, mode, load_task(task_cfg), cfg.split, limit=cfg.eval_limit)
+        result.update(mode=thought.mode, checkpoint=init)
+        return {"eval": result, "movement": None}
+    ckpt = checkpoint_of(cfg.dir, arm, seed)
+    with torch.no_grad():
+        result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False)
+    _, _, thought = load_run_info(ckpt)
+    policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
+    moved = movement(ckpt, policy)
+    return {"eval": result, "movement": {k: moved[k] for k in ("num_rows", "mean", "max") if k in moved}}
+
+
+class Progress:
+    """One line per (arm, seed) and state, to study.log and stdout; the running RL arms' step and reward."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def say(self, arm: str, seed: int, state: str, detail: str = "") -> None:
+        line = f"{time.strftime('%H:%M:%S')} {arm} seed {seed}: {state}{'  ' + detail if detail else ''}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def running(self, study: Path, arm: str, seed: int) -> None:
+        metrics = run_dir(study, arm, seed) / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().strip():
+            last = json.loads(metrics.read_text().splitlines()[-1])
+            self.say(arm, seed, "running", f"step {last['step']} reward {last['reward_mean']:.3f}")
+        else:
+            self.say(arm, seed, "running")
+
+
+def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = True,
+              poll_s: float = 30.0) -> Path:
+    import ray
+
+    from thinktok.rl.actors import RayConfig, init_ray
+
+    cfg.validate()
+    study = cfg.dir
+    study.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, study / "study.yaml")
+    progress = Progress(study / "study.log")
+    slot = {}
+    if ray_address is None and not ray.is_initialized():  # a local cluster: at most parallel_arms at once
+        init_ray(RayConfig(), resources={"arm_slot": cfg.parallel_arms})
+        slot = {"arm_slot": 1}
+    else:
+        init_ray(RayConfig(address=ray_address))
+    remote = ray.remote(run_arm)
+    results, failed, running = {}, {}, {}
+    for arm in cfg.arms:  # recorded (arm, seed)s are never rerun
+        for seed in cfg.seeds:
+            path = run_dir(study, arm.name, seed) / "result.json"
+            if path.exists():
+                results[arm.name, seed] = json.loads(path.read_text())
+                progress.say(arm.name, seed, "done before (skipped)")
+    last_poll = time.perf_counter()
+    while True:
+        for arm in order(cfg.arms):
+            for seed in cfg.seeds:
+                key = (arm.name, seed)
+                if key in results or key in failed or key in running.values():
+                    continue
+                if arm.init_from and (arm.init_from, seed) in failed:
+                    failed[key] = f"its init_from {arm.init_from} failed"
+                    progress.say(arm.name, seed, "skipped", failed[key])
+                    continue
+                if arm.init_from and (arm.init_from, seed) not in results:
+                    continue
+                ref = remote.options(num_cpus=arm.num_cpus, num_gpus=arm.num_gpus,
+                                     resources={**slot, **arm.resources},
+                                     max_retries=cfg.max_retries).remote(cfg, arm, seed)
+                running[ref] = key
+                progress.say(arm.name, seed, "started", f"cpus {arm.num_cpus} gpus {arm.num_gpus}")
+        if not running:
+            break
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+        for ref in ready:
+            key = running.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the arm's own error: recorded, the others go on
+                failed[key] = f"{type(e.cause).__name__}: {e.cause}"
+                progress.say(*key, "failed", failed[key])
+                continue
+            results[key] = record
+            (run_dir(study, *key) / "result.json").write_text(json.dumps(record, indent=2))
+            ev = record["eval"]
+            metric = (f"accuracy {ev['accuracy']:.3f}" if "accuracy" in ev
+                      else f"nll {ev.get('nll_thought', 0):.3f}")
+            progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
+        if time.perf_counter() - last_poll > poll_s:
+            for key in running.values():
+                progress.running(study, *key)
+            last_poll = time.perf_counter()
+    if failed:
+        (study / "failed.json").write_text(json.dumps({f"{a} seed {s}": m for (a, s), m in failed.items()},
+                                                      indent=2))
+    if report:
+        from thinktok.analysis.report import write_report
+
+        write_report(cfg, [results[k] for k in sorted(results)], failed)
+    return study
+
+
+def load_study(path: str, overrides: list[str]) -> StudyConfig:
+    return load_config(StudyConfig, path, overrides)
