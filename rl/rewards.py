@@ -11,8 +11,9 @@ q = the teacher, pi_text = the policy's text distribution renormalised over text
   teacher_kl      (1/|y|) sum_t [log q(y_t | x, c, y_<t) - log pi_text(y_t | x, y_<t, z_<t)]: minus the
                   per-token reverse KL(pi_text || q) estimated on the sample (on-policy distillation; the
                   thoughts are free latent actions the teacher never sees)
-  gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), z_open = the thought steps before the
-                  rollout's first text token (the policy scores, since the teacher cannot read thoughts);
+  gold_loglik     (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t), y* = the gold answer then EOS,
+                  z_open = the thought steps before the rollout's first text token (the policy scores,
+                  since the teacher cannot read thoughts);
                   with pause_at=every (or slots_at=every) the opening block precedes every gold token
   thought_gain    gold_loglik minus the same without any thought step: what the opening thoughts add to the
                   gold answer (the subtracted term is constant within a prompt's group, so GRPO's advantage
@@ -196,4 +197,11 @@ class RewardModel:
         return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])
 
     def gold_ids(self, row: dict) -> torch.Tensor:
-        return torch.tensor(self.tokenizer(self.task.target(row, "answer")).input_ids)
+        return torch.tensor(gold_answer(self.tokenizer, self.task, row))
+
+
+def gold_answer(tokenizer, task, row: dict) -> list[int]:
+    """The gold answer's token ids and EOS: the answer and its end, as SFT trains them. Without the EOS the
+    latent term taught the answer but not to stop: the quickstart's policies then wrote all 8 allowed tokens
+    where the answer has 4, and every answer was wrong whatever its digits (measured, all three seeds)."""
+    return tokenizer(task.target(row, "answer")).input_ids + [tokenizer.eos_token_id]

@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .learner import RayRollouts, ThoughtGRPOTrainer, rollout_reward
 from .logs import RewardProgress, RunLogger, truncate_after
 from .ppo import ThoughtPPOTrainer, value_head
+from .rewards import gold_answer
 
 
 class GRPORun(RunTrainer, ThoughtGRPOTrainer):
@@ -63,8 +64,7 @@ class RolloutPath:
 def sequential_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str | None) -> RolloutPath:
     rows = task.dataset["train"].to_list()
     prompts = {r["prompt"]: r for r in rows}
-    gold = ({r["prompt"]: policy.tokenizer(task.target(r, "answer")).input_ids for r in rows}
-            if cfg.rl.latent_coef else None)
+    gold = {r["prompt"]: gold_answer(policy.tokenizer, task, r) for r in rows} if cfg.rl.latent_coef else None
     workers = sequential_workers(init_dir, teacher, cfg.thought, cfg.sampling, cfg.rewards, cfg.task)
     trainer, kwargs = (PPORun, dict(gamma=cfg.rl.gamma, lam=cfg.rl.lam, vf_coef=cfg.rl.vf_coef)) \
         if cfg.rl.algo == "ppo" else (GRPORun, {})

@@ -114,13 +114,13 @@ def test_exact_match_gold_loglik_and_thinking_cost(case):
         # pauses are no choice
         chosen = sum(t >= policy.vocab.real_size for t in tokens) if case == "vocab" else 0
         assert rewards.parts["thinking_cost"][i].item() == pytest.approx(-0.1 * chosen)
-        gold = policy.tokenizer(TASK.target(row)).input_ids
+        gold = policy.tokenizer(TASK.target(row)).input_ids + [policy.vocab.eos_id]  # the answer and its end
         block = tokens[:first] if case == "pause-every" else ()
         expect = hand_gold_lp(policy, r.prompt_ids + tokens[:first], gold, block)
         assert rewards.parts["gold_loglik"][i].item() == pytest.approx(expect, abs=1e-5)
     if case == "pause-every":  # the pause the policy reads before every text token changes the score
         r, row = rollouts[0], ROWS[0]
-        gold = policy.tokenizer(TASK.target(row)).input_ids
+        gold = policy.tokenizer(TASK.target(row)).input_ids + [policy.vocab.eos_id]  # the answer and its end
         without = hand_gold_lp(policy, r.prompt_ids + r.token[:2].tolist(), gold)
         assert abs(without - rewards.parts["gold_loglik"][0].item()) > 1e-3
 
@@ -178,7 +178,7 @@ def test_thought_gain_by_hand():
                      policy=policy.model, mode=mode)
     rewards = rm.score(rollouts, ROWS)
     for i, (r, row) in enumerate(zip(rollouts, ROWS)):
-        gold = policy.tokenizer(TASK.target(row)).input_ids
+        gold = policy.tokenizer(TASK.target(row)).input_ids + [policy.vocab.eos_id]  # the answer and its end
         expect = hand_gold_lp(policy, r.prompt_ids + r.token[:3].tolist(), gold) - hand_gold_lp(
             policy, r.prompt_ids, gold)
         assert rewards.parts["thought_gain"][i].item() == pytest.approx(expect, abs=1e-5)

@@ -183,8 +183,13 @@ class Progress:
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
-    def running(self, study: Path, arm: str, seed: int) -> None:
-        metrics = run_dir(study, arm, seed) / "metrics.jsonl"
+    def running(self, study: Path, arm: str, seed: int, since: float) -> None:
+        out = run_dir(study, arm, seed)
+        node = out / "node.txt"
+        if not node.exists() or node.stat().st_mtime < since:  # not started by this study run yet
+            self.say(arm, seed, "queued")
+            return
+        metrics = out / "metrics.jsonl"
         if metrics.exists() and metrics.read_text().strip():
             last = json.loads(metrics.read_text().splitlines()[-1])
             self.say(arm, seed, "running", f"step {last['step']} reward {last['reward_mean']:.3f}")
@@ -217,7 +222,7 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
             if path.exists():
                 results[arm.name, seed] = json.loads(path.read_text())
                 progress.say(arm.name, seed, "done before (skipped)")
-    last_poll = time.perf_counter()
+    last_poll, started = time.perf_counter(), time.time()
     while True:
         for arm in order(cfg.arms):
             for seed in cfg.seeds:
@@ -234,7 +239,7 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
                                      resources={**slot, **arm.resources},
                                      max_retries=cfg.max_retries).remote(cfg, arm, seed)
                 running[ref] = key
-                progress.say(arm.name, seed, "started", f"cpus {arm.num_cpus} gpus {arm.num_gpus}")
+                progress.say(arm.name, seed, "submitted", f"cpus {arm.num_cpus} gpus {arm.num_gpus}")
         if not running:
             break
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
@@ -254,7 +259,7 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
             progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
         if time.perf_counter() - last_poll > poll_s:
             for key in running.values():
-                progress.running(study, *key)
+                progress.running(study, *key, since=started)
             last_poll = time.perf_counter()
     if failed:
         (study / "failed.json").write_text(json.dumps({f"{a} seed {s}": m for (a, s), m in failed.items()},
