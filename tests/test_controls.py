@@ -61,7 +61,8 @@ def test_controls_agree_when_thoughts_cannot_matter():
     # scales every (identical) thinking row alike: the model thinks, rows stay equal
     boost_thinking(policy, 25)
     result = evaluate_policy(policy, mode, toy_task(policy), "test")
-    main = {k: result[k] for k in ("accuracy", "real_tokens_mean", "thought_steps_mean")}
+    metrics = ("accuracy", "real_tokens_mean", "thought_steps_mean", "prompt_tokens_mean")
+    main = {k: result[k] for k in metrics}
     assert main["thought_steps_mean"] > 0
     assert result["controls"]["pause"] == main and result["controls"]["shuffled_thoughts"] == main
 
