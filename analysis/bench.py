@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -16,28 +15,14 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.rl.rollout import sample
 
+from .timing import timed, write_json
+
 BENCH_MODES = {
     "vocab": dict(mode="vocab", num_thinking=64),
     "continuous": dict(mode="continuous", num_thinking=0),
     "soft": dict(mode="soft", num_thinking=0, noise="gumbel"),
     "pause": dict(mode="pause", num_thinking=1, num_pause=8),
 }
-
-
-def timed(fn, repeats: int, device: str, warm_up: bool = True) -> float:
-    """Median wall seconds of fn() (after one warm-up call unless the caller made one)."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 # the sampler's paths: the dynamic KV cache (the reference) and the static cache with a compiled decoding step
@@ -74,7 +59,7 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
                                           pad_token_id=policy.vocab.eos_id)
 
             gen_tokens = (generate().shape[1] - ids.shape[1]) * batch  # (also the warm-up)
-            baseline = gen_tokens / timed(generate, repeats, device, warm_up=False)
+            baseline = gen_tokens / timed(generate, repeats, device, warm_up=0)
             results["generate_tokens_per_s"] = baseline
         row = results["modes"][name] = {}
         for engine in engines:
@@ -84,7 +69,7 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
 
             try:
                 steps = sum(r.num_steps for r in run())  # the warm-up (the compiled path compiles here)
-                rate = steps / timed(run, repeats, device, warm_up=False)
+                rate = steps / timed(run, repeats, device, warm_up=0)
             except Exception as e:  # noqa: BLE001 -- recorded, the other engines and modes still run
                 row[engine] = {"error": f"{type(e).__name__}: {e}"[:2000]}
                 failed.append(f"{name}/{engine}")
@@ -97,7 +82,7 @@ def bench_rollout(model_name: str, batch: int, new_tokens: int, repeats: int, de
             line += f" (compiled = {row['compiled_vs_dynamic']:.2f}x dynamic)"
         print(f"{name:>10}: {line}; generate {baseline:.1f} tokens/s"
               + "".join(f"; {e} FAILED: {row[e]['error'][:200]}" for e in engines if e not in ok))
-        path.write_text(json.dumps(results, indent=2))
+        write_json(path, results)
     print(f"saved {path}")
     if failed:
         raise RuntimeError(f"bench rollout: {', '.join(failed)} failed (errors in {path})")
@@ -132,7 +117,7 @@ def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[in
         print(f"{n} rollout actors: {r['samples_per_s']:7.1f} samples/s, {r['step_s']:.2f} s/step, "
               f"{r['scaling_vs_1']:.2f}x one actor")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "train.json", results)
     print(f"saved {out / 'train.json'}")
     return results
 
@@ -219,6 +204,6 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
           + ("" if device.startswith("cuda") else " (CPU: both are dense SDPA; the kernel needs CUDA)"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "parallel.json"
-    path.write_text(json.dumps(results, indent=2))
+    write_json(path, results)
     print(f"saved {path}")
     return results

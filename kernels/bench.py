@@ -5,12 +5,12 @@ Needs a CUDA GPU: on a CPU the kernel API runs a dense PyTorch path, so timings 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from thinktok.analysis.timing import timed, write_json
 from thinktok.errors import UserError
 
 from .parallel_thought import allowed, parallel_thought_attention, parallel_thought_mask
@@ -23,17 +23,8 @@ def useful_pairs(t: int, l: int) -> int:
 
 
 def median_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """The shared benchmark timer on the GPU, in ms (3 warm-up calls: the first of a shape may autotune)."""
+    return 1000 * timed(fn, iters, "cuda", warm_up=3)
 
 
 def flex_pattern(t: int, l: int):
@@ -96,7 +87,6 @@ def bench_attention(out: Path, batch: int = 4, heads: int = 12, head_dim: int = 
               f"| vs dense SDPA {row['speedup_vs_sdpa_dense']['fwd']:.1f}x / "
               f"{row['speedup_vs_sdpa_dense']['fwd_bwd']:.1f}x | autotuned tiles "
               f"{row['autotune_vs_fixed']['fwd']:.2f}x / {row['autotune_vs_fixed']['fwd_bwd']:.2f}x fixed")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "attention.json", results)
     print(f"saved {out / 'attention.json'}")
     return results
