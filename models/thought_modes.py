@@ -15,7 +15,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Dirichlet, Normal, RelaxedOneHotCategorical
+from torch.distributions import Dirichlet, Normal
 
 from thinktok.errors import UserError
 
@@ -159,8 +159,7 @@ class SoftThoughts(MarkedThoughts):
         if self.sampling.greedy or cfg.noise == "none":
             w = p
         elif cfg.noise == "gumbel":  # the distribution whose density soft_logprob scores
-            tau = torch.tensor(cfg.gumbel_tau, device=p.device)
-            w = RelaxedOneHotCategorical(tau, probs=p, validate_args=False).sample()
+            w = self.gumbel(p).sample()
         elif cfg.noise == "dirichlet":
             w = Dirichlet(self.concentration(p)).sample()
         # A weight that underflows to 0 has density log 0; keep every weight positive (renormalised),

@@ -215,6 +215,7 @@ class ThoughtMode(nn.Module):
             "think_cols", (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking),
             persistent=False)
         self.register_buffer("marker_cols", cols >= vocab.real_size + vocab.num_thinking, persistent=False)
+        self.register_buffer("gumbel_tau", torch.tensor(cfg.gumbel_tau), persistent=False)
         self.warpers = [w for w in (TopKLogitsWarper(sampling.top_k) if sampling.top_k else None,
                                     TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None) if w]
 
@@ -264,11 +265,15 @@ class ThoughtMode(nn.Module):
         Per dimension of the simplex (k - 1) unless density_scale=joint."""
         scale = max(p.shape[-1] - 1, 1) if self.cfg.density_scale == "per_dim" else 1
         if self.cfg.noise == "gumbel":
-            tau = torch.tensor(self.cfg.gumbel_tau, device=p.device)
-            return RelaxedOneHotCategorical(tau, probs=p).log_prob(w) / scale
+            return self.gumbel(p).log_prob(w) / scale
         if self.cfg.noise == "dirichlet":
             return Dirichlet(self.concentration(p)).log_prob(w) / scale
         return torch.zeros(p.shape[0], device=p.device)
+
+    def gumbel(self, p: torch.Tensor) -> RelaxedOneHotCategorical:
+        """The Gumbel-softmax (Concrete) distribution of mixture weights around probabilities p (N, k): the
+        sampler draws from it and the recompute scores with it."""
+        return RelaxedOneHotCategorical(self.gumbel_tau, probs=p, validate_args=False)
 
     def concentration(self, p: torch.Tensor) -> torch.Tensor:
         # floor: a zero concentration is not a Dirichlet; tiny probabilities still get a proper density

@@ -300,13 +300,14 @@ def run_compare(a) -> None:
 
 
 def run_study(a) -> None:
-    from thinktok.study import StudyConfig, load_study, run_study
+    from thinktok.config import load_config
+    from thinktok.study import StudyConfig, run_study
 
     if a.help_config:
         return print_config_help(StudyConfig)
     if a.config is None:
         raise UsageError("study needs a CONFIG")
-    out = run_study(load_study(a.config, a.overrides), a.ray_address)
+    out = run_study(load_config(StudyConfig, a.config, a.overrides), a.ray_address)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
 
 

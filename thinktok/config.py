@@ -125,21 +125,19 @@ def field_help(cls) -> dict[str, str]:
 
     source = inspect.getsource(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    helps, above, line_comment = {}, [], {}
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    for tok in tokens:
-        if tok.type == tokenize.COMMENT:
-            line_comment.setdefault(tok.start[0], tok.string.lstrip("# ").strip())
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    # line -> its comment (a "#" inside a string is none)
+    comment = {t.start[0]: t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT}
+    helps, above = {}, []
     for n, line in enumerate(source.splitlines(), 1):
         stripped = line.strip()
         if stripped.startswith("#"):
-            above.append(stripped.lstrip("# ").strip())
+            above.append(comment.get(n, stripped.lstrip("# ")))
             continue
         name = stripped.split(":", 1)[0].strip()
         if name in names and ":" in stripped:
-            own = line_comment.get(n) if not stripped.startswith("#") and "#" in line else None
-            helps[name] = own or " ".join(above)
-        above = [] if not stripped.startswith("#") else above
+            helps[name] = comment.get(n) or " ".join(above)
+        above = []
     return helps
 
 
@@ -154,8 +152,7 @@ def describe(cls, prefix: str = "") -> list[str]:
             out += describe(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-        if typing.get_origin(tp) is not None:
-            name = str(tp).replace("typing.", "")
+        name = tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp)
+        name = name.replace("typing.", "")
         out.append(f"{prefix}{f.name}: {name} = {default!r}  {helps.get(f.name, '')}".rstrip())
     return out

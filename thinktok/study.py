@@ -163,10 +163,10 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
         result.update(mode=thought.mode, checkpoint=init)
         return {"eval": result, "movement": None}
     ckpt = checkpoint_of(cfg.dir, arm, seed)
-    with torch.no_grad():
-        result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False)
     _, _, thought = load_run_info(ckpt)
     policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
+    with torch.no_grad():
+        result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False, policy=policy)
     moved = movement(ckpt, policy)
     return {"eval": result, "movement": {k: moved[k] for k in ("num_rows", "mean", "max") if k in moved}}
 
@@ -270,6 +270,3 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
         write_report(cfg, [results[k] for k in sorted(results)], failed)
     return study
 
-
-def load_study(path: str, overrides: list[str]) -> StudyConfig:
-    return load_config(StudyConfig, path, overrides)

@@ -11,28 +11,21 @@ import torch
 from thinktok.models.parallel_gpt2 import MixingHead
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
-from thinktok.rl.actors import VersionedWeights, policy_copy
+from thinktok.rl.actors import RolloutWorker, VersionedWeights, policy_copy
 
 from .config import ParallelConfig
 from .rollout import ParallelRollout, sample_parallel
 from .scorer import ParallelScorer
 
 
-class ParallelRolloutWorker:
-    def __init__(self, policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str,
-                 threads: int = 1):
-        torch.set_num_threads(threads)
-        self.model, self.mode = policy_copy(policy_path, thought, sampling, device)
-        self.weights = VersionedWeights({"model": self.model, "mode": self.mode})
+class ParallelRolloutWorker(RolloutWorker):
+    """The rollout worker, sampling a thought at every position of a window instead of a sequence."""
 
     def sample(self, windows: torch.Tensor, thought_len: int, seed: int, weights: list,
                version: int) -> ParallelRollout:
         self.weights.load(weights, version)
         return sample_parallel(self.model, self.mode, windows.to(self.model.device), thought_len, seed,
                                version).to("cpu")
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class ParallelScoringWorker:
