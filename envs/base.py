@@ -18,6 +18,10 @@ class TaskConfig:
     digits: int = 2  # multiplication: k-digit by k-digit, k = 2..5
     spaced: bool = False  # multiplication: digits separated by spaces
     reverse: bool = False  # multiplication: least significant digit first
+    # multiplication: fraction of the training problems that are easy (k-digit x 1-digit: one partial
+    # product); validation and test stay k x k. Outcome-only RL finds step-by-step solutions when short
+    # instances are common enough (arXiv 2601.15158)
+    easy_fraction: float = 0.0
     depth: int = 3  # hops: pointers to follow; prosqa/prontoqa: reasoning hops
     symbols: int = 8  # hops: distinct letters in the table (2..26)
     branching: int = 2  # prosqa: dead-end branches off the gold path
@@ -40,6 +44,8 @@ class TaskConfig:
         if self.name == "hops" and not (2 <= self.symbols <= 26 and self.depth >= 1):
             raise UserError(f"hops needs 2 <= symbols <= 26 and depth >= 1, got symbols={self.symbols}, "
                              f"depth={self.depth}")
+        if not 0 <= self.easy_fraction < 1:
+            raise UserError(f"easy_fraction must be in [0, 1), got {self.easy_fraction}")
         if min(self.num_train, self.num_val, self.num_test) < 1:
             raise UserError("num_train, num_val and num_test must be >= 1")
 

@@ -3,6 +3,8 @@ line of work), optionally with spaced and/or reversed digits, which makes it lea
 
 from __future__ import annotations
 
+from thinktok.errors import UserError
+
 from .base import Task, unique
 
 
@@ -11,9 +13,10 @@ class Multiplication(Task):
         digits = str(n)[::-1] if self.cfg.reverse else str(n)
         return " ".join(digits) if self.cfg.spaced else digits
 
-    def make(self, rng) -> dict:
+    def make(self, rng, b_digits: int | None = None) -> dict:
         k = self.cfg.digits
-        a, b = rng.randint(10 ** (k - 1), 10**k - 1), rng.randint(10 ** (k - 1), 10**k - 1)
+        kb = b_digits or k
+        a, b = rng.randint(10 ** (k - 1), 10**k - 1), rng.randint(10 ** (kb - 1), 10**kb - 1)
         partials = [a * int(d) * 10**i for i, d in enumerate(reversed(str(b)))]
         return {
             "prompt": f"{self.number(a)} * {self.number(b)} =",
@@ -24,5 +27,17 @@ class Multiplication(Task):
         }
 
     def rows(self) -> list[dict]:
+        """k x k problems; with easy_fraction, that share of the training rows (spread through it) replaced by
+        k x 1 problems."""
         c = self.cfg
-        return unique(self.make, c.num_train + c.num_val + c.num_test, c.seed)
+        rows = unique(self.make, c.num_train + c.num_val + c.num_test, c.seed)
+        n_easy = round(c.easy_fraction * c.num_train)
+        if n_easy:
+            easy = unique(lambda rng: self.make(rng, b_digits=1), n_easy, c.seed + 1)
+            if len(easy) < n_easy:
+                raise UserError(f"only {len(easy)} distinct {c.digits}x1-digit problems for {n_easy} easy "
+                                 "rows: lower easy_fraction")
+            every = c.num_train / n_easy
+            for i, row in enumerate(easy):
+                rows[int(i * every)] = row
+        return rows

@@ -76,9 +76,10 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
     """ids (B, T + T*L) in the layout -> last hidden state (B, N, H), after the final layer norm.
     With `cache`: ids (B, T) is the real prefix (thought_len 0) or step j's thoughts (position_ids t+1+j).
 
-    No LM head here: callers project only the rows and columns they need (`project`), because over GPT-2's
-    50k columns the head, not attention, dominates a small model's parallel pass. The call still goes
-    through `model` itself (logits for one row only), so a DDP-wrapped learner syncs its gradients."""
+    No LM head here: callers project only the rows and columns they need (`head.column_logits`), because
+    over GPT-2's 50k columns the head, not attention, dominates a small model's parallel pass.
+    The call still goes through `model` itself (logits for one row only), so a DDP-wrapped learner syncs
+    its gradients."""
     config = getattr(model, "module", model).config
     previous = config._attn_implementation
     config._attn_implementation = NAME
@@ -93,13 +94,6 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
         return out.hidden_states[-1]
     finally:
         config._attn_implementation = previous
-
-
-def project(model, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-    """Logits of vocabulary columns [lo, hi) only: (..., H) -> (..., hi - lo)."""
-    head = getattr(model, "module", model).get_output_embeddings()
-    bias = None if head.bias is None else head.bias[lo:hi]
-    return F.linear(hidden, head.weight[lo:hi], bias)
 
 
 class MixingHead(nn.Module):

@@ -22,6 +22,7 @@ from transformers import (
 from thinktok.checkpoint import INIT_ROWS_FILE
 from thinktok.errors import UserError
 
+from .head import restore_head
 from .vocab import (
     ThinkingVocab,
     add_thinking_tokens,
@@ -98,6 +99,7 @@ def load_policy(
             init_file = path / INIT_ROWS_FILE
             rows = model.get_input_embeddings().weight[saved.real_size :]
             init_rows = torch.load(init_file) if init_file.exists() else rows.detach().clone()
+            restore_head(model)
             return Policy(model, tokenizer, saved, init_rows)
     elif name_or_path in SMALL_CONFIGS:
         model, tokenizer = small_gpt2(name_or_path, seed).to(dtype), offline_gpt2_tokenizer()
@@ -114,6 +116,7 @@ def load_policy(
             ) from None
     vocab = add_thinking_tokens(tokenizer, num_thinking, markers)
     init_rows = expand_embeddings(model, vocab, init=init, seed=seed)
+    restore_head(model)  # a checkpoint's task head, over the rows it has now
     return Policy(model, tokenizer, vocab, init_rows)
 
 

@@ -10,6 +10,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl.trainer.utils import selective_log_softmax
 
+from .head import restore_head
+
 
 class Teacher:
     def __init__(self, model: PreTrainedModel, batch_size: int = 32):
@@ -23,6 +25,7 @@ class Teacher:
             model = AutoModelForCausalLM.from_pretrained(path)
         except OSError as e:
             raise ValueError(f"cannot load teacher from {path}: {e}") from None
+        restore_head(model)
         return cls(model.to(device), batch_size)
 
     @torch.no_grad()

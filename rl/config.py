@@ -25,6 +25,8 @@ class RLConfig:
     # distinct prompts per step; the batch is prompts_per_step * num_generations rollouts
     prompts_per_step: int = 8
     max_steps: int = 60  # optimizer steps
+    # stop after this many seconds of training (0: no limit; setup not counted): arms at equal wall time
+    max_seconds: float = 0.0
     lr: float = 5e-5  # learning rate (constant)
     beta: float = 0.0  # KL(pi_text || init_text) at text steps, exact over the text columns (rl/learner.py)
     # weight of the supervised latent term -log pi_text(gold answer | prompt, the rollout's opening thoughts):

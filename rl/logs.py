@@ -38,7 +38,8 @@ class RunLogger(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
-        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or step == state.max_steps):
+        last = step == state.max_steps or control.should_training_stop  # WallClock runs before this
+        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or last):
             self.evaluate(step, model)
 
     def on_log(self, args, state, control, logs=None, **kw):

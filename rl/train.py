@@ -29,7 +29,7 @@ from thinktok.envs import load_task
 from thinktok.errors import UserError
 from thinktok.models.policy import freeze_rows, load_policy
 from thinktok.models.thought_modes import make_mode
-from thinktok.sft import ensure_checkpoint
+from thinktok.sft import WallClock, ensure_checkpoint
 
 from .actors import sequential_workers, start_workers, stop_workers
 from .config import TrainConfig
@@ -162,8 +162,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         model=policy.model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
         train_dataset=Dataset.from_dict({"prompt": list(path.prompts)}),
         rollout_func=path.rollout_func(workers),
-        callbacks=[logger], extra_modules=extra, algo=rl.algo, kl_ref=kl_ref, run_cfg=cfg, vocab=policy.vocab,
-        init_rows=policy.init_rows, **path.trainer_kwargs)
+        callbacks=[WallClock(rl.max_seconds), logger], extra_modules=extra, algo=rl.algo, kl_ref=kl_ref,
+        run_cfg=cfg, vocab=policy.vocab, init_rows=policy.init_rows, **path.trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
     # the loop (TRL's), resumed from the newest checkpoint when asked

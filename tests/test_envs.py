@@ -5,6 +5,7 @@ import json
 import pytest
 
 from thinktok.envs import TaskConfig, load_task
+from thinktok.errors import UserError
 from thinktok.models.vocab import offline_gpt2_tokenizer
 
 
@@ -31,6 +32,18 @@ def test_multiplication_gold_checks_out(digits):
         assert sum(int(s) for s in row["steps"]) == a * b  # partial products add up
         assert t.check(t.target(row, "cot"), row) and t.check(t.target(row, "answer"), row)
         assert not t.check(f" {a * b + 1}", row)
+
+
+def test_multiplication_easy_fraction_only_in_train():
+    t = task("multiplication", easy_fraction=0.25)
+    train = t.dataset["train"]
+    easy = [r for r in train if r["b"] < 10]
+    assert len(easy) == 10  # 25% of 40
+    assert all(int(r["answer"]) == r["a"] * r["b"] and len(r["steps"]) == 1 for r in easy)
+    assert all(r["b"] >= 10 for split in ("validation", "test") for r in t.dataset[split])
+    assert len(set(train["prompt"])) == len(train)
+    with pytest.raises(UserError, match="easy_fraction"):
+        task("multiplication", easy_fraction=1.0)
 
 
 def test_multiplication_spaced_reversed():

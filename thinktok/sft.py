@@ -21,6 +21,7 @@ recorded (seed 000, figures 2, 4, 5) and saved with the checkpoint for `compare`
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +33,23 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from thinktok.envs import FORMATS, TaskConfig, load_task
 from thinktok.errors import UserError
+from thinktok.models.head import HEADS, head_name, labelled_logits, restrict_head, task_text_ids
 from thinktok.models.policy import Policy, freeze_rows, load_policy
 from thinktok.models.thoughts import ThoughtConfig
 from thinktok.models.vocab import row_movement
 
 from .checkpoint import ROWS_FILE, save_run_info
 
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' scheduler
+
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # tiny | small | gpt2 | hub name | checkpoint directory
     init: str = "mean"  # new thinking rows: mean | norm
+    # full: GPT-2's whole vocabulary | task: every distribution a softmax over the task's own text tokens,
+    # the thinking tokens and markers (models/head.py); recorded in the checkpoint. Not for the text task
+    head: str = "full"
 
 
 @dataclass
@@ -50,8 +57,13 @@ class TrainArgs:
     epochs: float = 3.0  # epochs (without a curriculum)
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 32  # examples per optimizer step
-    lr: float = 1e-3  # peak learning rate (cosine schedule)
-    warmup_ratio: float = 0.05  # fraction of the steps spent warming up
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "cosine"  # after warm-up: cosine (decay to 0) | constant
+    warmup_steps: int = 100  # optimizer steps of linear warm-up (per curriculum stage)
+    max_grad_norm: float = 1.0  # global gradient-norm clip
+    # stop after this many seconds of training (whole run, curriculum included; 0: no limit): for arms
+    # compared at equal wall time
+    max_seconds: float = 0.0
     log_every: int = 20  # steps between logged losses
     device: str = "cpu"  # cpu | cuda
 
@@ -64,6 +76,9 @@ class CurriculumConfig:
     stages: int = 2  # curriculum stages after stage 0 (plain CoT): stage s rewrites the first s steps
     thoughts_per_step: int = 1  # continuous thoughts per rewritten reasoning step
     epochs_per_stage: float = 1.0  # epochs of each curriculum stage
+    steps_per_stage: int = -1  # > 0 overrides epochs_per_stage
+    # first stage to train: a warm start from a curriculum checkpoint continues at its last stage
+    start_stage: int = 0
 
 
 @dataclass
@@ -82,6 +97,16 @@ class SFTConfig:
 
     def validate(self) -> None:
         self.task.validate()
+        if self.model.head not in HEADS:
+            raise UserError(f"unknown model.head {self.model.head!r}: expected one of {', '.join(HEADS)}")
+        if self.model.head == "task" and self.task.name == "text":
+            raise UserError("model.head=task is refused for the text task: real text needs the whole "
+                             "vocabulary (set model.head=full)")
+        if self.train.schedule not in SCHEDULES:
+            raise UserError(f"unknown train.schedule {self.train.schedule!r}: expected one of "
+                             f"{', '.join(SCHEDULES)}")
+        if not 0 <= self.curriculum.start_stage <= self.curriculum.stages:
+            raise UserError(f"curriculum.start_stage must be in 0..{self.curriculum.stages}")
         if self.format not in FORMATS:
             raise UserError(f"unknown format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.thought is not None:
@@ -176,16 +201,16 @@ def continuous_inputs(model, input_ids, attention_mask, latent_pos) -> torch.Ten
 
 def label_loss(model, input_ids, attention_mask, labels, latent_pos) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (HF's causal-LM loss), computing the
-    50k-wide head only where a label is predicted: on short-answer tasks the prompt is most of each sequence
-    and the head most of a small model's compute (5x fewer head rows on hops).
+    head only where a label is predicted (on short-answer tasks the prompt is most of each sequence and the
+    head most of a small model's compute), and with a task head only over its columns.
     input_ids, attention_mask, labels: (B, W); latent_pos: (B, L) continuous-thought slots, -1 = none."""
     embeds = (continuous_inputs(model, input_ids, attention_mask, latent_pos) if latent_pos.numel()
               else model.get_input_embeddings()(input_ids))
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100  # (B, W-1): position t predicts token t+1
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
-    return F.cross_entropy(logits.float(), target[keep])
+    logits, labels = labelled_logits(model, hidden[:, :-1][keep], target[keep])  # (K, V or task columns)
+    return F.cross_entropy(logits.float(), labels)
 
 
 class SFTTrainer(Trainer):
@@ -220,6 +245,23 @@ class ThinkingRowRecorder(TrainerCallback):
         self.history["cum_grad_norm"].append(self.cum_grad.tolist())
 
 
+class WallClock(TrainerCallback):
+    """Stops training once `limit` seconds (0: never) have passed since the first training step began:
+    setup (data, workers) is not counted, and a curriculum's stages share one clock."""
+
+    def __init__(self, limit: float):
+        self.limit, self.start = limit, None
+
+    def expired(self) -> bool:
+        return self.limit > 0 and self.start is not None and time.monotonic() - self.start >= self.limit
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = self.start or time.monotonic()
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_training_stop |= self.expired()
+
+
 def run_sft(cfg: SFTConfig) -> Path:
     cfg.validate()
     out = cfg.out_dir
@@ -229,28 +271,39 @@ def run_sft(cfg: SFTConfig) -> Path:
     policy = load_policy(cfg.model.name, thought.vocab_tokens if thought else 0,
                          bool(thought and thought.markers), init=cfg.model.init, seed=cfg.seed)
     task = load_task(cfg.task)
+    if cfg.model.head == "task":
+        restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.real_size)
+    elif head_name(policy.model) == "task":
+        raise UserError(f"{cfg.model.name} was trained with a task head: set model.head=task")
     if thought is not None and not cfg.train_slots:
         freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
     recorder = ThinkingRowRecorder(policy)
     recorder.record(0)
     curriculum = thought is not None and (thought.mode == "continuous" or cfg.discrete_curriculum)
-    stages = range(cfg.curriculum.stages + 1) if curriculum else [0]
+    stages = range(cfg.curriculum.start_stage, cfg.curriculum.stages + 1) if curriculum else [0]
     code = step_codebook(policy.tokenizer, task.dataset["train"]) if cfg.discrete_curriculum else None
     t = cfg.train
+    clock, losses = WallClock(t.max_seconds), []
     for stage in stages:
         data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage, code)
                                   for row in task.dataset["train"]])
-        epochs = cfg.curriculum.epochs_per_stage if len(stages) > 1 else t.epochs
+        epochs, steps = t.epochs, t.max_steps
+        if len(stages) > 1:
+            epochs, steps = cfg.curriculum.epochs_per_stage, cfg.curriculum.steps_per_stage
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
-            num_train_epochs=epochs, max_steps=t.max_steps, warmup_steps=t.warmup_ratio,
-            lr_scheduler_type="cosine",
+            num_train_epochs=epochs, max_steps=steps, warmup_steps=t.warmup_steps,
+            lr_scheduler_type=SCHEDULES[t.schedule], max_grad_norm=t.max_grad_norm,
             logging_steps=t.log_every, report_to=["tensorboard"], save_strategy="no",
             use_cpu=t.device == "cpu", seed=cfg.seed, remove_unused_columns=False, disable_tqdm=False,
             dataloader_num_workers=0, weight_decay=0.0)
-        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=data, callbacks=[recorder],
+        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=data, callbacks=[recorder, clock],
                              data_collator=lambda b: collate(b, policy.vocab.eos_id))
         trainer.train()
+        losses += [{**h, "stage": stage} for h in trainer.state.log_history if "loss" in h]
+        if clock.expired():
+            print(f"train.max_seconds={t.max_seconds} reached in stage {stage}")
+            break
     ckpt = out / "checkpoint"
     policy.save(ckpt)
     (ckpt / ROWS_FILE).write_text(json.dumps(recorder.history))
@@ -260,7 +313,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         latents = max(sum(len(policy.tokenizer(" " + step).input_ids) for step in row["steps"][:stages])
                       for row in task.dataset["train"])
     save_run_info(ckpt, task=cfg.task, format=cfg.format, thought=inference_thought(cfg, latents))
-    (out / "losses.json").write_text(json.dumps([h for h in trainer.state.log_history if "loss" in h]))
+    (out / "losses.json").write_text(json.dumps(losses))
     return ckpt
 
 

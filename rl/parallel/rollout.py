@@ -9,7 +9,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from thinktok.errors import UserError
-from thinktok.models.parallel_gpt2 import ParallelCache, parallel_hidden, project
+from thinktok.models.head import column_logits
+from thinktok.models.parallel_gpt2 import ParallelCache, parallel_hidden
 from thinktok.models.thoughts import ThoughtMode
 from thinktok.rl.rollout import rng_devices
 
@@ -73,7 +74,7 @@ def thought_logprobs(model, mode: ThoughtMode, hidden: torch.Tensor) -> torch.Te
     """Log-softmax over the thinking tokens only (thoughts never choose text): (..., H) -> (..., N_think).
     Projects onto the thinking columns alone, not the whole vocabulary."""
     lo = mode.vocab.real_size
-    return project(model, hidden, lo, lo + mode.vocab.num_thinking).float().log_softmax(-1)
+    return column_logits(model, hidden, lo, lo + mode.vocab.num_thinking).float().log_softmax(-1)
 
 
 @torch.no_grad()

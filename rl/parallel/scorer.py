@@ -30,7 +30,8 @@ import torch
 
 from thinktok.checkpoint import load_extra_state
 from thinktok.errors import UserError
-from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden, project
+from thinktok.models.head import column_logits
+from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
 
@@ -112,13 +113,14 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     ids, p = rollout.target_ids, rollout.target_p  # (R, T, K)
     rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n,
                                                                      device=h.device)[None]).clamp_max(t - 1)
-    pre_logits = project(model, h_real, 0, lo).float() if base or head is not None else None  # (R, T, V_text)
+    # (R, T, V_text)
+    pre_logits = column_logits(model, h_real, 0, lo).float() if base or head is not None else None
     post_lp, base_lp, raw_lp = [], [], []
     if base:
         base_target = pre_logits.gather(-1, ids) - pre_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
         base_lp = [(p[:, rows[:, k]] * base_target[:, rows[:, k]]).sum(-1) for k in range(n)]
     for k in range(n if post else 0):  # one (R, T, V) slab at a time: the text head is the memory peak
-        logits = project(model, h_seg[:, :, l - 1 + k], 0, lo).float()
+        logits = column_logits(model, h_seg[:, :, l - 1 + k], 0, lo).float()
         ids_k, p_k = ids[:, rows[:, k]], p[:, rows[:, k]]
 
         def expected(x, ids_k=ids_k, p_k=p_k):  # E_p[log softmax(x)] over the k target ids
