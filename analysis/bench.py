@@ -207,3 +207,56 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
     write_json(path, results)
     print(f"saved {path}")
     return results
+
+
+def bench_head(model_name: str, batch: int, repeats: int, device: str, out: Path) -> dict:
+    """`thinktok bench head`: the step time of SFT (chain of thought, loss over the labelled positions, one
+    optimizer step) and of one RL step's compute (sample a batch with 4 vocab slots, recompute its log-probs,
+    backward, optimizer step) with the task-vocabulary head against the full head, on 2-digit multiplication,
+    same model, batch and data, in one process."""
+    from thinktok.envs import TaskConfig, load_task
+    from thinktok.models.head import restrict_head, task_text_ids
+    from thinktok.rl.rollout import recompute_logprobs
+    from thinktok.sft import SFTConfig, collate, encode, label_loss
+
+    task = load_task(TaskConfig(digits=2, spaced=True, reverse=True, num_train=batch, num_val=1, num_test=1))
+    rows = list(task.dataset["train"])
+    thought = ThoughtConfig(mode="vocab", num_thinking=16, slots=4)
+    results = {"model": model_name, "batch": batch, "device": device, "seconds": {}}
+    for head in ("full", "task"):
+        policy = load_policy(model_name, thought.vocab_tokens, thought.markers, seed=0)
+        if head == "task":
+            restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.real_size)
+        model = policy.model.to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        sft_cfg = SFTConfig(format="cot")
+        data = collate([encode(policy.tokenizer, policy, sft_cfg, task, r) for r in rows],
+                       policy.vocab.eos_id)
+        data = {k: v.to(device) for k, v in data.items()}
+        mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=8)).to(device)
+        prompts = [policy.tokenizer(r["prompt"]).input_ids for r in rows]
+
+        def sft_step():
+            label_loss(model, data["input_ids"], data["attention_mask"], data["labels"],
+                       data["latent_pos"]).backward()
+            opt.step()
+            opt.zero_grad()
+
+        def rl_step():
+            rollouts = sample(model, mode, prompts, seed=0)
+            model.train()
+            rec = recompute_logprobs(model, mode, rollouts)
+            (rec.logprob * rec.valid).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+        results["seconds"][head] = {"sft_step": timed(sft_step, repeats, device),
+                                    "rl_step": timed(rl_step, repeats, device)}
+    full, task_ = results["seconds"]["full"], results["seconds"]["task"]
+    results["task_vs_full"] = {k: full[k] / task_[k] for k in full}
+    ratio = results["task_vs_full"]
+    print(f"task head vs full head, {model_name}, batch {batch}: SFT step {ratio['sft_step']:.1f}x faster, "
+          f"RL step {ratio['rl_step']:.1f}x faster")
+    write_json(out / "head.json", results)
+    print(f"saved {out / 'head.json'}")
+    return results

@@ -152,3 +152,16 @@ def test_label_loss_is_hf_causal_lm_loss_on_labelled_positions():
     got = label_loss(policy.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                      batch["latent_pos"])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_max_seconds_stops_a_curriculum_and_start_stage_skips(tmp_path):
+    """A wall-clock limit ends training across a curriculum's stages (later stages never run); start_stage
+    trains only the stages from it on, each for steps_per_stage."""
+    disc = ["format=cot", "thought.mode=vocab", "thought.num_thinking=8", "curriculum.stages=2"]
+    sft(tmp_path / "limited", *disc, "curriculum.steps_per_stage=100000", "train.max_seconds=1",
+        "train.log_every=1")
+    stages = {h["stage"] for h in json.loads((tmp_path / "limited" / "losses.json").read_text())}
+    assert stages == {0}
+    sft(tmp_path / "last", *disc, "curriculum.steps_per_stage=5", "curriculum.start_stage=2")
+    logged = json.loads((tmp_path / "last" / "losses.json").read_text())
+    assert {h["stage"] for h in logged} == {2} and logged[-1]["step"] == 5

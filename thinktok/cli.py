@@ -12,6 +12,7 @@
     thinktok bench parallel             (thoughts at every position vs the base model and the naive loop)
     thinktok bench attention            (CUDA only)
     thinktok bench train [CONFIG]       (1, 2, 4 rollout actors)
+    thinktok bench head --batch 64      (SFT and RL step time, task-vocabulary head vs the full head)
 
 Bad input (unknown mode, negative counts, a checkpoint without the requested thinking tokens, an
 unreadable path: `thinktok.errors.UserError` and missing files) ends with one `thinktok: error: ...` line and
@@ -133,7 +134,7 @@ def add_summary(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
-    p.add_argument("what", help="rollout | parallel | attention | train")
+    p.add_argument("what", help="rollout | parallel | attention | train | head")
     p.add_argument("config", nargs="?", default="configs/quickstart.yaml",
                    help="train: the experiment to time")
     p.add_argument("overrides", nargs="*", help="train: key=value overrides")
@@ -350,8 +351,13 @@ def run_bench(a) -> None:
         from thinktok.kernels.bench import bench_attention
 
         bench_attention(Path(a.out))
+    elif a.what == "head":
+        from thinktok.analysis.bench import bench_head
+
+        bench_head(a.model, a.batch, a.repeats, a.device, Path(a.out))
     else:
-        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, parallel, attention or train")
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, parallel, attention, train or "
+                         "head")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -288,7 +288,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage, code)
                                   for row in task.dataset["train"]])
         epochs, steps = t.epochs, t.max_steps
-        if len(stages) > 1:
+        if curriculum:
             epochs, steps = cfg.curriculum.epochs_per_stage, cfg.curriculum.steps_per_stage
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
