@@ -37,7 +37,7 @@ def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_pat
                                                                "slots=2"]),
             ArmConfig(name="soft", kind="eval", init_from="answer", overrides=["mode=soft", "num_thinking=0",
                                                                               "noise=none"]),
-            ArmConfig(name="rl", kind="train", config=str(CONFIGS / "quickstart.yaml"), init_from="answer",
+            ArmConfig(name="rl", kind="train", config=str(CONFIGS / "rl_discovery.yaml"), init_from="answer",
                       overrides=["thought.num_thinking=4", "thought.slots=2"])]
     cfg = study(tmp_path, arms, comparisons=[["rl", "answer"]])
     run_study(cfg, report=True, poll_s=5)
