@@ -165,3 +165,6 @@ def test_max_seconds_stops_a_curriculum_and_start_stage_skips(tmp_path):
     sft(tmp_path / "last", *disc, "curriculum.steps_per_stage=5", "curriculum.start_stage=2")
     logged = json.loads((tmp_path / "last" / "losses.json").read_text())
     assert {h["stage"] for h in logged} == {2} and logged[-1]["step"] == 5
+    sft(tmp_path / "listed", *disc, "curriculum.steps_per_stage=[2,3,4]", "train.log_every=1")
+    logged = json.loads((tmp_path / "listed" / "losses.json").read_text())
+    assert [max(h["step"] for h in logged if h["stage"] == k) for k in (0, 1, 2)] == [2, 3, 4]

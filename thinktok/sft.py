@@ -76,7 +76,9 @@ class CurriculumConfig:
     stages: int = 2  # curriculum stages after stage 0 (plain CoT): stage s rewrites the first s steps
     thoughts_per_step: int = 1  # continuous thoughts per rewritten reasoning step
     epochs_per_stage: float = 1.0  # epochs of each curriculum stage
-    steps_per_stage: int = -1  # > 0 overrides epochs_per_stage
+    # optimizer steps of each stage, overriding epochs_per_stage: one count for every stage, or a list of one
+    # per stage (stage 0 first): the last stage, which must learn to read the rewritten steps, may need most
+    steps_per_stage: int | list[int] = -1
     # first stage to train: a warm start from a curriculum checkpoint continues at its last stage
     start_stage: int = 0
 
@@ -105,8 +107,12 @@ class SFTConfig:
         if self.train.schedule not in SCHEDULES:
             raise UserError(f"unknown train.schedule {self.train.schedule!r}: expected one of "
                              f"{', '.join(SCHEDULES)}")
-        if not 0 <= self.curriculum.start_stage <= self.curriculum.stages:
-            raise UserError(f"curriculum.start_stage must be in 0..{self.curriculum.stages}")
+        c = self.curriculum
+        if not 0 <= c.start_stage <= c.stages:
+            raise UserError(f"curriculum.start_stage must be in 0..{c.stages}")
+        if isinstance(c.steps_per_stage, list) and len(c.steps_per_stage) != c.stages + 1:
+            raise UserError(f"curriculum.steps_per_stage lists {len(c.steps_per_stage)} counts for "
+                             f"{c.stages + 1} stages (0..{c.stages})")
         if self.format not in FORMATS:
             raise UserError(f"unknown format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.thought is not None:
@@ -289,7 +295,9 @@ def run_sft(cfg: SFTConfig) -> Path:
                                   for row in task.dataset["train"]])
         epochs, steps = t.epochs, t.max_steps
         if curriculum:
-            epochs, steps = cfg.curriculum.epochs_per_stage, cfg.curriculum.steps_per_stage
+            per_stage = cfg.curriculum.steps_per_stage
+            epochs, steps = cfg.curriculum.epochs_per_stage, \
+                per_stage[stage] if isinstance(per_stage, list) else per_stage
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
             num_train_epochs=epochs, max_steps=steps, warmup_steps=t.warmup_steps,
