@@ -37,15 +37,11 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from thinktok.errors import UserError
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action
 
 from .actors import Workers, chunks
 from .rollout import Recomputed, Rollout, recompute_logprobs, with_gold
-
-
-class PoisonedStep(FloatingPointError):
-    """NaN/inf in rewards, advantages or loss: the step stops before any optimizer step or checkpoint."""
 
 
 def check_finite(name: str, x: torch.Tensor, step: int) -> None:
@@ -84,10 +80,12 @@ class RayRollouts:
 
     @staticmethod
     def get_scores(futures: list, version: int) -> list:
+        """The scorers' results. Their own finiteness checks (PoisonedStep) end the step in one line naming
+        it; any other error is a bug and propagates as Ray raises it, with the worker's traceback."""
         try:
             return ray.get(futures)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, ValueError):  # the scorers' own checks (non-finite rewards or gains)
+            if isinstance(e.cause, PoisonedStep):
                 raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
             raise
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thinktok.errors import UserError
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action, ThoughtMode
 
@@ -170,7 +170,8 @@ class RewardModel:
         bad = (~torch.isfinite(scalars)).nonzero()
         if len(bad):
             i = int(bad[0])
-            raise UserError(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on it")
+            raise PoisonedStep(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on "
+                               f"it")
         for acc, s in zip(per_step, steps):
             acc += weight * s
         parts[name] = scalars

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM
 from conftest import make
 from thinktok.analysis.compare import summary
 from thinktok.config import load_config
+from thinktok.errors import PoisonedStep
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
-from thinktok.rl.actors import RayConfig, sequential_workers, start_workers, stop_workers
+from thinktok.rl.actors import RayConfig, init_ray, sequential_workers, start_workers, stop_workers
 from thinktok.rl.config import TrainConfig
-from thinktok.rl.learner import PoisonedStep
+from thinktok.rl.learner import RayRollouts
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
 from thinktok.rl.train import run_train
@@ -151,6 +152,27 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
     with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
         run_train(config(tmp_path / "run", str(bad)))
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
+
+
+def test_scorer_errors_keep_their_cause():
+    """A scorer's finiteness check ends the step in one line naming it; any other error in a reward worker is
+    a bug and propagates with its own type and the worker's traceback."""
+    init_ray(RayConfig())
+
+    @ray.remote(max_retries=0)
+    def poisoned():
+        raise PoisonedStep("reward gold_loglik is nan for rollout 2; refusing to train on it")
+
+    @ray.remote(max_retries=0)
+    def buggy():
+        raise ValueError("a bug in the reward worker")
+
+    with pytest.raises(PoisonedStep, match="^scoring failed at step 3: reward gold_loglik is nan"):
+        RayRollouts.get_scores([poisoned.remote()], 3)
+    with pytest.raises(ValueError, match="a bug in the reward worker") as caught:
+        RayRollouts.get_scores([buggy.remote()], 3)
+    assert not isinstance(caught.value, PoisonedStep)
+    assert "in buggy" in str(caught.value)  # the worker's traceback, down to the raising line
 
 
 @pytest.mark.parametrize("overrides", [

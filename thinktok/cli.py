@@ -367,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     add_summary(sub)
     add_study(sub)
     add_bench(sub)
-    from thinktok.errors import UserError
-    from thinktok.rl.learner import PoisonedStep
+    from thinktok.errors import PoisonedStep, UserError
 
     try:
         a = parser.parse_args(argv)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from thinktok.checkpoint import load_extra_state
-from thinktok.errors import UserError
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden, project
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
@@ -178,7 +178,7 @@ class ParallelScorer:
         gain = scored.gain.float()
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
-            raise UserError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
+            raise PoisonedStep(f"parallel gain is not finite for window row {bad}; refusing to train on it")
         self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item(),
                       "gain_unmixed_mean": scored.gain_raw[:, :-1].mean().item()}
         return replace(rollout, gain=gain)
