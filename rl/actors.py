@@ -25,20 +25,9 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import load_base_tokenizer
 
+from .config import RayConfig
 from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
-
-
-@dataclass
-class RayConfig:
-    address: str | None = None  # join an existing cluster (multi-node); None starts a local one
-    num_rollout_workers: int = 2  # Ray actors sampling rollouts, each a policy copy
-    num_teacher_workers: int = 1  # reward workers (the parallel path: scoring workers)
-    gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
-    gpus_per_teacher_worker: float = 0.0  # GPU fraction per reward (scoring) worker
-    max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call
-    verbose: bool = False  # forward actor logs to the driver
-    start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
 
 
 def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:

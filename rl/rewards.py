@@ -33,14 +33,17 @@ rollout's scalar reward, which GRPO/RLOO use. A non-finite reward is an error na
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from thinktok.errors import PoisonedStep, UserError
-from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action, ThoughtMode
 
 from .rollout import Rollout, opening_thoughts, text_token_logprobs, with_gold
+
+if TYPE_CHECKING:  # the teacher module imports TRL: not for parsing a config
+    from thinktok.models.teacher import Teacher
 
 REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "thought_gain", "exact_match")
 # rewards that read the policy's text distribution

@@ -12,15 +12,18 @@ nothing of sequences, caches or batches; keeping the sampler out of models/ keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 
 from thinktok.errors import UserError
 from thinktok.models.thoughts import Action, StepOut, ThoughtMode
+
+if TYPE_CHECKING:  # transformers' modeling module imports torch._dynamo, and with it Triton
+    from transformers import PreTrainedModel
 
 
 @dataclass

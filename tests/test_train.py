@@ -16,8 +16,8 @@ from thinktok.config import load_config
 from thinktok.errors import PoisonedStep
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
-from thinktok.rl.actors import RayConfig, init_ray, sequential_workers, start_workers, stop_workers
-from thinktok.rl.config import TrainConfig
+from thinktok.rl.actors import init_ray, sequential_workers, start_workers, stop_workers
+from thinktok.rl.config import RayConfig, TrainConfig
 from thinktok.rl.learner import RayRollouts
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample

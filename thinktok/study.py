@@ -201,7 +201,8 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
               poll_s: float = 30.0) -> Path:
     import ray
 
-    from thinktok.rl.actors import RayConfig, init_ray
+    from thinktok.rl.actors import init_ray
+    from thinktok.rl.config import RayConfig
 
     cfg.validate()
     study = cfg.dir
