@@ -30,8 +30,8 @@ from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
 
 
-def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:
-    """Join cfg.address, or start a local cluster (with extra custom `resources`: the study's arm slots)."""
+def init_ray(cfg: RayConfig) -> None:
+    """Join cfg.address, or start a local cluster."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local cluster: no token warnings
@@ -39,7 +39,7 @@ def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:
     # A local cluster gets generous logical CPUs: actors mostly wait on each other and share the cores, and a
     # later run in the same process (bench train: 1, 2, 4 actors) must still fit.
     cpus = None if cfg.address else max(os.cpu_count() or 1, 64)
-    ray.init(address=cfg.address, num_cpus=cpus, resources=None if cfg.address else resources,
+    ray.init(address=cfg.address, num_cpus=cpus,
              log_to_driver=cfg.verbose, include_dashboard=False, configure_logging=cfg.verbose,
              logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 
