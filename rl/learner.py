@@ -23,8 +23,9 @@ is pinned exactly because `grpo_trainer.py` changes often; each override is test
     barely thinks. Ours is the exact KL(pi_text || ref_text) at text steps only, over the text columns
     renormalised, at temperature 1.
   * The loss runs over the steps a rollout's reward depends on (`Rewards.credit`), forced steps excluded.
-  * algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO without std scaling
-    and with the leave-one-out factor G/(G-1): A_i = r_i - mean_{j!=i} r_j.
+  * Advantages: `group_advantages` (rl/advantages.py, shared with `thinktok signal`) of the scalar rewards,
+    in place of TRL's. algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO
+    with the leave-one-out baseline A_i = r_i - mean_{j!=i} r_j.
   * algo=ppo: rl/ppo.py. rollout=parallel: rl/parallel/learner.py.
 """
 
@@ -41,7 +42,8 @@ from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action
 
 from .actors import Workers, chunks
-from .rollout import Recomputed, Rollout, recompute_logprobs, with_gold
+from .advantages import group_advantages
+from .rollout import Recomputed, Rollout, gold_answer_loglik, recompute_logprobs
 
 
 def check_finite(name: str, x: torch.Tensor, step: int) -> None:
@@ -200,15 +202,21 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)  # runs rollout_func; its fields are in `inputs`
-        if self.algo == "rloo":
-            g = self.num_generations
-            out["advantages"] = out["advantages"] * g / (g - 1)
+        out["advantages"] = self.group_advantages(inputs).to(out["advantages"].device)
         out["rollout"] = [x["rollout"] for x in inputs]  # lists are shuffled and split with the batch
         if self.latent_coef:
             out["gold"] = [x["gold"] for x in inputs]
         self.log_rollouts(inputs)
         check_finite("advantages", out["advantages"], self.state.global_step)
         return out
+
+    def group_advantages(self, inputs: list[dict]) -> torch.Tensor:
+        """This process's rows' advantages (`group_advantages`, by algo) from every process's rewards, as TRL
+        gathers them: a prompt's group may span processes."""
+        local = torch.tensor([x["reward"] for x in inputs], device=self.accelerator.device)
+        start = self.accelerator.process_index * len(local)
+        adv = group_advantages(self.accelerator.gather(local), self.num_generations, self.algo)
+        return adv[start : start + len(local)]
 
     def _compute_loss(self, model, inputs):
         batch = RecomputeBatch(model, inputs["rollout"])
@@ -238,14 +246,9 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
     def latent_nll(self, model, rollouts: list[Rollout], gold: list[list[int]]) -> torch.Tensor:
         """Mean over rollouts of -(1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t): the gold answer after
-        each rollout's own opening thoughts (the layout gold_loglik scores), differentiable."""
-        every = self.thought_mode.cfg.every
-        forced = [with_gold(r, torch.tensor(g), every) for r, g in zip(rollouts, gold)]
+        each rollout's own opening thoughts, scored as the gold rewards score it (`gold_answer_loglik`)."""
         with self.accelerator.autocast():
-            text_logp = recompute_logprobs(model, self.thought_mode, forced, text=True).text_logp
-        ids = torch.cat([torch.tensor(g) for g in gold]).to(text_logp.device)
-        lp = text_logp.gather(1, ids[:, None])[:, 0].split([len(g) for g in gold])
-        return -torch.stack([x.mean() for x in lp]).mean()
+            return -gold_answer_loglik(model, self.thought_mode, rollouts, gold).mean()
 
     def text_kl(self, batch: RecomputeBatch) -> torch.Tensor:
         """Mean over text steps of the exact KL(pi_text || ref_text), both over the text columns at

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from conftest import boost_thinking
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
+from thinktok.rl.advantages import group_advantages
 from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, rollout_reward
 from thinktok.rl.ppo import ThoughtPPOTrainer, value_head
 from thinktok.rl.rollout import recompute_logprobs, sample
@@ -71,6 +72,24 @@ def p_think_first(policy) -> float:
     v = policy.vocab
     return sum(policy.model(torch.tensor([p])).logits[0, -1].softmax(-1)[v.real_size : v.size].sum().item()
                for p in PROMPTS.values()) / len(PROMPTS)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_advantages_are_the_shared_group_advantages(tmp_path, algo):
+    """The learner's advantages are `group_advantages` of the rollouts' rewards (as `thinktok signal`
+    computes them): TRL's own for grpo, TRL's unscaled times G/(G-1) (leave-one-out) for rloo."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size) + r.num_steps,
+                            algo=algo)
+    def batch():  # TRL's order: each prompt's group in turn
+        return [{"prompt": p} for p in PROMPTS for _ in range(8)]
+
+    inputs = batch()
+    ours = trainer._generate_and_score_completions(inputs)["advantages"]
+    rewards = torch.tensor([x["reward"] for x in inputs])
+    assert rewards.std() > 0 and torch.allclose(ours, group_advantages(rewards, 8, algo))
+    trl = GRPOTrainer._generate_and_score_completions(trainer, batch())  # the same rollouts: same step seed
+    assert torch.allclose(ours, trl["advantages"] * (8 / 7 if algo == "rloo" else 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])

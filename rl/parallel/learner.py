@@ -75,9 +75,7 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         batch = ParallelRollout.cat(out["rollout"])  # TRL's row order, before the shuffle
         r, t, l = batch.thoughts.shape
         g = self.num_generations
-        adv = position_advantages(batch.gain, g, self.parallel.positive_only)  # (R, T)
-        if self.algo == "rloo":
-            adv = adv * g / (g - 1)
+        adv = position_advantages(batch.gain, g, self.algo, self.parallel.positive_only)  # (R, T)
         per_token = adv[..., None].expand(r, t, l).reshape(r, t * l)
         out["advantages"] = pad_to(per_token, out["completion_ids"].shape[1]).to(out["advantages"].device)
         check_finite("advantages", out["advantages"], self.state.global_step)

@@ -34,6 +34,7 @@ from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden, project
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
 
+from ..advantages import group_advantages
 from .config import ParallelConfig
 from .rollout import ParallelRollout, choosing_hidden, sample_parallel, task_windows, thought_logprobs
 
@@ -136,11 +137,10 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid, stack(raw_lp))
 
 
-def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> torch.Tensor:
-    """(R, T) gains, rows b*G .. b*G+G-1 sharing a window -> (R, T) advantages against the mean over the G
-    thoughts at the same position; the last position (never scored) gets 0."""
-    g = gain.reshape(-1, group, gain.shape[1])
-    adv = (g - g.mean(1, keepdim=True)).reshape_as(gain)
+def position_advantages(gain: torch.Tensor, group: int, algo: str, positive_only: bool) -> torch.Tensor:
+    """(R, T) gains, rows b*G .. b*G+G-1 sharing a window -> (R, T) advantages against the G thoughts at the
+    same position (`group_advantages`, unscaled); the last position (never scored) gets 0."""
+    adv = group_advantages(gain, group, algo, scale=False)
     adv = adv.clamp_min(0) if positive_only else adv
     adv[:, -1] = 0.0
     return adv
