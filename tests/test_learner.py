@@ -10,6 +10,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from conftest import boost_thinking
+from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
@@ -257,6 +258,16 @@ def test_learner_refuses_reuse_and_trl_kl(tmp_path):
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
     with pytest.raises(ValueError, match="kl_coef > 0 needs a reference"):
         local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_coef=0.1)
+
+
+def test_another_trl_version_is_refused(tmp_path, monkeypatch):
+    import trl
+
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(UserError, match=r"private methods of TRL 1\.16\.0 .* but TRL 1\.17\.0 is installed: "
+                                        r"pip install trl==1\.16\.0"):
+        local_trainer(tmp_path, policy, mode, lambda r: 0.0)
 
 
 def test_call_seeds_differ_across_learner_ranks():
