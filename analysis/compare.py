@@ -72,7 +72,7 @@ def print_table(runs: list[dict]) -> None:
     for r in runs:
         parallel = r["format"] == "parallel"
         score = f"{r['nll_thought']:.3f} → {r['nll_base']:.3f}" if parallel else f"{r['accuracy']:.3f}"
-        c = r.get("controls")  # accuracy under the eval controls (rl/controls.py); parallel runs have none
+        c = r.get("controls")  # accuracy under analysis/controls.py's controls; parallel runs have none
         controls = " / ".join(f"{c[k]['accuracy']:.3f}" for k in CONTROLS) if c else "-"
         steps = str(r.get("thought_len", "")) if parallel else f"{r['thought_steps_mean']:.2f}"
         m = r["movement"]

@@ -41,7 +41,7 @@ def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict
 def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None,
                     controls: bool = True) -> dict:
     """Greedy accuracy and steps per answer; with `controls`, the same metrics with thoughts removed, replaced
-    by a fixed pause input, and shuffled across examples (rl/controls.py)."""
+    by a fixed pause input, and shuffled across examples (analysis/controls.py)."""
     rows = list(task.dataset[split])[:limit]
     mode = mode.to(policy.model.device)
     start = time.perf_counter()

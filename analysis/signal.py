@@ -1,6 +1,6 @@
 """`thinktok signal CONFIG [key=value ...]`: does a run's learning signal point where it should, before any
 training? Samples a few batches with the initial policy exactly as `thinktok train` would (same rewards,
-same group size), computes GRPO's advantages, and reports what they reward:
+same group size), computes the learner's advantages (`group_advantages`), and reports what they reward:
 
   * the mean advantage of rollouts with chosen thoughts vs without (negative: every update lowers P(think));
   * better vs worse thoughts (what fixed slots need, where every rollout thinks): each rollout's thought gain,
@@ -25,19 +25,12 @@ from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thought_modes import make_mode
+from thinktok.rl.advantages import group_advantages
 from thinktok.rl.config import TrainConfig
 from thinktok.rl.rewards import POLICY_REWARDS, RewardConfig, RewardModel
 from thinktok.rl.rollout import sample
 from thinktok.rl.train import ensure_teacher
 from thinktok.sft import ensure_checkpoint
-
-
-def group_advantages(total: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
-    """(B,) rewards, consecutive groups of G -> GRPO's advantages: minus the group mean, over the group
-    std."""
-    g = total.reshape(-1, group)
-    adv = g - g.mean(1, keepdim=True)
-    return (adv / (g.std(1, keepdim=True) + 1e-4) if scale else adv).flatten()
 
 
 def mean_where(x: torch.Tensor, mask: torch.Tensor) -> float | None:
@@ -80,13 +73,13 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
         scored = rewards.score(rollouts, rows)
         totals.append(scored.total)
         thinks.append(torch.tensor([bool(r.is_chosen_thought.any()) for r in rollouts]))
-        gains.append(judge.gold_loglik(rollouts, rows) - judge.gold_loglik(rollouts, rows, thoughts=False))
+        gains.append(judge.score(rollouts, rows).parts["thought_gain"])
         texts = [policy.tokenizer.decode(r.real_ids, skip_special_tokens=True) for r in rollouts]
         correct.append(torch.tensor([float(task.check(text, row)) for text, row in zip(texts, rows)]))
         for name, value in scored.parts.items():
             parts.setdefault(name, []).append(value)
     total, think, ok, gain = torch.cat(totals), torch.cat(thinks), torch.cat(correct), torch.cat(gains)
-    adv = group_advantages(total, g, scale=cfg.rl.algo != "rloo")
+    adv = group_advantages(total, g, cfg.rl.algo)  # as the learner computes them (PPO: as GRPO would)
     helps = think & (gain > 0)
     return {
         "rollouts": len(total), "with_thoughts": int(think.sum()),

@@ -25,24 +25,13 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import load_base_tokenizer
 
+from .config import RayConfig
 from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
 
 
-@dataclass
-class RayConfig:
-    address: str | None = None  # join an existing cluster (multi-node); None starts a local one
-    num_rollout_workers: int = 2  # Ray actors sampling rollouts, each a policy copy
-    num_teacher_workers: int = 1  # reward workers (the parallel path: scoring workers)
-    gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
-    gpus_per_teacher_worker: float = 0.0  # GPU fraction per reward (scoring) worker
-    max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call
-    verbose: bool = False  # forward actor logs to the driver
-    start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
-
-
-def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:
-    """Join cfg.address, or start a local cluster (with extra custom `resources`: the study's arm slots)."""
+def init_ray(cfg: RayConfig) -> None:
+    """Join cfg.address, or start a local cluster."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local cluster: no token warnings
@@ -50,7 +39,7 @@ def init_ray(cfg: RayConfig, resources: dict[str, float] | None = None) -> None:
     # A local cluster gets generous logical CPUs: actors mostly wait on each other and share the cores, and a
     # later run in the same process (bench train: 1, 2, 4 actors) must still fit.
     cpus = None if cfg.address else max(os.cpu_count() or 1, 64)
-    ray.init(address=cfg.address, num_cpus=cpus, resources=None if cfg.address else resources,
+    ray.init(address=cfg.address, num_cpus=cpus,
              log_to_driver=cfg.verbose, include_dashboard=False, configure_logging=cfg.verbose,
              logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 

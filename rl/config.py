@@ -1,5 +1,6 @@
 """Configuration of `thinktok train`: the RL algorithm's settings and the whole run's (task, thought mode,
-sampling, rewards, rollout path, Ray workers, evals)."""
+sampling, rewards, rollout path, Ray workers, evals). Plain dataclasses: parsing a config starts nothing and
+imports neither Ray nor TRL."""
 
 from __future__ import annotations
 
@@ -10,12 +11,24 @@ from thinktok.envs import TaskConfig
 from thinktok.errors import UserError
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, check_trainable
 
-from .actors import RayConfig
 from .parallel.config import ParallelConfig
 from .rewards import GOLD_REWARDS, RewardConfig
 
 ALGOS = ("grpo", "rloo", "ppo")
 ROLLOUTS = ("sequential", "parallel")
+
+
+# the Ray workers of rl/actors.py, defined here so that parsing a config imports no Ray
+@dataclass
+class RayConfig:
+    address: str | None = None  # join an existing cluster (multi-node); None starts a local one
+    num_rollout_workers: int = 2  # Ray actors sampling rollouts, each a policy copy
+    num_teacher_workers: int = 1  # reward workers (the parallel path: scoring workers)
+    gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
+    gpus_per_teacher_worker: float = 0.0  # GPU fraction per reward (scoring) worker
+    max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call
+    verbose: bool = False  # forward actor logs to the driver
+    start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
 
 
 @dataclass

@@ -1,5 +1,19 @@
-"""The learner: TRL's GRPO trainer, fed by Ray rollouts and rewards, with as few overrides as possible (trl
-is pinned exactly because `grpo_trainer.py` changes often; each override is tested against the base method).
+"""The learner: TRL's GRPO trainer, fed by Ray rollouts and rewards, with as few overrides as possible.
+
+Every use of TRL 1.16.0's private internals is in this module (rl/ppo.py and rl/parallel/learner.py override
+the public hooks below instead); `check_trl` refuses any other TRL version at start-up. What each does:
+
+  GRPOTrainer._generate_and_score_completions  override: after TRL's own (rollout_func, reward functions),
+      replaces its advantages by ours (`set_advantages`), carries each row's Rollout (and gold ids) into the
+      batch, logs rollout statistics and checks the advantages are finite
+  GRPOTrainer._compute_loss  override: binds the batch's rollouts to the model (`RecomputeBatch`), makes the
+      sampler's log-probs TRL's old ones, adds `extra_loss`, logs the log-prob mismatch
+  GRPOTrainer._get_per_token_logps_and_entropies  override: log-probs of the recorded actions from our
+      recompute (`recompute`), the only densities that fit vector actions and thought budgets
+  batch keys  read: sampling_per_token_logps, completion_mask, tool_mask (present with tools), advantages,
+      completion_ids; written: old_per_token_logps, advantages, rollout, gold
+  GRPOTrainer._metrics  appended to by `log_metric`: our metrics reach TRL's logs (metrics.jsonl)
+  transformers' Trainer._clip_grad_norm  override: the extra modules' parameters are clipped with the model's
 
   * `RayRollouts` is TRL's `rollout_func`: it publishes the current weights, samples on the rollout workers,
     scores on the reward workers, and hands TRL token ids, a loss mask (forced thought steps are not
@@ -23,8 +37,9 @@ is pinned exactly because `grpo_trainer.py` changes often; each override is test
     barely thinks. Ours is the exact KL(pi_text || ref_text) at text steps only, over the text columns
     renormalised, at temperature 1.
   * The loss runs over the steps a rollout's reward depends on (`Rewards.credit`), forced steps excluded.
-  * algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO without std scaling
-    and with the leave-one-out factor G/(G-1): A_i = r_i - mean_{j!=i} r_j.
+  * Advantages: `group_advantages` (rl/advantages.py, shared with `thinktok signal`) of the scalar rewards,
+    in place of TRL's. algo=rloo: TRL 1.16's RLOOTrainer has no `rollout_func`, so RLOO runs here as GRPO
+    with the leave-one-out baseline A_i = r_i - mean_{j!=i} r_j.
   * algo=ppo: rl/ppo.py. rollout=parallel: rl/parallel/learner.py.
 """
 
@@ -34,18 +49,25 @@ from dataclasses import dataclass
 
 import ray
 import torch
+import trl
 from torch import nn
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
-from thinktok.errors import UserError
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action
 
 from .actors import Workers, chunks
-from .rollout import Recomputed, Rollout, recompute_logprobs, with_gold
+from .advantages import group_advantages
+from .rollout import Recomputed, Rollout, gold_answer_loglik, recompute_logprobs
+
+TRL_VERSION = "1.16.0"  # the TRL whose private methods this module overrides (pyproject.toml pins it)
 
 
-class PoisonedStep(FloatingPointError):
-    """NaN/inf in rewards, advantages or loss: the step stops before any optimizer step or checkpoint."""
+def check_trl() -> None:
+    """The installed TRL is the one this module's overrides were written against, or a clear error."""
+    if trl.__version__ != TRL_VERSION:
+        raise UserError(f"thinktok's learner overrides private methods of TRL {TRL_VERSION} (rl/learner.py), "
+                        f"but TRL {trl.__version__} is installed: pip install trl=={TRL_VERSION}")
 
 
 def check_finite(name: str, x: torch.Tensor, step: int) -> None:
@@ -84,10 +106,12 @@ class RayRollouts:
 
     @staticmethod
     def get_scores(futures: list, version: int) -> list:
+        """The scorers' results. Their own finiteness checks (PoisonedStep) end the step in one line naming
+        it; any other error is a bug and propagates as Ray raises it, with the worker's traceback."""
         try:
             return ray.get(futures)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, ValueError):  # the scorers' own checks (non-finite rewards or gains)
+            if isinstance(e.cause, PoisonedStep):
                 raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
             raise
 
@@ -147,17 +171,19 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     supervised latent term, -log pi_text(y* | x, z_open) (the gold ids come with each rollout): it teaches the
     model to read its own thoughts (STaR / Quiet-STaR's latent-variable objective)."""
 
-    def __init__(self, *args, extra_modules: dict[str, nn.Module], algo: str = "grpo",
-                 kl_ref: nn.Module | None = None, kl_coef: float = 0.0, latent_coef: float = 0.0, **kwargs):
-        self.extra_modules, self.thought_mode, self.algo = extra_modules, extra_modules["mode"], algo
-        self.kl_ref, self.kl_coef, self.latent_coef = kl_ref, kl_coef, latent_coef
-        super().__init__(*args, **kwargs)
-        args_ = self.args
-        if args_.num_iterations != 1 or args_.steps_per_generation != 1 or args_.beta != 0:
+    def __init__(self, model, reward_funcs, args: GRPOConfig, *rest, extra_modules: dict[str, nn.Module],
+                 algo: str = "grpo", kl_ref: nn.Module | None = None, kl_coef: float = 0.0,
+                 latent_coef: float = 0.0, **kwargs):
+        check_trl()
+        # refused before TRL builds anything (with its own beta it would load a reference model)
+        if args.num_iterations != 1 or args.steps_per_generation != 1 or args.beta != 0:
             raise UserError("thinktok's learner trains each batch once, on-policy, with its own text-step "
                              "KL: num_iterations=1, steps_per_generation=1 and TRL's beta=0 (use kl_coef)")
         if kl_coef and kl_ref is None:
             raise UserError("kl_coef > 0 needs a reference model (kl_ref)")
+        self.extra_modules, self.thought_mode, self.algo = extra_modules, extra_modules["mode"], algo
+        self.kl_ref, self.kl_coef, self.latent_coef = kl_ref, kl_coef, latent_coef
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
         # everything the loss touches lives beside the model (the mode's column masks, a learned sigma, heads)
         for module in self.extra_modules.values():
             module.to(self.accelerator.device)
@@ -198,19 +224,29 @@ class ThoughtGRPOTrainer(GRPOTrainer):
                  "real_tokens_mean": sum(r.num_real for r in rollouts) / n,
                  "weight_version": min(r.weight_version for r in rollouts)}
         for k, v in stats.items():
-            self._metrics["train"][f"rollout/{k}"].append(v)
+            self.log_metric(f"rollout/{k}", v)
+
+    def log_metric(self, name: str, value: float) -> None:
+        """One value of a training metric, averaged into TRL's log of the step."""
+        self._metrics["train"][name].append(value)
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)  # runs rollout_func; its fields are in `inputs`
-        if self.algo == "rloo":
-            g = self.num_generations
-            out["advantages"] = out["advantages"] * g / (g - 1)
         out["rollout"] = [x["rollout"] for x in inputs]  # lists are shuffled and split with the batch
         if self.latent_coef:
             out["gold"] = [x["gold"] for x in inputs]
+        self.set_advantages(inputs, out)
         self.log_rollouts(inputs)
         check_finite("advantages", out["advantages"], self.state.global_step)
         return out
+
+    def set_advantages(self, inputs: list[dict], out: dict) -> None:
+        """out["advantages"]: this process's rows' `group_advantages` (by algo) of every process's rewards,
+        gathered as TRL gathers them (a prompt's group may span processes)."""
+        local = torch.tensor([x["reward"] for x in inputs], device=self.accelerator.device)
+        start = self.accelerator.process_index * len(local)
+        adv = group_advantages(self.accelerator.gather(local), self.num_generations, self.algo)
+        out["advantages"] = adv[start : start + len(local)].to(out["advantages"].device)
 
     def _compute_loss(self, model, inputs):
         batch = RecomputeBatch(model, inputs["rollout"])
@@ -221,7 +257,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
         width = batch.logps.shape[1]
         gap = ((batch.logps - sampled[:, :width]).abs() * mask[:, :width]).max()
-        self._metrics["train"]["logprob_mismatch"].append(gap.item())
+        self.log_metric("logprob_mismatch", gap.item())
         check_finite("loss", loss.detach(), self.state.global_step)
         return loss
 
@@ -230,24 +266,19 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         loss = torch.zeros((), device=batch.logps.device)
         if self.kl_coef:
             kl = self.text_kl(batch)
-            self._metrics["train"]["kl"].append(kl.item())
+            self.log_metric("kl", kl.item())
             loss = loss + self.kl_coef * kl
         if self.latent_coef:
             nll = self.latent_nll(batch.model, batch.rollouts, inputs["gold"])
-            self._metrics["train"]["latent_nll"].append(nll.item())
+            self.log_metric("latent_nll", nll.item())
             loss = loss + self.latent_coef * nll
         return loss
 
     def latent_nll(self, model, rollouts: list[Rollout], gold: list[list[int]]) -> torch.Tensor:
         """Mean over rollouts of -(1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t): the gold answer after
-        each rollout's own opening thoughts (the layout gold_loglik scores), differentiable."""
-        every = self.thought_mode.cfg.every
-        forced = [with_gold(r, torch.tensor(g), every) for r, g in zip(rollouts, gold)]
+        each rollout's own opening thoughts, scored as the gold rewards score it (`gold_answer_loglik`)."""
         with self.accelerator.autocast():
-            text_logp = recompute_logprobs(model, self.thought_mode, forced, text=True).text_logp
-        ids = torch.cat([torch.tensor(g) for g in gold]).to(text_logp.device)
-        lp = text_logp.gather(1, ids[:, None])[:, 0].split([len(g) for g in gold])
-        return -torch.stack([x.mean() for x in lp]).mean()
+            return -gold_answer_loglik(model, self.thought_mode, rollouts, gold).mean()
 
     def text_kl(self, batch: RecomputeBatch) -> torch.Tensor:
         """Mean over text steps of the exact KL(pi_text || ref_text), both over the text columns at
@@ -263,13 +294,19 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **_):
-        """Log-probs of the recorded actions by the rollout engine's recompute: (B, logits_to_keep)."""
+        """Log-probs of the recorded actions by `recompute`: (B, logits_to_keep)."""
         batch = bound(model, input_ids)
         with self.accelerator.autocast():
-            rec = recompute_logprobs(batch.model, self.thought_mode, batch.rollouts, text=bool(self.kl_coef))
-        batch.recomputed, batch.logps = rec, rec.logprob.detach()
-        return pad_to(rec.logprob, logits_to_keep), pad_to(rec.entropy,
-                                                           logits_to_keep) if compute_entropy else None, None
+            batch.recomputed, logps, entropy = self.recompute(batch)
+        batch.logps = logps.detach()
+        entropy = pad_to(entropy, logits_to_keep) if compute_entropy else None
+        return pad_to(logps, logits_to_keep), entropy, None
+
+    def recompute(self, batch: RecomputeBatch) -> tuple:
+        """-> (what `extra_loss` reads as batch.recomputed, (B, S) log-probs of the recorded actions, (B, S)
+        entropies): the rollout engine's teacher-forced recompute."""
+        rec = recompute_logprobs(batch.model, self.thought_mode, batch.rollouts, text=bool(self.kl_coef))
+        return rec, rec.logprob, rec.entropy
 
 
 def bound(model, input_ids: torch.Tensor) -> RecomputeBatch:

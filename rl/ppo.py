@@ -10,7 +10,7 @@ from torch import nn
 
 from thinktok.models.thoughts import Action
 
-from .learner import RecomputeBatch, ThoughtGRPOTrainer, check_finite, pad_to
+from .learner import RecomputeBatch, ThoughtGRPOTrainer, pad_to
 from .rollout import recompute_logprobs
 
 
@@ -44,8 +44,8 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.value_head = self.extra_modules["value_head"]
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+    def set_advantages(self, inputs: list[dict], out: dict) -> None:
+        """out["advantages"]: GAE over the per-step rewards, whitened over action steps; out["returns"]."""
         rollouts = out["rollout"]
         with torch.no_grad():
             rec = recompute_logprobs(self.model, self.thought_mode, rollouts)
@@ -61,13 +61,11 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         width = out["completion_ids"].shape[1]
         out["advantages"] = pad_to((adv - mean) / std * action, width)
         out["returns"] = pad_to(returns, width)
-        check_finite("advantages", out["advantages"], self.state.global_step)
-        return out
 
     def extra_loss(self, batch: RecomputeBatch, inputs: dict) -> torch.Tensor:
         rec = batch.recomputed
         values = self.value_head(rec.hidden.detach().float())[..., 0]
         returns = inputs["returns"][:, : values.shape[1]]
         value_loss = ((values - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
-        self._metrics["train"]["value_loss"].append(value_loss.item())
+        self.log_metric("value_loss", value_loss.item())
         return super().extra_loss(batch, inputs) + self.vf_coef * 0.5 * value_loss

@@ -33,14 +33,17 @@ rollout's scalar reward, which GRPO/RLOO use. A non-finite reward is an error na
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from thinktok.errors import UserError
-from thinktok.models.teacher import Teacher
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action, ThoughtMode
 
-from .rollout import Rollout, opening_thoughts, text_token_logprobs, with_gold
+from .rollout import Rollout, gold_answer_loglik, opening_thoughts, text_token_logprobs
+
+if TYPE_CHECKING:  # the teacher module imports TRL: not for parsing a config
+    from thinktok.models.teacher import Teacher
 
 REWARD_MODES = ("teacher_loglik", "teacher_kl", "gold_loglik", "thought_gain", "exact_match")
 # rewards that read the policy's text distribution
@@ -170,7 +173,8 @@ class RewardModel:
         bad = (~torch.isfinite(scalars)).nonzero()
         if len(bad):
             i = int(bad[0])
-            raise UserError(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on it")
+            raise PoisonedStep(f"reward {name} is {scalars[i].item()} for rollout {i}; refusing to train on "
+                               f"it")
         for acc, s in zip(per_step, steps):
             acc += weight * s
         parts[name] = scalars
@@ -188,20 +192,14 @@ class RewardModel:
         out[-1] = value
         return out
 
+    @torch.no_grad()
     def gold_loglik(self, rollouts: list[Rollout], rows: list[dict], thoughts: bool = True) -> torch.Tensor:
-        """(B,) mean log pi_text of the gold answer's tokens after the prompt and the rollout's opening
-        thought steps (none with thoughts=False), under the plain text distribution
-        (`text_token_logprobs`)."""
-        every = self.mode.cfg.every
-        forced = [with_gold(r, self.gold_ids(row), every, thoughts) for r, row in zip(rollouts, rows)]
-        return torch.stack([lp.mean() for lp in text_token_logprobs(self.policy, self.mode, forced)])
-
-    def gold_ids(self, row: dict) -> torch.Tensor:
-        return torch.tensor(gold_answer(self.tokenizer, self.task, row))
+        """(B,) `gold_answer_loglik` of the rows' gold answers, on the CPU."""
+        gold = [gold_answer(self.tokenizer, self.task, row) for row in rows]
+        return gold_answer_loglik(self.policy, self.mode, rollouts, gold, thoughts).cpu()
 
 
 def gold_answer(tokenizer, task, row: dict) -> list[int]:
-    """The gold answer's token ids and EOS: the answer and its end, as SFT trains them. Without the EOS the
-    latent term taught the answer but not to stop: the quickstart's policies then wrote all 8 allowed tokens
-    where the answer has 4, and every answer was wrong whatever its digits (measured, all three seeds)."""
+    """The gold answer's token ids then EOS, as SFT trains them: what the gold rewards and the latent term
+    score, so that they reward stopping after the answer as well as the answer."""
     return tokenizer(task.target(row, "answer")).input_ids + [tokenizer.eos_token_id]

@@ -12,15 +12,18 @@ nothing of sequences, caches or batches; keeping the sampler out of models/ keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 
 from thinktok.errors import UserError
 from thinktok.models.thoughts import Action, StepOut, ThoughtMode
+
+if TYPE_CHECKING:  # transformers' modeling module imports torch._dynamo, and with it Triton
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -281,12 +284,28 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)), grid(ent), grid(h), text_logp)
 
 
+def own_text_logprobs(text_logp: torch.Tensor, rollouts: list[Rollout]) -> list[torch.Tensor]:
+    """A recompute's text log-probs (`Recomputed.text_logp`) -> log pi_text of each rollout's own text tokens:
+    one (num_real,) tensor per rollout, on text_logp's device, differentiable when it is."""
+    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(text_logp.device)
+    return list(text_logp.gather(1, ids[:, None])[:, 0].split([r.num_real for r in rollouts]))
+
+
 def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode,
                         rollouts: list[Rollout]) -> list[torch.Tensor]:
     """log pi(y_t | x, y_<t, thoughts) of each rollout's text tokens under the plain text distribution (text
     columns renormalised, temperature 1, no top-k/top-p): one (num_real,) CPU tensor per rollout."""
     with torch.no_grad():
         text_logp = recompute_logprobs(model, mode, rollouts, text=True).text_logp
-    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(text_logp.device)
-    lp = text_logp.gather(1, ids[:, None])[:, 0].cpu()
-    return list(lp.split([r.num_real for r in rollouts]))
+    return [lp.cpu() for lp in own_text_logprobs(text_logp, rollouts)]
+
+
+def gold_answer_loglik(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout], gold: list,
+                       thoughts: bool = True) -> torch.Tensor:
+    """(B,) (1/|y*|) sum_t log pi_text(y*_t | x, z_open, y*_<t): each rollout's gold answer ids (`gold`, one
+    sequence per rollout) after its prompt and opening thought steps (none with thoughts=False), in the
+    layout of `with_gold`, under the plain text distribution. The one scoring of the gold answer: the
+    gold_loglik and thought_gain rewards (under no_grad) and the learner's latent term (differentiable)."""
+    forced = [with_gold(r, torch.as_tensor(g), mode.cfg.every, thoughts) for r, g in zip(rollouts, gold)]
+    text_logp = recompute_logprobs(model, mode, forced, text=True).text_logp
+    return torch.stack([lp.mean() for lp in own_text_logprobs(text_logp, forced)])

@@ -33,7 +33,7 @@ from thinktok.sft import WallClock, ensure_checkpoint
 
 from .actors import sequential_workers, start_workers, stop_workers
 from .config import TrainConfig
-from .learner import RayRollouts, ThoughtGRPOTrainer, rollout_reward
+from .learner import RayRollouts, ThoughtGRPOTrainer, check_trl, rollout_reward
 from .logs import RewardProgress, RunLogger, truncate_after
 from .ppo import ThoughtPPOTrainer, value_head
 from .rewards import gold_answer
@@ -111,6 +111,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     # config and run directory
     cfg.validate()
+    check_trl()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(out) if resume else None

@@ -1,8 +1,9 @@
-"""`thinktok sample`: output formats and the error paths (one line, exit code 2)."""
+"""`thinktok sample`: output formats, the error paths (one line, exit code 2), and what commands import."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,32 @@ def test_sequential_commands_do_not_import_the_kernel(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded: []" in done.stdout
+
+
+# imported by a command that neither compiles nor starts Ray, they only cost start-up time
+HEAVY = ("ray", "trl", "triton", "thinktok.kernels")
+
+
+def heavy_imports(code: str, cwd) -> set[str]:
+    """The HEAVY modules a fresh interpreter holds after `code`. cwd: not the repository root, whose
+    kernels/ folder transformers' hub-kernel probe would import as a `kernels` package."""
+    probe = f"\nimport sys\nprint('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True, timeout=300,
+                         cwd=cwd, check=True)
+    return set(out.stdout.strip().splitlines()[-1].split()[1:])
+
+
+def test_help_config_parsing_and_a_sequential_sample_import_no_ray_or_triton(tmp_path):
+    """transformers' GPT-2 modeling imports torch._dynamo and with it Triton (transformers 5.24): that much
+    is allowed, and only where transformers does it alone; thinktok adds none of HEAVY."""
+    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    own = heavy_imports("from transformers import GPT2LMHeadModel", tmp_path) & {"triton"}
+    assert heavy_imports("from thinktok.cli import main\ntry:\n    main(['sample', '--help'])\n"
+                         "except SystemExit:\n    pass", tmp_path) == set()
+    parse = heavy_imports("from thinktok.config import load_config\n"
+                          "from thinktok.rl.config import TrainConfig\n"
+                          f"load_config(TrainConfig, {str(config)!r}, [])", tmp_path)
+    assert parse <= own
+    sample = heavy_imports("from thinktok.cli import main\nmain(['sample', '--num-samples', '1', "
+                           f"'--max-new-tokens', '2', '--out', {str(tmp_path / 's.txt')!r}])", tmp_path)
+    assert sample <= own and (tmp_path / "s.txt").stat().st_size > 0

@@ -1,5 +1,7 @@
 """Configs: YAML + dotted overrides, unknown keys and wrong types rejected with the key's name."""
 
+from pathlib import Path
+
 import pytest
 
 from thinktok.config import ConfigError, load_config
@@ -55,3 +57,27 @@ def test_every_shipped_config_loads_and_validates():
         cls = next((c for prefix, c in kinds.items() if path.name.startswith(prefix)), TrainConfig)
         cfg = load_config(cls, path)
         cfg.validate()
+
+
+def test_policy_overrides_of_a_config_with_policy_sft(tmp_path, monkeypatch):
+    """configs/quickstart.yaml trains its policy with policy_sft when it is missing. `policy=tiny` (a name,
+    not a path) passes through untrained; a path that policy_sft does not write is refused before any
+    training, naming policy_sft=null; the path it writes is trained once."""
+    import thinktok.sft as sft
+    from thinktok.errors import UserError
+    from thinktok.rl.config import TrainConfig
+
+    trained = []
+    monkeypatch.setattr(sft, "run_sft", lambda cfg: trained.append(cfg.out_dir))
+    configs = Path(__file__).parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)  # the runs/ paths, resolved here
+    over = [f"policy_sft={configs / 'sft_quickstart_answer.yaml'}"]
+    cfg = load_config(TrainConfig, configs / "quickstart.yaml", [*over, "policy=tiny"])
+    assert sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy") == "tiny" and not trained
+    cfg = load_config(TrainConfig, configs / "quickstart.yaml", [*over, "policy=runs/mine/checkpoint"])
+    with pytest.raises(UserError, match="set policy_sft=null"):
+        sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy")
+    assert not trained
+    cfg = load_config(TrainConfig, configs / "quickstart.yaml", over)
+    assert sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy") == cfg.policy
+    assert trained == [Path("runs/sft_quickstart_answer")]

@@ -2,17 +2,18 @@
 likelier; the sampler is the behaviour policy (a stale batch is corrected); forced steps carry no gradient;
 the KL is over text steps only; extra parameters are clipped; the mode sits on the model's device."""
 
-import math
 
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOConfig
+from trl import GRPOConfig, GRPOTrainer
 
 from conftest import boost_thinking
+from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
+from thinktok.rl.advantages import group_advantages
 from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, rollout_reward
 from thinktok.rl.ppo import ThoughtPPOTrainer, value_head
 from thinktok.rl.rollout import recompute_logprobs, sample
@@ -32,8 +33,9 @@ GOLD = {"p0": [1065, 2078], "p1": [11, 995]}  # answers for the latent term
 
 
 def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0,
-                  latent_coef=0.0):
-    """The real trainer classes with a local rollout_func: sample here, `reward(rollout)` at the last step."""
+                  latent_coef=0.0, **grpo_args):
+    """The real trainer classes with a local rollout_func: sample here, `reward(rollout)` at the last step.
+    grpo_args: GRPOConfig fields over the defaults below."""
 
     def rollout_func(prompts, trainer):
         rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=trainer.state.global_step)
@@ -50,12 +52,13 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
                 "reward": [float(s.sum()) for s in per_step],
                 "rollout": rollouts, "per_step": per_step, "gold": [GOLD[p] for p in prompts]}
 
-    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                      per_device_train_batch_size=len(PROMPTS) * group, num_generations=group, max_steps=1,
-                      learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                      beta=0.0,
-                      scale_rewards="none" if algo == "rloo" else "group", report_to=[], save_strategy="no",
-                      logging_steps=1, disable_dropout=True, seed=0, max_completion_length=16)
+    defaults = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                    per_device_train_batch_size=len(PROMPTS) * group, num_generations=group, max_steps=1,
+                    learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    beta=0.0, scale_rewards="none" if algo == "rloo" else "group", report_to=[],
+                    save_strategy="no", logging_steps=1, disable_dropout=True, seed=0,
+                    max_completion_length=16)
+    args = GRPOConfig(**{**defaults, **grpo_args})
     modules = {"mode": mode,
                **({"value_head": value_head(policy.model.config.hidden_size)} if algo == "ppo" else {})}
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
@@ -71,6 +74,24 @@ def p_think_first(policy) -> float:
     v = policy.vocab
     return sum(policy.model(torch.tensor([p])).logits[0, -1].softmax(-1)[v.real_size : v.size].sum().item()
                for p in PROMPTS.values()) / len(PROMPTS)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_advantages_are_the_shared_group_advantages(tmp_path, algo):
+    """The learner's advantages are `group_advantages` of the rollouts' rewards (as `thinktok signal`
+    computes them): TRL's own for grpo, TRL's unscaled times G/(G-1) (leave-one-out) for rloo."""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size) + r.num_steps,
+                            algo=algo)
+    def batch():  # TRL's order: each prompt's group in turn
+        return [{"prompt": p} for p in PROMPTS for _ in range(8)]
+
+    inputs = batch()
+    ours = trainer._generate_and_score_completions(inputs)["advantages"]
+    rewards = torch.tensor([x["reward"] for x in inputs])
+    assert rewards.std() > 0 and torch.allclose(ours, group_advantages(rewards, 8, algo))
+    trl = GRPOTrainer._generate_and_score_completions(trainer, batch())  # the same rollouts: same step seed
+    assert torch.allclose(ours, trl["advantages"] * (8 / 7 if algo == "rloo" else 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
@@ -234,16 +255,33 @@ def test_the_mode_moves_to_the_learner_device(tmp_path, monkeypatch):
     assert devices == {trainer.accelerator.device}
 
 
-def test_learner_refuses_reuse_and_trl_kl(tmp_path):
+@pytest.mark.parametrize("reuse", [dict(num_iterations=2), dict(steps_per_generation=2), dict(beta=0.1)])
+def test_learner_refuses_reuse_and_trl_kl(tmp_path, reuse):
+    """Batches reused (several iterations or steps per generation) or TRL's own KL: refused, naming the
+    settings; a text-step KL without its reference too."""
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
+    with pytest.raises(ValueError, match="num_iterations=1, steps_per_generation=1 and TRL's beta=0"):
+        local_trainer(tmp_path, policy, mode, lambda r: 0.0, **reuse)
     with pytest.raises(ValueError, match="kl_coef > 0 needs a reference"):
         local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_coef=0.1)
+
+
+def test_another_trl_version_is_refused(tmp_path, monkeypatch):
+    import trl
+
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(UserError, match=r"private methods of TRL 1\.16\.0 .* but TRL 1\.17\.0 is installed: "
+                                        r"pip install trl==1\.16\.0"):
+        local_trainer(tmp_path, policy, mode, lambda r: 0.0)
 
 
 def test_call_seeds_differ_across_learner_ranks():
     rollouts = RayRollouts(None, None, {}, seed=3)
     seeds = {rollouts.call_seed(v, c, rank) for v in range(3) for c in range(4) for rank in range(4)}
-    assert len(seeds) == 3 * 4 * 4 and not math.isnan(float(min(seeds)))
+    assert len(seeds) == 3 * 4 * 4
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)  # what torch.manual_seed takes
+    assert rollouts.call_seed(2, 3, 1) == RayRollouts(None, None, {}, seed=3).call_seed(2, 3, 1)
 
 
 def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):

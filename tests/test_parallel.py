@@ -157,10 +157,11 @@ def test_mixing_head_is_a_convex_mix():
 
 def test_position_advantages_by_hand():
     gain = torch.tensor([[1.0, 2.0, 5.0], [3.0, 0.0, 7.0], [0.0, 1.0, 1.0], [2.0, 1.0, 1.0]])
-    adv = position_advantages(gain, group=2, positive_only=False)
+    adv = position_advantages(gain, group=2, algo="grpo", positive_only=False)
     assert torch.equal(adv,
                        torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
-    assert torch.equal(position_advantages(gain, 2, True), adv.clamp_min(0))
+    assert torch.equal(position_advantages(gain, 2, "grpo", True), adv.clamp_min(0))
+    assert torch.equal(position_advantages(gain, 2, "rloo", False), 2 * adv)  # leave-one-out: G/(G-1)
 
 
 def test_text_windows_and_config_errors():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import make
 from thinktok.envs import TaskConfig, load_task
+from thinktok.errors import PoisonedStep
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action
@@ -159,7 +160,7 @@ def test_non_finite_reward_names_the_rollout(teacher, monkeypatch):
     real = teacher.token_logprobs
     monkeypatch.setattr(teacher, "token_logprobs", lambda s,
                         st: [x if i != 1 else x * math.nan for i, x in enumerate(real(s, st))])
-    with pytest.raises(ValueError, match="reward teacher_loglik is nan for rollout 1"):
+    with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 1"):
         RewardModel(RewardConfig(), teacher).score(rollouts)
 
 

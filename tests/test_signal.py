@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from thinktok.analysis.signal import group_advantages, measure_signal
+from thinktok.analysis.signal import measure_signal
 from thinktok.config import load_config
+from thinktok.rl.advantages import group_advantages
 from thinktok.rl.config import TrainConfig
 
 
@@ -18,10 +19,13 @@ def cfg(*overrides):
 
 
 def test_group_advantages_by_hand():
-    r = torch.tensor([1.0, 3.0, 0.0, 0.0])
-    assert torch.allclose(group_advantages(r, 2, scale=False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 4.0])
+    assert torch.allclose(group_advantages(r, 2, "grpo", scale=False), torch.tensor([-1.0, 1, 0, 0, -1, 1]))
     std = torch.tensor([1.0, 3.0]).std()
-    assert torch.allclose(group_advantages(r, 2, scale=True)[:2], torch.tensor([-1.0, 1.0]) / (std + 1e-4))
+    assert torch.allclose(group_advantages(r, 2, "grpo")[:2], torch.tensor([-1.0, 1.0]) / (std + 1e-4))
+    # rloo: r_i minus the mean of the others, never scaled
+    loo = torch.tensor([r[i] - (r[(i // 3) * 3:(i // 3) * 3 + 3].sum() - r[i]) / 2 for i in range(6)])
+    assert torch.allclose(group_advantages(r, 3, "rloo"), loo)
 
 
 @pytest.mark.parametrize("cost", [1.0, -1.0])

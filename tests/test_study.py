@@ -1,7 +1,10 @@
 """`thinktok study`: arms over seeds as Ray tasks, warm starts in order, restarts that skip finished work, a
-node's death survived on a two-node cluster, and a report whose numbers are the arms' own evaluations."""
+killed arm retried at once (or recorded as failed), an arm's own error recorded with its traceback, a node's
+death survived on a two-node cluster, and a report whose numbers are the arms' own evaluations."""
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -29,6 +32,69 @@ def fresh_ray():
     ray.shutdown()
     yield
     ray.shutdown()
+
+
+def started(run: Path, attempt: int = 1, timeout: float = 180) -> dict:
+    """worker.json of the (arm, seed) at `run` once its task `attempt` has started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "worker.json").exists():
+            worker = json.loads((run / "worker.json").read_text())
+            if worker["attempt"] == attempt:
+                return worker
+        time.sleep(0.05)
+    raise AssertionError(f"{run}: attempt {attempt} never started")
+
+
+def in_background(cfg: StudyConfig, **kw) -> threading.Thread:
+    thread = threading.Thread(target=run_study, args=(cfg,), kwargs={"poll_s": 2, **kw})
+    thread.start()
+    return thread
+
+
+def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, fresh_ray):
+    """One arm at a time: `a` is SIGKILLed as it starts; its retry runs before `b`, which was waiting (Ray's
+    own retry queued behind it), and `b` runs once."""
+    cfg = study(tmp_path, [ArmConfig(name="a", config=SFT), ArmConfig(name="b", config=SFT)], seeds=(0,),
+                parallel_arms=1)
+    thread = in_background(cfg, report=False)
+    first = started(tmp_path / "a" / "seed0")
+    os.kill(first["pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    log = (tmp_path / "study.log").read_text()
+    assert "a seed 0: retrying (attempt 2 of 3): worker died" in log
+    assert log.index("a seed 0: done") < log.index("b seed 0: submitted")  # the retry went first
+    assert log.count("b seed 0: submitted") == 1 and log.count("b seed 0: done") == 1
+    assert log.count("a seed 0: submitted") == 1 and "failed" not in log
+    second = json.loads((tmp_path / "a" / "seed0" / "worker.json").read_text())
+    assert second["attempt"] == 2 and second["pid"] != first["pid"]
+    assert all((tmp_path / arm / "seed0" / "result.json").exists() for arm in "ab")
+    assert "--- attempt 1" in (tmp_path / "a" / "seed0" / "error.log").read_text()
+
+
+def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_path, fresh_ray):
+    """`broken` raises (its config does not exist): failed at once, its traceback in its error.log. `killed`
+    is SIGKILLed with no attempt left: failed, the cause named. `fine` finishes; the report lists both."""
+    arms = [ArmConfig(name="broken", config=str(tmp_path / "missing.yaml")),
+            ArmConfig(name="killed", config=SFT), ArmConfig(name="fine", config=SFT)]
+    cfg = study(tmp_path, arms, seeds=(0,), max_attempts=1, parallel_arms=3)
+    thread = in_background(cfg, report=True)
+    os.kill(started(tmp_path / "killed" / "seed0")["pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    failed = json.loads((tmp_path / "study.json").read_text())["failed"]
+    assert set(failed) == {"broken seed 0", "killed seed 0"}
+    assert failed["broken seed 0"].startswith("FileNotFoundError: ")
+    assert failed["killed seed 0"].startswith("worker died on attempt 1 of 1")
+    log = (tmp_path / "study.log").read_text()
+    assert f"broken seed 0: failed  {failed['broken seed 0']}" in log
+    assert f"killed seed 0: failed  {failed['killed seed 0']}" in log and "retrying" not in log
+    trace = (tmp_path / "broken" / "seed0" / "error.log").read_text()
+    assert ", in run_arm\n" in trace and "FileNotFoundError" in trace and "missing.yaml" in trace
+    report = (tmp_path / "report.md").read_text()
+    assert "## Failed" in report and "- broken seed 0: FileNotFoundError" in report
+    assert (tmp_path / "fine" / "seed0" / "result.json").exists() and "| fine | sft |" in report
 
 
 def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_path, fresh_ray):
@@ -81,8 +147,8 @@ def test_bad_study_configs_are_refused(tmp_path):
 
 
 def test_an_arm_whose_node_dies_reruns_elsewhere(tmp_path, fresh_ray):
-    """Two worker nodes (ray.cluster_utils.Cluster); the node running the arm is removed mid-run; Ray retries
-    the task on the other node and the study finishes with the arm recorded."""
+    """Two worker nodes (ray.cluster_utils.Cluster); the node running the arm is removed mid-run; the study
+    retries the task on the other node and finishes with the arm recorded."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -91,21 +157,16 @@ def test_an_arm_whose_node_dies_reruns_elsewhere(tmp_path, fresh_ray):
     over = ["train.max_steps=40"]  # long enough to be caught running
     arm = ArmConfig(name="a", config=SFT, overrides=over, resources={"arm_slot": 1})
     cfg = study(tmp_path, [arm], seeds=(0,))
-    worker = threading.Thread(target=run_study, args=(cfg, cluster.address),
-                              kwargs={"report": False, "poll_s": 2})
-    worker.start()
-    node_file = tmp_path / "a" / "seed0" / "node.txt"
-    deadline = time.time() + 180
-    while not node_file.exists() and time.time() < deadline:
-        time.sleep(0.5)
-    first = node_file.read_text()
+    thread = in_background(cfg, ray_address=cluster.address, report=False)
+    first = started(tmp_path / "a" / "seed0")["node"]
     victim = next(n for n in nodes if n.node_id == first)
     cluster.remove_node(victim)
-    worker.join(timeout=600)
+    thread.join(timeout=600)
     try:
-        assert not worker.is_alive()
+        assert not thread.is_alive()
         assert (tmp_path / "a" / "seed0" / "result.json").exists()
-        assert node_file.read_text() != first  # the rerun ran on the surviving node
+        assert started(tmp_path / "a" / "seed0", attempt=2)["node"] != first  # reran on the surviving node
+        assert "a seed 0: retrying (attempt 2 of 3)" in (tmp_path / "study.log").read_text()
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -2,6 +2,8 @@
 poisoned rewards, each algorithm and vector modes, and the learner's override against TRL's base method."""
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,11 +15,12 @@ from transformers import AutoModelForCausalLM
 from conftest import make
 from thinktok.analysis.compare import summary
 from thinktok.config import load_config
+from thinktok.errors import PoisonedStep
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
-from thinktok.rl.actors import RayConfig, sequential_workers, start_workers, stop_workers
-from thinktok.rl.config import TrainConfig
-from thinktok.rl.learner import PoisonedStep
+from thinktok.rl.actors import RolloutWorker, init_ray, sequential_workers, start_workers, stop_workers
+from thinktok.rl.config import RayConfig, TrainConfig
+from thinktok.rl.learner import RayRollouts
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
 from thinktok.rl.train import run_train
@@ -115,23 +118,38 @@ def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher):
+class HeldRolloutWorker(RolloutWorker):
+    """A rollout worker whose first `sample` call (in any incarnation) with `started` set writes that file
+    and then waits to be killed: the test's event that the call is in progress. The retried call, in the
+    restarted actor, finds the file and samples."""
+
+    def sample(self, prompts, seed, weights, version, started: str | None = None):
+        if started is not None and not Path(started).exists():
+            Path(started).write_text(str(os.getpid()))
+            time.sleep(600)
+        return super().sample(prompts, seed, weights, version)
+
+
+def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher, tmp_path):
     cfg = TrainConfig(ray=RayConfig(num_rollout_workers=2, num_teacher_workers=1))
     cfg.thought.num_thinking = 8
     policy = load_policy("tiny", 8, False)
     path = teacher + "_policy"
     policy.save(path)
-    workers = start_workers(cfg.ray,
-                            *sequential_workers(path, teacher, cfg.thought, cfg.sampling, cfg.rewards,
-                                                         cfg.task))
+    (_, rollout_args), reward = sequential_workers(path, teacher, cfg.thought, cfg.sampling, cfg.rewards,
+                                                   cfg.task)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    workers = start_workers(cfg.ray, (HeldRolloutWorker, rollout_args), reward)
     try:
         weights = [ray.put({"model": policy.model.state_dict(), "mode": {}})]
         prompts = [[1105, 1635, 4974, 796]] * 48
         victim, witness = workers.rollout
         pid = ray.get(victim.pid.remote())
         expected = ray.get(witness.sample.remote(prompts, 11, weights, 1))
-        pending = victim.sample.remote(prompts, 11, weights, 1)
-        time.sleep(0.5)  # mid-call
+        started = tmp_path / "started"
+        pending = victim.sample.remote(prompts, 11, weights, 1, str(started))
+        while not started.exists():  # the call is in progress (and held there) once this exists
+            time.sleep(0.05)
         ray.kill(victim, no_restart=False)
         got = ray.get(pending)
         assert ray.get(victim.pid.remote()) != pid  # it really died and came back
@@ -153,6 +171,27 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
 
 
+def test_scorer_errors_keep_their_cause():
+    """A scorer's finiteness check ends the step in one line naming it; any other error in a reward worker is
+    a bug and propagates with its own type and the worker's traceback."""
+    init_ray(RayConfig())
+
+    @ray.remote(max_retries=0)
+    def poisoned():
+        raise PoisonedStep("reward gold_loglik is nan for rollout 2; refusing to train on it")
+
+    @ray.remote(max_retries=0)
+    def buggy():
+        raise ValueError("a bug in the reward worker")
+
+    with pytest.raises(PoisonedStep, match="^scoring failed at step 3: reward gold_loglik is nan"):
+        RayRollouts.get_scores([poisoned.remote()], 3)
+    with pytest.raises(ValueError, match="a bug in the reward worker") as caught:
+        RayRollouts.get_scores([buggy.remote()], 3)
+    assert not isinstance(caught.value, PoisonedStep)
+    assert "in buggy" in str(caught.value)  # the worker's traceback, down to the raising line
+
+
 @pytest.mark.parametrize("overrides", [
     ["rl.algo=ppo", "thought.mode=continuous", "thought.num_thinking=0", "thought.learn_sigma=true"],
     ["rl.algo=rloo", "thought.mode=soft", "thought.num_thinking=0", "rl.beta=0.1"],
@@ -163,6 +202,12 @@ def test_algorithms_and_modes(tmp_path, teacher, overrides):
     final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", *overrides))
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    # rl.beta: the text-step KL to the initial policy, 0 while the policy is still its reference (step 1),
+    # positive once it has moved (step 2); without it no KL is computed
+    if any(o.startswith("rl.beta=") for o in overrides):
+        assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6) and 1e-9 < lines[1]["kl"] < 1.0
+    else:
+        assert [m["kl"] for m in lines] == [0.0, 0.0]
     init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init").state_dict()
     after = AutoModelForCausalLM.from_pretrained(final).state_dict()
     assert any(not torch.equal(init[k], after[k]) for k in init)  # the learner moved the weights

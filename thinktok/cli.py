@@ -90,7 +90,7 @@ def add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def add_compare(sub) -> None:
@@ -101,7 +101,7 @@ def add_compare(sub) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None,
                    help="first N examples (windows, for parallel runs) only")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default="runs/compare", help="where compare.json and compare.png go")
 
 
@@ -146,15 +146,19 @@ def add_bench(sub) -> None:
     p.add_argument("--thought-len", type=int, default=8, help="parallel: thought tokens per position")
     p.add_argument("--lookahead", type=int, default=4, help="parallel: true tokens scored after each thought")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="runs/bench")
 
 
-def _cuda() -> bool:
+def device(a) -> str:
+    """--device, defaulting to CUDA when there is one: decided when a command runs, not when the parser is
+    built, so that `--help` imports no torch."""
+    if a.device is not None:
+        return a.device
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_sample(a) -> None:
@@ -291,13 +295,13 @@ def run_eval(a) -> None:
 
     from thinktok.analysis.evaluate import evaluate
 
-    print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, a.device, a.limit)))
+    print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, device(a), a.limit)))
 
 
 def run_compare(a) -> None:
     from thinktok.analysis.compare import compare
 
-    compare(a.runs, a.task, a.split, a.limit, a.device, Path(a.out))
+    compare(a.runs, a.task, a.split, a.limit, device(a), Path(a.out))
 
 
 def run_study(a) -> None:
@@ -337,11 +341,11 @@ def run_bench(a) -> None:
     if a.what == "rollout":
         from thinktok.analysis.bench import bench_rollout
 
-        bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, a.device, a.dtype, Path(a.out))
+        bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, device(a), a.dtype, Path(a.out))
     elif a.what == "parallel":
         from thinktok.analysis.bench import bench_parallel
 
-        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, a.device,
+        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, device(a),
                        a.dtype, Path(a.out))
     elif a.what == "train":
         from thinktok.analysis.bench import bench_train
@@ -373,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     add_summary(sub)
     add_study(sub)
     add_bench(sub)
-    from thinktok.errors import UserError
-    from thinktok.rl.learner import PoisonedStep
+    from thinktok.errors import PoisonedStep, UserError
 
     try:
         a = parser.parse_args(argv)

@@ -341,14 +341,20 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
 
 def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> str | None:
     """A checkpoint the run needs (teacher, initial policy), trained first from its SFT config when it is
-    missing (fresh machines). Built-in names (tiny, gpt2, ...) are not paths and pass through."""
+    missing (fresh machines). A name without a folder or suffix (tiny, gpt2, a hub name) is not a path, as
+    for load_policy, and passes through; a missing path the SFT config would not write is refused before
+    any training."""
     if path is None or Path(path).exists() or not sft_config:
+        return path
+    if not (Path(path).suffix or Path(path).parent != Path(".")):
         return path
     from thinktok.config import load_config
 
     sft = load_config(SFTConfig, sft_config)
+    writes = sft.out_dir / "checkpoint"  # where run_sft saves
+    if writes.resolve() != Path(path).resolve():
+        raise UserError(f"{role}={path} does not exist, and {role}_sft={sft_config} writes {writes}: set "
+                        f"{role}_sft=null to use another {role}, or {role}={writes}")
     print(f"{role} {path} not found: training it with {sft_config} first")
-    ckpt = run_sft(sft)
-    if ckpt.resolve() != Path(path).resolve():
-        raise UserError(f"{sft_config} writes {ckpt}, but {role}={path}")
+    run_sft(sft)
     return path

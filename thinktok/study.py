@@ -2,18 +2,26 @@
 fragment over `thinktok sft` or `thinktok train`, or a training-free evaluation of another arm's checkpoint)
 runs for every seed as a Ray task with its resource request, on a local cluster or an existing one. Each
 finished (arm, seed) is evaluated on the study's split, with the controls, and recorded in
-`<study>/<arm>/seed<k>/result.json`; a restarted study never reruns a recorded one, and a task whose node dies
-is retried elsewhere by Ray (the rerun resumes an RL arm from its last checkpoint, and restarts an SFT arm).
-Arms that start from another arm's checkpoint (`init_from`, same seed) wait for it. Progress: one line per
-(arm, seed) and state in `study.log` (and on stdout). The report (analysis/report.py) is written at the end.
+`<study>/<arm>/seed<k>/result.json`; a restarted study never reruns a recorded one. Arms that start from
+another arm's checkpoint (`init_from`, same seed) wait for it.
 
-The study directory must be visible to every node (a shared filesystem), as the warm starts read checkpoints
-another task wrote.
+Failures. A task killed from outside (Ray's memory monitor, a SIGKILL of its worker, its node's death) is
+resubmitted at once, ahead of every (arm, seed) not yet started, up to `max_attempts` in all; the rerun
+resumes an RL arm from its last checkpoint and restarts an SFT arm. An arm's own Python error is not retried.
+Each failure's full text (the traceback, for a Python error) goes to the arm's `error.log`; an (arm, seed)
+that fails for good is recorded with its cause in `study.log`, `study.json` and the report, while the other
+arms finish. The driver retries itself (Ray's `max_retries` would queue the rerun behind all submitted work).
+
+Progress: one line per (arm, seed) and state in `study.log` (and on stdout). The report (analysis/report.py)
+is written at the end. The study directory must be visible to every node (a shared filesystem), as the warm
+starts read checkpoints another task wrote.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -48,8 +56,10 @@ class StudyConfig:
     comparisons: list[list[str]] = field(default_factory=list)  # [arm a, arm b]: one paired statement each
     split: str = "test"  # the split every arm is evaluated on
     eval_limit: int | None = None  # first N examples of the split (None: all)
-    max_retries: int = 3  # reruns of an (arm, seed) whose task died with its node or worker
-    parallel_arms: int = 2  # local cluster only: (arm, seed)s running at once (each task uses one core)
+    # attempts of an (arm, seed) whose task is killed from outside (OOM kill, its worker's or node's death)
+    max_attempts: int = 3
+    # local cluster only: (arm, seed)s running at once (each task uses one core); a retry takes the next place
+    parallel_arms: int = 2
 
     def validate(self) -> None:
         names = [a.name for a in self.arms]
@@ -59,6 +69,8 @@ class StudyConfig:
             raise UserError(f"arm names must be unique, got {names}")
         if not self.seeds:
             raise UserError("a study needs at least one seed")
+        if self.max_attempts < 1 or self.parallel_arms < 1:
+            raise UserError("max_attempts and parallel_arms must be >= 1")
         for a in self.arms:
             if a.kind not in KINDS:
                 raise UserError(f"arm {a.name}: unknown kind {a.kind!r}: expected one of {', '.join(KINDS)}")
@@ -91,6 +103,10 @@ def order(arms: list[ArmConfig]) -> list[ArmConfig]:
     return out
 
 
+WORKER = "worker.json"  # in each (arm, seed)'s directory: the node, pid and attempt of its latest task
+ERROR_LOG = "error.log"  # in each (arm, seed)'s directory: every failed attempt's full text
+
+
 def run_dir(study: Path, arm: str, seed: int) -> Path:
     return study / arm / f"seed{seed}"
 
@@ -101,7 +117,7 @@ def checkpoint_of(study: Path, arm: ArmConfig, seed: int) -> Path:
     return find_checkpoint(run_dir(study, arm.name, seed))
 
 
-def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
+def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, attempt: int = 1) -> dict:
     """One (arm, seed): train (or, for eval arms, only load), then evaluate with the controls. Runs inside a
     Ray task; returns the record the driver writes to result.json."""
     import ray
@@ -110,7 +126,10 @@ def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
     out = run_dir(cfg.dir, arm.name, seed)
     out.mkdir(parents=True, exist_ok=True)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    (out / "node.txt").write_text(node)  # where it ran: a rerun after a node's death shows here
+    # where and as what it runs: a rerun after a node's death shows here, and the pid is the one to kill
+    tmp = out / f".{WORKER}.tmp"  # renamed into place: the driver never reads half a file
+    tmp.write_text(json.dumps({"node": node, "pid": os.getpid(), "attempt": attempt}))
+    tmp.replace(out / WORKER)
     torch.manual_seed(seed)
     start = time.perf_counter()
     init = str(checkpoint_of(cfg.dir, next(a for a in cfg.arms if a.name == arm.init_from), seed)) \
@@ -183,90 +202,159 @@ class Progress:
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
-    def running(self, study: Path, arm: str, seed: int, since: float) -> None:
+    def running(self, study: Path, arm: str, seed: int, attempt: int, of: int, since: float) -> None:
         out = run_dir(study, arm, seed)
-        node = out / "node.txt"
-        if not node.exists() or node.stat().st_mtime < since:  # not started by this study run yet
+        worker = out / WORKER
+        started = worker.exists() and worker.stat().st_mtime >= since and json.loads(
+            worker.read_text())["attempt"] == attempt  # by this study run, as this attempt
+        if not started:
             self.say(arm, seed, "queued")
             return
+        state = "running" if attempt == 1 else f"running (attempt {attempt} of {of})"
         metrics = out / "metrics.jsonl"
         if metrics.exists() and metrics.read_text().strip():
             last = json.loads(metrics.read_text().splitlines()[-1])
-            self.say(arm, seed, "running", f"step {last['step']} reward {last['reward_mean']:.3f}")
+            self.say(arm, seed, state, f"step {last['step']} reward {last['reward_mean']:.3f}")
         else:
-            self.say(arm, seed, "running")
+            self.say(arm, seed, state)
+
+
+def crash_cause(error: Exception) -> str | None:
+    """What killed an arm's task from outside (worth a rerun), or None: the arm's own error, or a failure a
+    rerun would meet again (an unschedulable request)."""
+    import ray.exceptions as rx
+
+    causes = ((rx.OutOfMemoryError, "out of memory (killed by Ray's memory monitor)"),
+              (rx.WorkerCrashedError, "worker died"), (rx.NodeDiedError, "node died"),
+              (rx.LocalRayletDiedError, "node died"), (rx.ObjectLostError, "result lost with its node"))
+    return next((cause for cls, cause in causes if isinstance(error, cls)), None)
+
+
+def failure(error: Exception) -> str:
+    """One line for the log and report: the arm's own exception (or Ray's error), its type and first line."""
+    import ray.exceptions as rx
+
+    cause = error.cause if isinstance(error, rx.RayTaskError) else error
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+
+
+def log_failure(out: Path, attempt: int, error: Exception) -> None:
+    """The failure's full text (for a Python error, Ray's text of it: the remote frames and the exception),
+    appended to the arm's log without Ray's terminal colours."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    with open(out / ERROR_LOG, "a") as f:
+        f.write(f"--- attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')}: {type(error).__name__}\n"
+                f"{text}\n")
+
+
+@dataclass
+class Ledger:
+    """The driver's state: recorded results, (arm, seed)s failed for good (-> cause), running tasks (ref ->
+    (arm, seed)), attempts made, and (arm, seed)s due for a retry (they go before any not yet started)."""
+
+    results: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)
+    running: dict = field(default_factory=dict)
+    attempts: dict = field(default_factory=dict)
+    retry: list = field(default_factory=list)
+
+
+def ready(cfg: StudyConfig, ledger: Ledger, progress: Progress) -> list:
+    """(arm, seed)s that may start now: retries first, then in order those not recorded, failed or busy
+    whose init_from is recorded. Marks as failed (skipped) those whose init_from failed."""
+    busy = set(ledger.running.values()) | set(ledger.retry)
+    out = list(ledger.retry)
+    for arm in order(cfg.arms):
+        for seed in cfg.seeds:
+            key = (arm.name, seed)
+            if key in ledger.results or key in ledger.failed or key in busy:
+                continue
+            if arm.init_from and (arm.init_from, seed) in ledger.failed:
+                ledger.failed[key] = f"its init_from {arm.init_from} failed"
+                progress.say(arm.name, seed, "skipped", ledger.failed[key])
+            elif not arm.init_from or (arm.init_from, seed) in ledger.results:
+                out.append(key)
+    return out
+
+
+def settle(cfg: StudyConfig, ledger: Ledger, ref, progress: Progress) -> None:
+    """A finished task: its record written, or its failure logged and then retried (killed from outside,
+    attempts left) or recorded as failed."""
+    import ray
+
+    key = ledger.running.pop(ref)
+    out, n = run_dir(cfg.dir, *key), ledger.attempts[key]
+    try:
+        record = ray.get(ref)
+    except ray.exceptions.RayError as e:
+        log_failure(out, n, e)
+        cause = crash_cause(e)
+        if cause is not None and n < cfg.max_attempts:
+            ledger.retry.append(key)
+            progress.say(*key, f"retrying (attempt {n + 1} of {cfg.max_attempts}): {cause}")
+            return
+        what = f"{cause} on attempt {n} of {cfg.max_attempts}" if cause else failure(e)
+        ledger.failed[key] = f"{what} (full text in {key[0]}/seed{key[1]}/{ERROR_LOG})"
+        progress.say(*key, "failed", ledger.failed[key])
+        return
+    ledger.results[key] = record
+    (out / "result.json").write_text(json.dumps(record, indent=2))
+    ev = record["eval"]
+    metric = f"accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else f"nll {ev.get('nll_thought', 0):.3f}"
+    progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
 
 
 def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = True,
               poll_s: float = 30.0) -> Path:
     import ray
 
-    from thinktok.rl.actors import RayConfig, init_ray
+    from thinktok.rl.actors import init_ray
+    from thinktok.rl.config import RayConfig
 
     cfg.validate()
     study = cfg.dir
     study.mkdir(parents=True, exist_ok=True)
     save_config(cfg, study / "study.yaml")
     progress = Progress(study / "study.log")
-    slot = {}
-    if ray_address is None and not ray.is_initialized():  # a local cluster: at most parallel_arms at once
-        init_ray(RayConfig(), resources={"arm_slot": cfg.parallel_arms})
-        slot = {"arm_slot": 1}
-    else:
-        init_ray(RayConfig(address=ray_address))
-    remote = ray.remote(run_arm)
-    results, failed, running = {}, {}, {}
+    # a local cluster runs parallel_arms at once, counted here so that a retry takes the first free place
+    limit = cfg.parallel_arms if ray_address is None and not ray.is_initialized() else None
+    init_ray(RayConfig(address=ray_address))
+    remote, arms, ledger = ray.remote(run_arm), {a.name: a for a in cfg.arms}, Ledger()
     for arm in cfg.arms:  # recorded (arm, seed)s are never rerun
         for seed in cfg.seeds:
             path = run_dir(study, arm.name, seed) / "result.json"
             if path.exists():
-                results[arm.name, seed] = json.loads(path.read_text())
+                ledger.results[arm.name, seed] = json.loads(path.read_text())
                 progress.say(arm.name, seed, "done before (skipped)")
     last_poll, started = time.perf_counter(), time.time()
     while True:
-        for arm in order(cfg.arms):
-            for seed in cfg.seeds:
-                key = (arm.name, seed)
-                if key in results or key in failed or key in running.values():
-                    continue
-                if arm.init_from and (arm.init_from, seed) in failed:
-                    failed[key] = f"its init_from {arm.init_from} failed"
-                    progress.say(arm.name, seed, "skipped", failed[key])
-                    continue
-                if arm.init_from and (arm.init_from, seed) not in results:
-                    continue
-                ref = remote.options(num_cpus=arm.num_cpus, num_gpus=arm.num_gpus,
-                                     resources={**slot, **arm.resources},
-                                     max_retries=cfg.max_retries).remote(cfg, arm, seed)
-                running[ref] = key
-                progress.say(arm.name, seed, "submitted", f"cpus {arm.num_cpus} gpus {arm.num_gpus}")
-        if not running:
+        for key in ready(cfg, ledger, progress):
+            if limit is not None and len(ledger.running) >= limit:
+                break
+            if key in ledger.retry:
+                ledger.retry.remove(key)
+            arm, n = arms[key[0]], ledger.attempts.get(key, 0) + 1
+            ref = remote.options(num_cpus=arm.num_cpus, num_gpus=arm.num_gpus, resources=arm.resources,
+                                 max_retries=0).remote(cfg, arm, key[1], n)
+            ledger.running[ref], ledger.attempts[key] = key, n
+            if n == 1:
+                progress.say(*key, "submitted", f"cpus {arm.num_cpus} gpus {arm.num_gpus}")
+        if not ledger.running:
             break
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-        for ref in ready:
-            key = running.pop(ref)
-            try:
-                record = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:  # the arm's own error: recorded, the others go on
-                failed[key] = f"{type(e.cause).__name__}: {e.cause}"
-                progress.say(*key, "failed", failed[key])
-                continue
-            results[key] = record
-            (run_dir(study, *key) / "result.json").write_text(json.dumps(record, indent=2))
-            ev = record["eval"]
-            metric = (f"accuracy {ev['accuracy']:.3f}" if "accuracy" in ev
-                      else f"nll {ev.get('nll_thought', 0):.3f}")
-            progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
+        done, _ = ray.wait(list(ledger.running), num_returns=1, timeout=poll_s)
+        for ref in done:
+            settle(cfg, ledger, ref, progress)
         if time.perf_counter() - last_poll > poll_s:
-            for key in running.values():
-                progress.running(study, *key, since=started)
+            for key in ledger.running.values():
+                progress.running(study, *key, ledger.attempts[key], cfg.max_attempts, since=started)
             last_poll = time.perf_counter()
+    failed = ledger.failed
     if failed:
         (study / "failed.json").write_text(json.dumps({f"{a} seed {s}": m for (a, s), m in failed.items()},
                                                       indent=2))
     if report:
         from thinktok.analysis.report import write_report
 
-        write_report(cfg, [results[k] for k in sorted(results)], failed)
+        write_report(cfg, [ledger.results[k] for k in sorted(ledger.results)], failed)
     return study
-

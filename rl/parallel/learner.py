@@ -13,7 +13,7 @@ import torch
 
 from thinktok.checkpoint import RunTrainer
 from thinktok.rl.actors import Workers, chunks
-from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, bound, check_finite, pad_to
+from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, check_finite, pad_to
 
 from .config import ParallelConfig
 from .rollout import ParallelRollout
@@ -70,45 +70,35 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.mixing_head = self.extra_modules.get("mixing_head")
 
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+    def set_advantages(self, inputs: list[dict], out: dict) -> None:
+        """out["advantages"]: each position's advantage (`position_advantages`) on its L thought tokens."""
         batch = ParallelRollout.cat(out["rollout"])  # TRL's row order, before the shuffle
         r, t, l = batch.thoughts.shape
         g = self.num_generations
-        adv = position_advantages(batch.gain, g, self.parallel.positive_only)  # (R, T)
-        if self.algo == "rloo":
-            adv = adv * g / (g - 1)
+        adv = position_advantages(batch.gain, g, self.algo, self.parallel.positive_only)  # (R, T)
         per_token = adv[..., None].expand(r, t, l).reshape(r, t * l)
         out["advantages"] = pad_to(per_token, out["completion_ids"].shape[1]).to(out["advantages"].device)
-        check_finite("advantages", out["advantages"], self.state.global_step)
-        return out
 
     def log_rollouts(self, inputs: list[dict]) -> None:
         for k, v in inputs[0]["scorer_stats"].items():  # the scorers' statistics, from rollout_func
-            self._metrics["train"][f"rollout/{k}"].append(v)
+            self.log_metric(f"rollout/{k}", v)
 
     def extra_loss(self, batch: RecomputeBatch, inputs: dict) -> torch.Tensor:
         loss = super().extra_loss(batch, inputs)
         if self.parallel.nll_coef:
             nll = batch.recomputed.nll()
-            self._metrics["train"]["nll_post_thought"].append(nll.item())
+            self.log_metric("nll_post_thought", nll.item())
             loss = loss + self.parallel.nll_coef * nll
         return loss
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                           batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **_):
-        """Log-probs of the sampled thoughts from one parallel pass: (R, logits_to_keep)."""
-        batch = bound(model, input_ids)
-        rollout = ParallelRollout.cat(batch.rollouts).to(input_ids.device)
-        with self.accelerator.autocast():
-            # the gain was scored by the scoring workers: only the thoughts' log-probs and the NLL term here
-            scored = score(batch.model, self.thought_mode, rollout, self.parallel.lookahead, self.mixing_head,
-                           post=self.parallel.nll_coef > 0, base=False)
+    def recompute(self, batch: RecomputeBatch) -> tuple:
+        """-> (the scored pass, (R, T*L) log-probs and entropies of the sampled thoughts) from one parallel
+        pass; the gain was scored by the scoring workers: only the log-probs and the NLL term here."""
+        rollout = ParallelRollout.cat(batch.rollouts).to(self.accelerator.device)
+        scored = score(batch.model, self.thought_mode, rollout, self.parallel.lookahead, self.mixing_head,
+                       post=self.parallel.nll_coef > 0, base=False)
         r = len(batch.rollouts)
-        batch.recomputed, batch.logps = scored, scored.thought_logprob.detach().reshape(r, -1)
-        entropy = pad_to(scored.thought_entropy, logits_to_keep) if compute_entropy else None
-        return pad_to(scored.thought_logprob, logits_to_keep), entropy, None
+        return scored, scored.thought_logprob.reshape(r, -1), scored.thought_entropy.reshape(r, -1)
 
 
 class ParallelRun(RunTrainer, ParallelGRPOTrainer):

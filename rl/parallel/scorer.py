@@ -29,12 +29,13 @@ from typing import NamedTuple
 import torch
 
 from thinktok.checkpoint import load_extra_state
-from thinktok.errors import UserError
+from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.head import column_logits
 from thinktok.models.parallel_gpt2 import MixingHead, parallel_hidden
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import ThoughtMode
 
+from ..advantages import group_advantages
 from .config import ParallelConfig
 from .rollout import ParallelRollout, choosing_hidden, sample_parallel, task_windows, thought_logprobs
 
@@ -138,11 +139,10 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     return Scored(thought_lp, entropy, stack(post_lp), stack(base_lp), valid, stack(raw_lp))
 
 
-def position_advantages(gain: torch.Tensor, group: int, positive_only: bool) -> torch.Tensor:
-    """(R, T) gains, rows b*G .. b*G+G-1 sharing a window -> (R, T) advantages against the mean over the G
-    thoughts at the same position; the last position (never scored) gets 0."""
-    g = gain.reshape(-1, group, gain.shape[1])
-    adv = (g - g.mean(1, keepdim=True)).reshape_as(gain)
+def position_advantages(gain: torch.Tensor, group: int, algo: str, positive_only: bool) -> torch.Tensor:
+    """(R, T) gains, rows b*G .. b*G+G-1 sharing a window -> (R, T) advantages against the G thoughts at the
+    same position (`group_advantages`, unscaled); the last position (never scored) gets 0."""
+    adv = group_advantages(gain, group, algo, scale=False)
     adv = adv.clamp_min(0) if positive_only else adv
     adv[:, -1] = 0.0
     return adv
@@ -180,7 +180,7 @@ class ParallelScorer:
         gain = scored.gain.float()
         if not torch.isfinite(gain).all():
             bad = int((~torch.isfinite(gain)).any(1).nonzero()[0])
-            raise UserError(f"parallel gain is not finite for window row {bad}; refusing to train on it")
+            raise PoisonedStep(f"parallel gain is not finite for window row {bad}; refusing to train on it")
         self.stats = {"nll_thought": scored.nll().item(), "nll_base": scored.nll(base=True).item(),
                       "gain_unmixed_mean": scored.gain_raw[:, :-1].mean().item()}
         return replace(rollout, gain=gain)
