@@ -98,9 +98,8 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
 
 class MixingHead(nn.Module):
     """Quiet-STaR's mixing head: w = sigmoid(MLP([h_pre; h_post])) in (0, 1) per prediction, and the mixed
-    logits are the convex mix pre + w * (post - pre). (A tanh head let w < 0 extrapolate away from the
-    thought, so a harmful thought could score a positive gain; clamping it at 0 made a unit that died for good
-    after one update in which thoughts hurt.) The last layer starts with zero weights and bias INIT_BIAS, so
+    logits are the convex mix pre + w * (post - pre): a sigmoid keeps w in (0, 1), so a mix never
+    extrapolates away from the thought. The last layer starts with zero weights and bias INIT_BIAS, so
     w = 0.0067 everywhere: training starts within 1% of the base model's predictions, with a gradient that
     never vanishes. Even convex, a mix can raise the target's log-prob above both passes (log-softmax is
     concave in the logits): the gain with a head is partly an ensemble of two passes, so scoring reports the

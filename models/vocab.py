@@ -14,13 +14,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from thinktok.checkpoint import VOCAB_FILE
 from thinktok.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: importing transformers' model classes loads torch._dynamo and Triton
+    from transformers import PreTrainedModel
 
 BOT, EOT = "<bot>", "<eot>"
 

@@ -139,6 +139,10 @@ class SFTConfig:
     def out_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
 
 def step_codebook(tokenizer, rows) -> dict[int, int]:
     """Each distinct text id of the rows' reasoning steps -> its index (sorted ids): the discrete curriculum's
@@ -312,7 +316,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         if clock.expired():
             print(f"train.max_seconds={t.max_seconds} reached in stage {stage}")
             break
-    ckpt = out / "checkpoint"
+    ckpt = cfg.checkpoint_dir
     policy.save(ckpt)
     (ckpt / ROWS_FILE).write_text(json.dumps(recorder.history))
     latents = cfg.curriculum.stages * cfg.curriculum.thoughts_per_step
@@ -351,7 +355,7 @@ def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> st
     from thinktok.config import load_config
 
     sft = load_config(SFTConfig, sft_config)
-    writes = sft.out_dir / "checkpoint"  # where run_sft saves
+    writes = sft.checkpoint_dir
     if writes.resolve() != Path(path).resolve():
         raise UserError(f"{role}={path} does not exist, and {role}_sft={sft_config} writes {writes}: set "
                         f"{role}_sft=null to use another {role}, or {role}={writes}")
