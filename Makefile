@@ -32,7 +32,7 @@ sample: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	$(BIN)/thinktok bench rollout

@@ -71,7 +71,7 @@ def test_policy_overrides_of_a_config_with_policy_sft(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "run_sft", lambda cfg: trained.append(cfg.out_dir))
     configs = Path(__file__).parents[1] / "configs"
     monkeypatch.chdir(tmp_path)  # the runs/ paths, resolved here
-    over = [f"policy_sft={configs / 'sft_quickstart_answer.yaml'}"]
+    over = [f"policy_sft={configs / 'sft_quickstart_curriculum.yaml'}"]
     cfg = load_config(TrainConfig, configs / "quickstart.yaml", [*over, "policy=tiny"])
     assert sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy") == "tiny" and not trained
     cfg = load_config(TrainConfig, configs / "quickstart.yaml", [*over, "policy=runs/mine/checkpoint"])
@@ -80,4 +80,4 @@ def test_policy_overrides_of_a_config_with_policy_sft(tmp_path, monkeypatch):
     assert not trained
     cfg = load_config(TrainConfig, configs / "quickstart.yaml", over)
     assert sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy") == cfg.policy
-    assert trained == [Path("runs/sft_quickstart_answer")]
+    assert trained == [Path("runs/sft_quickstart_curriculum")]
