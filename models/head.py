@@ -63,12 +63,16 @@ def _restricted_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return _scattered_linear(self, hidden, self.allowed, 0, self.weight.shape[0])
 
 
+def _rows(head, hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., len(cols)): the logits of the head's rows `cols` only."""
+    return F.linear(hidden, head.weight[cols], None if head.bias is None else head.bias[cols])
+
+
 def _scattered_linear(head, hidden: torch.Tensor, cols: torch.Tensor, lo: int, width: int) -> torch.Tensor:
     """Rows `cols` of the head computed and placed at columns cols - lo of a (..., width) tensor of
     `masked_logit`."""
     out = hidden.new_full((*hidden.shape[:-1], width), masked_logit(hidden.dtype))
-    bias = None if head.bias is None else head.bias[cols]
-    return out.index_copy(-1, cols - lo, F.linear(hidden, head.weight[cols], bias))
+    return out.index_copy(-1, cols - lo, _rows(head, hidden, cols))
 
 
 def restore_head(model) -> None:
@@ -95,8 +99,7 @@ def labelled_logits(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[
     if outside.any():
         raise UserError(f"label id {labels[outside][0].item()} is outside the task head: the head was built "
                          "from other data than this training set")
-    bias = None if head.bias is None else head.bias[allowed]
-    return F.linear(hidden, head.weight[allowed], bias), index
+    return _rows(head, hidden, allowed), index
 
 
 def column_logits(model, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:

@@ -158,7 +158,7 @@ def test_max_seconds_stops_a_curriculum_and_start_stage_skips(tmp_path):
     """A wall-clock limit ends training across a curriculum's stages (later stages never run); start_stage
     trains only the stages from it on, each for steps_per_stage."""
     disc = ["format=cot", "thought.mode=vocab", "thought.num_thinking=8", "curriculum.stages=2"]
-    sft(tmp_path / "limited", *disc, "curriculum.steps_per_stage=100000", "train.max_seconds=1",
+    sft(tmp_path / "limited", *disc, "curriculum.steps_per_stage=3000", "train.max_seconds=1",
         "train.log_every=1")
     stages = {h["stage"] for h in json.loads((tmp_path / "limited" / "losses.json").read_text())}
     assert stages == {0}

@@ -300,8 +300,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         epochs, steps = t.epochs, t.max_steps
         if curriculum:
             per_stage = cfg.curriculum.steps_per_stage
-            epochs, steps = cfg.curriculum.epochs_per_stage, \
-                per_stage[stage] if isinstance(per_stage, list) else per_stage
+            epochs = cfg.curriculum.epochs_per_stage
+            steps = per_stage[stage] if isinstance(per_stage, list) else per_stage
         args = TrainingArguments(
             output_dir=str(out / "trainer"), per_device_train_batch_size=t.batch_size, learning_rate=t.lr,
             num_train_epochs=epochs, max_steps=steps, warmup_steps=t.warmup_steps,
