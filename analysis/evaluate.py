@@ -1,5 +1,6 @@
 """`thinktok eval`: greedy decoding of a checkpoint on a task split; accuracy, mean text tokens and thought
-steps per answer (the Coconut table's columns) and wall time, printed as one JSON object and saved."""
+steps per answer (the Coconut table's columns) and wall time, the controls (analysis/controls.py) and what
+the thoughts carry (analysis/content.py), printed as one JSON object and saved."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig
 from thinktok.rl.rollout import sample
 
+from .content import ContentConfig, content_measures
 from .controls import CONTROLS, control_modes, derange, thought_inputs
 
 
@@ -39,9 +41,10 @@ def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict
 
 
 def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 64, limit: int | None = None,
-                    controls: bool = True) -> dict:
+                    controls: bool = True, content: ContentConfig | None = None) -> dict:
     """Greedy accuracy and steps per answer; with `controls`, the same metrics with thoughts removed, replaced
-    by a fixed pause input, and shuffled across examples (analysis/controls.py)."""
+    by a fixed pause input, and shuffled across examples (analysis/controls.py); with `content`, the content
+    measures on its first rows (analysis/content.py) and their wall time."""
     rows = list(task.dataset[split])[:limit]
     mode = mode.to(policy.model.device)
     start = time.perf_counter()
@@ -59,15 +62,21 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
             name: decode(policy, lambda lo, hi, name=name: control_modes(mode, shuffled[lo:hi], embed)[name],
                          task, rows, batch_size)[0]
             for name in CONTROLS}
+    if content is not None and content.enabled and mode.cfg.mode != "none":
+        start = time.perf_counter()
+        result["content"] = content_measures(policy, mode, task, rows, rollouts, content, batch_size)
+        result["content_s"] = time.perf_counter() - start
     return result
 
 
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None,
-             task_cfg: TaskConfig | None = None, save: bool = True, policy=None) -> dict:
+             task_cfg: TaskConfig | None = None, save: bool = True, policy=None,
+             content: ContentConfig | None = None) -> dict:
     """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
     task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run.
-    policy: the checkpoint's policy when the caller has loaded it already."""
+    policy: the checkpoint's policy when the caller has loaded it already. content: run the content measures
+    (not for parallel-thought checkpoints)."""
     ckpt = find_checkpoint(path)
     own_task, fmt, thought = load_run_info(ckpt)
     if task_cfg is None:
@@ -87,7 +96,8 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
                                                    load_task(task_cfg), split, batch_size, limit))
     else:
         with torch.no_grad():
-            result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit))
+            result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit,
+                                          content=content))
     if save:
         out = Path(path) if Path(path).is_dir() else ckpt
         (out / f"eval_{task_cfg.name}_{split}.json").write_text(json.dumps(result, indent=2))

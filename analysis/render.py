@@ -31,13 +31,19 @@ def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, real_size: in
 
 def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase,
                  embedding: torch.Tensor | None = None) -> list[dict]:
-    """One dict per generated step: kind, token_id (None for vector/soft thoughts), text, logprob."""
-    near = {}
-    if r.vector is not None and embedding is not None:
+    """One dict per generated step: kind, token_id (None for vector/soft thoughts), text, logprob; with
+    `embedding`, a thinking token's step also gets `nearest`, the 3 nearest text tokens of its row."""
+    near = {}  # step -> nearest text ids of what it fed: a vector, or a thinking token's embedding row
+    if embedding is not None:
+        table = embedding.detach().cpu()
         vec = (r.action == Action.VECTOR).nonzero()[:, 0]
-        if len(vec):
-            ids = nearest_tokens(r.vector[vec], embedding.detach().cpu(), r.real_size)
+        if r.vector is not None and len(vec):
+            ids = nearest_tokens(r.vector[vec], table, r.real_size)
             near = {int(s): ids[i].tolist() for i, s in enumerate(vec)}
+        think = (r.token >= r.real_size).nonzero()[:, 0]
+        if len(think):
+            ids = nearest_tokens(table[r.token[think]], table, r.real_size)
+            near.update({int(s): ids[i].tolist() for i, s in enumerate(think)})
     out = []
     for s, (kind, tok, lp) in enumerate(zip(r.kinds, r.token.tolist(), r.logprob.tolist())):
         action = int(r.action[s])
@@ -48,7 +54,10 @@ def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase,
             text = "<cont: " + "|".join(tokenizer.decode([t]).strip() for t in near.get(s, [])) + ">"
         else:
             text = tokenizer.decode([tok])
-        out.append({"kind": kind, "token_id": None if tok < 0 else tok, "text": text, "logprob": lp})
+        rec = {"kind": kind, "token_id": None if tok < 0 else tok, "text": text, "logprob": lp}
+        if tok >= r.real_size and s in near:
+            rec["nearest"] = [tokenizer.decode([t]) for t in near[s]]
+        out.append(rec)
     return out
 
 

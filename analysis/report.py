@@ -8,8 +8,11 @@ written by hand:
   * one paired statement per comparison the study names: the mean per-seed difference and how many seeds
     agree with its sign;
   * figures: accuracy against tokens processed per answer (the main one), thinking-row movement beside the
-    shuffled-thought gap (Adam moves any row with a gradient: movement alone says nothing), and the usage of
-    the thinking vocabulary in the arms' answers.
+    shuffled-thought gap (Adam moves any row with a gradient: movement alone says nothing), the usage of
+    the thinking vocabulary in the arms' answers, and the answer-change rate of each thought position's
+    intervention;
+  * what the thoughts carry (analysis/content.py), per arm: interventions, pass@k, the code table's best
+    pairs, the embedding view; and `rollouts.html`, each arm's annotated examples (first seed).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
+from matplotlib.ticker import MaxNLocator
 
+from .content import describe
 from .controls import CONTROLS
 
 
@@ -65,13 +70,35 @@ def summarise(records: list[dict]) -> dict:
         moved = [r["movement"]["mean"] for r in rs if r.get("movement") and r["movement"].get("num_rows")]
         if len(moved) == len(rs):
             row["row_movement"] = stat(moved)
+        contents = [(r["seed"], e["content"]) for r, e in zip(rs, evs) if "content" in e]
+        if contents:
+            row["content"] = content_summary(contents, stat)
         out[name] = row
     return out
 
 
+def content_summary(contents: list[tuple[int, dict]], stat) -> dict:
+    """Over seeds: each thought position's answer-change rate and accuracy drop, pass@k; per seed: the code
+    table's best pairs; the first seed's embedding view and annotated rollouts."""
+    by_position: dict[int, list[dict]] = {}
+    for _, c in contents:
+        for e in c["interventions"]:
+            if e["n"]:
+                by_position.setdefault(e["position"], []).append(e)
+    first_seed, first = contents[0]
+    return {
+        "interventions": [{"position": k, "changed": stat([e["changed"] for e in es]),
+                           "drop_points": stat([e["drop_points"] for e in es]), "n": [e["n"] for e in es]}
+                          for k, es in sorted(by_position.items())],
+        "pass_at_k": {k: stat([c["pass_at_k"][k] for _, c in contents]) for k in first["pass_at_k"]},
+        "code_pairs": {seed: c["code_table"]["top_pairs"][:3] for seed, c in contents if "code_table" in c},
+        "embedding": first["embedding"], "rollouts": first["rollouts"], "first_seed": first_seed,
+        "num_examples": first["num_examples"]}
+
+
 def entropy_bits(counts: list[int]) -> float:
     n = sum(counts)
-    return -sum(c / n * math.log2(c / n) for c in counts if c) if n else 0.0
+    return sum(c / n * math.log2(n / c) for c in counts if c)  # log2(n / c) >= 0: never prints "-0.00"
 
 
 def paired(records: list[dict], a: str, b: str) -> dict | None:
@@ -123,11 +150,10 @@ def figures(summary: dict, out: Path) -> dict[str, Path]:
                     fmt="o", capsize=3, label=name)
     ax.set(xlabel="tokens processed per answer (prompt + text + thought steps)",
            ylabel="held-out accuracy (%), mean ± std over seeds", title="accuracy against compute per answer")
-    if acc:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    if acc:  # beside the axes: inside, a legend covers points
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     paths["accuracy_vs_compute"] = out / "accuracy_vs_compute.png"
-    fig.savefig(paths["accuracy_vs_compute"], dpi=110)
+    fig.savefig(paths["accuracy_vs_compute"], dpi=110, bbox_inches="tight")
 
     rows = {k: r for k, r in acc.items() if "row_movement" in r}
     fig = Figure(figsize=(7, 4.5))
@@ -149,7 +175,7 @@ def figures(summary: dict, out: Path) -> dict[str, Path]:
     paths["row_movement"] = out / "row_movement.png"
     fig.savefig(paths["row_movement"], dpi=110)
 
-    used = {k: r for k, r in acc.items() if r.get("thought_usage")}
+    used = {k: r for k, r in acc.items() if sum(r.get("thought_usage") or [])}  # arms that used a token
     fig = Figure(figsize=(7, 1.2 + 1.6 * max(len(used), 1)))
     axes = fig.subplots(max(len(used), 1), 1, squeeze=False)[:, 0]
     for ax, (name, r) in zip(axes, used.items()):
@@ -158,6 +184,8 @@ def figures(summary: dict, out: Path) -> dict[str, Path]:
         ax.set_title(f"{name}: entropy {r['thought_entropy_bits']:.2f} bits of {math.log2(len(counts)):.2f}",
                      fontsize=8)
         ax.set_ylabel("uses", fontsize=7)
+        integer_ticks(ax, range(len(counts)))  # token ids: no ticks at -0.5, 0.5
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("thinking token <think_i>, i")
     if not used:
         axes[0].text(0.5, 0.5, "no arm samples thinking tokens", ha="center", va="center",
@@ -165,7 +193,111 @@ def figures(summary: dict, out: Path) -> dict[str, Path]:
     fig.tight_layout()
     paths["vocabulary_usage"] = out / "vocabulary_usage.png"
     fig.savefig(paths["vocabulary_usage"], dpi=110)
+
+    probed = {k: r["content"]["interventions"] for k, r in acc.items() if r.get("content", {}).get(
+        "interventions")}
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, entries in probed.items():
+        ax.errorbar([e["position"] for e in entries], [100 * e["changed"]["mean"] for e in entries],
+                    yerr=[100 * e["changed"]["std"] for e in entries], fmt="o-", capsize=3, label=name)
+    ax.set(xlabel="thought position k (0 = first thought)",
+           ylabel="answers changed (%), mean ± std over seeds",
+           title="replacing the k-th thought: how often the answer changes", ylim=(-3, 103))
+    integer_ticks(ax, sorted({e["position"] for entries in probed.values() for e in entries}))
+    if probed:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    else:
+        ax.text(0.5, 0.5, "no arm has thoughts to replace", ha="center", va="center", transform=ax.transAxes)
+    paths["interventions"] = out / "interventions.png"
+    fig.savefig(paths["interventions"], dpi=110, bbox_inches="tight")
     return paths
+
+
+def integer_ticks(ax, values) -> None:
+    """x ticks on the integers plotted (every one when few), with room either side of a single value."""
+    values = list(values)
+    if len(values) <= 20:
+        ax.set_xticks(values)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if values:
+        ax.set_xlim(min(values) - 0.6, max(values) + 0.6)
+
+
+def content_section(summary: dict) -> list[str]:
+    """Markdown: per arm that thinks, what its thoughts carry."""
+    md = []
+    for name, r in summary.items():
+        c = r.get("content")
+        if not c:
+            continue
+        md += [f"### {name}", "",
+               f"First {c['num_examples']} examples of the split. Greedy accuracy {fmt(r['accuracy'])}; "
+               + ", ".join(f"{k} {fmt(v)}" for k, v in c["pass_at_k"].items()) + " (temperature 1).", ""]
+        if c["interventions"]:
+            md += ["| thought position | answers changed | accuracy drop (points) | examples per seed |",
+                   "|---|---|---|---|"]
+            md += [f"| {e['position']} | {fmt(e['changed'])} | {fmt(e['drop_points'], digits=1)} | "
+                   f"{', '.join(map(str, e['n']))} |" for e in c["interventions"]]
+            md.append("")
+        else:
+            md += ["No thought could be replaced (none produced, or one thinking token only).", ""]
+        for seed, pairs in c["code_pairs"].items():
+            md += [f"- code table, seed {seed}: " + "; ".join(describe(p) for p in pairs)]
+        if c["code_pairs"]:
+            md.append("")
+        if c["embedding"]:
+            md += [f"Most used thinking tokens (seed {c['first_seed']}):", "",
+                   "| token | uses | nearest text tokens | logit lens | moved from init |",
+                   "|---|---|---|---|---|"]
+            md += [f"| {e['token']} | {e['uses']} | {' · '.join(map(repr, e['nearest']))} | "
+                   f"{' · '.join(map(repr, e['logit_lens']))} | {e['moved']:.3f} |" for e in c["embedding"]]
+            md.append("")
+    if md:
+        md = ["## What the thoughts carry", "",
+              "Interventions replace the k-th thought (another thinking token, or another example's vector) "
+              "and re-decode: a thought nothing reads changes no answer. Code table: NMI between the thought "
+              "at a position and a character of a step or the answer, beside its chance level. Annotated "
+              "examples: rollouts.html.", ""] + md
+    return md
+
+
+def rollouts_page(summary: dict, title: str) -> str:
+    """Each arm's annotated examples (first seed): prompt, thoughts with ids and nearest text tokens, answer,
+    gold, right or wrong, exact-match reward."""
+    import html as h
+
+    parts = []
+    for name, r in summary.items():
+        c = r.get("content")
+        if not c or not c["rollouts"]:
+            continue
+        rows = []
+        for ex in c["rollouts"]:
+            spans = []
+            for s in ex["steps"]:
+                text = h.escape(s["text"])
+                if s["kind"] == "thought":
+                    near = "|".join(t.strip() for t in s.get("nearest", []))
+                    sub = f"<sub>≈{h.escape(near)}</sub>" if near else ""
+                    text = f'<b class="thought">{text}</b>{sub}'
+                spans.append(text)
+            mark = "✓" if ex["correct"] else "✗"
+            rows.append(f"<tr><td>{h.escape(ex['prompt'])}</td><td><pre>{''.join(spans)}</pre></td>"
+                        f"<td>{h.escape(ex['answer'])}</td><td>{h.escape(ex['gold'])}</td><td>{mark}</td>"
+                        f"<td>{ex['reward']:.0f}</td></tr>")
+        head = ("<tr><th>prompt</th><th>generated (thoughts in bold, ≈ nearest text tokens of the row)</th>"
+                "<th>answer</th><th>gold</th><th>right</th><th>reward (exact match)</th></tr>")
+        heading = f"<h2>{h.escape(name)} (seed {c['first_seed']})</h2>"
+        parts.append(f"{heading}<table>{head}{''.join(rows)}</table>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
+             "pre{margin:0;white-space:pre-wrap}.thought{color:#c2185b}sub{color:#777}")
+    body = "".join(parts) or "<p>No arm has annotated rollouts.</p>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{h.escape(title)} rollouts</title>"
+            f"<style>{style}</style></head><body><h1>{h.escape(title)}: annotated rollouts</h1>{body}"
+            "</body></html>\n")
 
 
 def write_report(cfg, records: list[dict], failed: dict) -> dict:
@@ -186,6 +318,8 @@ def write_report(cfg, records: list[dict], failed: dict) -> dict:
         md += ["## Comparisons", ""] + [f"- {s['text']}" for s in statements] + [""]
     if failed:
         md += ["## Failed", ""] + [f"- {a} seed {s}: {m}" for (a, s), m in failed.items()] + [""]
+    md += content_section(summary)
+    (out / "rollouts.html").write_text(rollouts_page(summary, cfg.name))
     md += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in paths.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     html = "\n".join(md)

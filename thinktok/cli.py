@@ -91,6 +91,9 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--content-limit", type=int, default=200,
+                   help="examples the content measures (interventions, code table, embedding view, pass@k) "
+                        "use; 0 skips them")
 
 
 def add_compare(sub) -> None:
@@ -121,6 +124,9 @@ def add_study(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML study (configs/study_smoke.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value over the study config (seeds=[0,1,2])")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="evaluate every recorded (arm, seed) again from its checkpoint (new measures on "
+                        "finished runs; no training), then run the rest and write the report")
     p.add_argument("--help-config", action="store_true", help="print every config field: type, default, help")
 
 
@@ -293,9 +299,12 @@ def run_train(a) -> None:
 def run_eval(a) -> None:
     import json
 
+    from thinktok.analysis.content import ContentConfig
     from thinktok.analysis.evaluate import evaluate
 
-    print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, device(a), a.limit)))
+    content = ContentConfig(limit=a.content_limit) if a.content_limit > 0 else None
+    print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, device(a), a.limit,
+                              content=content)))
 
 
 def run_compare(a) -> None:
@@ -312,7 +321,8 @@ def run_study(a) -> None:
         return print_config_help(StudyConfig)
     if a.config is None:
         raise UsageError("study needs a CONFIG")
-    out = run_study(load_config(StudyConfig, a.config, a.overrides), a.ray_address)
+    out = run_study(load_config(StudyConfig, a.config, a.overrides), a.ray_address,
+                    remeasure_done=a.remeasure)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
 
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinktok.analysis.content import ContentConfig
 from thinktok.config import load_config, save_config
 from thinktok.errors import UserError
 
@@ -60,6 +61,8 @@ class StudyConfig:
     max_attempts: int = 3
     # local cluster only: (arm, seed)s running at once (each task uses one core); a retry takes the next place
     parallel_arms: int = 2
+    # what the thoughts carry (analysis/content.py), measured on every arm that thinks
+    content: ContentConfig = field(default_factory=ContentConfig)
 
     def validate(self) -> None:
         names = [a.name for a in self.arms]
@@ -84,6 +87,7 @@ class StudyConfig:
             if len(pair) != 2 or not set(pair) <= set(names):
                 raise UserError(f"comparison {pair} must name two arms of this study")
         order(self.arms)  # refuses cycles
+        self.content.validate()
 
     @property
     def dir(self) -> Path:
@@ -160,6 +164,14 @@ def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, attempt: int = 1) -> di
     return {"arm": arm.name, "seed": seed, "kind": arm.kind, "wall_s": wall, **measure(cfg, arm, seed, init)}
 
 
+def remeasure_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, record: dict) -> dict:
+    """A recorded (arm, seed) evaluated again from its checkpoint (new measures on finished runs); its
+    training wall time is kept. Runs inside a Ray task."""
+    init = str(checkpoint_of(cfg.dir, next(a for a in cfg.arms if a.name == arm.init_from), seed)) \
+        if arm.init_from else None
+    return {**record, **measure(cfg, arm, seed, init)}
+
+
 def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> dict:
     """The arm's evaluation on the study's split (with the controls) and its thinking rows' movement."""
     import torch
@@ -178,14 +190,16 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
         policy = load_policy(init, thought.vocab_tokens, thought.markers, init=thought.init, seed=seed)
         mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True))
         with torch.no_grad():
-            result = evaluate_policy(policy, mode, load_task(task_cfg), cfg.split, limit=cfg.eval_limit)
+            result = evaluate_policy(policy, mode, load_task(task_cfg), cfg.split, limit=cfg.eval_limit,
+                                     content=cfg.content)
         result.update(mode=thought.mode, checkpoint=init)
         return {"eval": result, "movement": None}
     ckpt = checkpoint_of(cfg.dir, arm, seed)
     _, _, thought = load_run_info(ckpt)
     policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     with torch.no_grad():
-        result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False, policy=policy)
+        result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False, policy=policy,
+                          content=cfg.content)
     moved = movement(ckpt, policy)
     return {"eval": result, "movement": {k: moved[k] for k in ("num_rows", "mean", "max") if k in moved}}
 
@@ -305,8 +319,38 @@ def settle(cfg: StudyConfig, ledger: Ledger, ref, progress: Progress) -> None:
     progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
 
 
+def remeasure(cfg: StudyConfig, ledger: Ledger, progress: Progress, limit: int | None) -> None:
+    """Every recorded (arm, seed) measured again (`remeasure_arm`), `limit` at a time; one that fails keeps
+    its old record, the failure in its error.log."""
+    import ray
+
+    task, arms = ray.remote(remeasure_arm), {a.name: a for a in cfg.arms}
+    todo, running = sorted(ledger.results), {}
+    while todo or running:
+        while todo and (limit is None or len(running) < limit):
+            key = todo.pop(0)
+            arm = arms[key[0]]
+            ref = task.options(num_cpus=arm.num_cpus, num_gpus=arm.num_gpus, resources=arm.resources,
+                               max_retries=0).remote(cfg, arm, key[1], ledger.results[key])
+            running[ref] = key
+            progress.say(*key, "remeasuring")
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(ref)
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log_failure(run_dir(cfg.dir, *key), 0, e)
+            progress.say(*key, "remeasure failed, old record kept", failure(e))
+            continue
+        ledger.results[key] = record
+        (run_dir(cfg.dir, *key) / "result.json").write_text(json.dumps(record, indent=2))
+        progress.say(*key, "remeasured", f"in {record['eval'].get('content_s', 0):.0f} s of content measures")
+
+
 def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = True,
-              poll_s: float = 30.0) -> Path:
+              poll_s: float = 30.0, remeasure_done: bool = False) -> Path:
+    """remeasure_done: measure every recorded (arm, seed) again from its checkpoint before running the rest
+    (analyses added after the runs finished); training is not rerun."""
     import ray
 
     from thinktok.rl.actors import init_ray
@@ -327,6 +371,8 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
             if path.exists():
                 ledger.results[arm.name, seed] = json.loads(path.read_text())
                 progress.say(arm.name, seed, "done before (skipped)")
+    if remeasure_done:
+        remeasure(cfg, ledger, progress, limit)
     last_poll, started = time.perf_counter(), time.time()
     while True:
         for key in ready(cfg, ledger, progress):
