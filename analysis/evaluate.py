@@ -62,7 +62,7 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
             name: decode(policy, lambda lo, hi, name=name: control_modes(mode, shuffled[lo:hi], embed)[name],
                          task, rows, batch_size)[0]
             for name in CONTROLS}
-    if content is not None and content.enabled and mode.cfg.mode != "none":
+    if content is not None and content.enabled:  # without thoughts: pass@k and annotated rollouts
         start = time.perf_counter()
         result["content"] = content_measures(policy, mode, task, rows, rollouts, content, batch_size)
         result["content_s"] = time.perf_counter() - start

@@ -241,8 +241,10 @@ def content_section(summary: dict) -> list[str]:
             md += [f"| {e['position']} | {fmt(e['changed'])} | {fmt(e['drop_points'], digits=1)} | "
                    f"{', '.join(map(str, e['n']))} |" for e in c["interventions"]]
             md.append("")
+        elif r["thought_steps"]["mean"] == 0:
+            md += ["No thoughts: pass@k and annotated rollouts only.", ""]
         else:
-            md += ["No thought could be replaced (none produced, or one thinking token only).", ""]
+            md += ["No thought could be replaced (a single thinking token: there is no other).", ""]
         for seed, pairs in c["code_pairs"].items():
             md += [f"- code table, seed {seed}: " + "; ".join(describe(p) for p in pairs)]
         if c["code_pairs"]:
