@@ -11,16 +11,20 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make
 from thinktok.analysis.content import (
     ContentConfig,
+    Intervene,
     code_table,
     content_measures,
     nmi,
     pass_at_k,
     replacements,
+    thought_steps,
     thought_symbols,
     unbiased_pass_at_k,
 )
+from thinktok.analysis.controls import thought_inputs
 from thinktok.models.policy import Policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
@@ -248,11 +252,6 @@ def test_replacements_by_mode():
 def test_an_identity_intervention_changes_nothing_in_every_mode(case):
     """Feeding each row's own k-th thought back as the 'replacement' reproduces the rollout exactly (the
     wrapper finds the same k-th thought the measures count); a real replacement keeps every step before it."""
-    from conftest import make
-
-    from thinktok.analysis.content import Intervene, thought_steps
-    from thinktok.analysis.controls import thought_inputs
-
     policy, mode = make(case)
     prompts = [policy.tokenizer(p).input_ids for p in ("12 * 34 =", "5 * 6 =", "7 7 7 =")]
     embed = policy.model.get_input_embeddings()
