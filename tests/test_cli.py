@@ -27,7 +27,10 @@ def test_jsonl_schema(tmp_path, capsys):
         assert {"prompt", "mode", "steps", "real_text", "num_real", "num_thought"} <= rec.keys()
         assert rec["prompt"] == "12 * 34 =" and rec["mode"] == "soft"
         assert len(rec["steps"]) == rec["num_real"] + rec["num_thought"]
-        assert {"kind", "token_id", "text", "logprob"} == rec["steps"][0].keys()
+        # <bot> is a row of the expanded vocabulary, so it carries its nearest text tokens; text does not
+        assert {"kind", "token_id", "text", "logprob", "nearest"} == rec["steps"][0].keys()
+        assert len(rec["steps"][0]["nearest"]) == 3
+        assert all("nearest" not in s for s in rec["steps"] if s["kind"] == "real")
         assert [s["kind"] for s in rec["steps"][:4]] == ["thought"] * 4  # <bot>, 2 soft thoughts, <eot>
         assert rec["steps"][1]["text"].startswith("<soft: ") and rec["steps"][1]["token_id"] is None
         assert rec["real_text"] == "".join(s["text"] for s in rec["steps"] if s["kind"] == "real")
