@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from thinktok.errors import UserError
+from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import StepOut, ThoughtMode
 from thinktok.models.vocab import row_movement
 from thinktok.rl.rollout import Rollout, sample, step_inputs
@@ -286,8 +287,7 @@ def pass_at_k(model, mode: ThoughtMode, task, tokenizer, rows: list[dict], cfg: 
     """pass@k for k in cfg.pass_k from cfg.samples decodes per problem at temperature 1 (the mode's own
     noise, top-k/top-p off)."""
     sampling = replace(mode.sampling, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
-    sampled = type(mode)(mode.cfg, mode.vocab, sampling).to(model.device)
-    sampled.load_state_dict(mode.state_dict())  # learned mode parameters (a continuous mode's sigma)
+    sampled = with_sampling(mode, sampling, model.device)
     prompts = [tokenizer(row["prompt"]).input_ids for row in rows for _ in range(cfg.samples)]
     right = []
     for lo in range(0, len(prompts), batch_size):

@@ -1,6 +1,7 @@
 """`thinktok eval`: greedy decoding of a checkpoint on a task split; accuracy, mean text tokens and thought
 steps per answer (the Coconut table's columns) and wall time, the controls (analysis/controls.py) and what
-the thoughts carry (analysis/content.py), printed as one JSON object and saved."""
+the thoughts carry (analysis/content.py), printed as one JSON object and saved. The text task has no
+accuracy: its checkpoints get seed 004's measures against a frozen teacher (analysis/text_eval.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from thinktok.rl.rollout import sample
 
 from .content import ContentConfig, content_measures
 from .controls import CONTROLS, control_modes, derange, thought_inputs
+from .text_eval import text_measures
 
 
 def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict, list]:
@@ -72,11 +74,12 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None,
              task_cfg: TaskConfig | None = None, save: bool = True, policy=None,
-             content: ContentConfig | None = None) -> dict:
+             content: ContentConfig | None = None, teacher: str | None = None) -> dict:
     """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
     task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run.
     policy: the checkpoint's policy when the caller has loaded it already. content: run the content measures
-    (not for parallel-thought checkpoints)."""
+    (not for parallel-thought checkpoints). teacher: the frozen teacher checkpoint the text task's measures
+    (analysis/text_eval.py) score against; the text task has no accuracy and needs it."""
     ckpt = find_checkpoint(path)
     own_task, fmt, thought = load_run_info(ckpt)
     if task_cfg is None:
@@ -94,6 +97,18 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
 
         result.update(evaluate_parallel_checkpoint(ckpt, policy, mode.to(device), parallel,
                                                    load_task(task_cfg), split, batch_size, limit))
+    elif task_cfg.name == "text":
+        if teacher is None:
+            raise UserError("the text task is measured against a frozen teacher (reverse KL, surprisal): "
+                            "pass --teacher CHECKPOINT")
+        from thinktok.models.teacher import Teacher  # imports TRL: only where a teacher is used
+
+        rows = list(load_task(task_cfg).dataset[split])[:limit]
+        start = time.perf_counter()
+        with torch.no_grad():
+            result.update(text_measures(policy, mode.to(device), load_task(task_cfg), rows,
+                                        Teacher.load(teacher, device), batch_size, max_new_tokens))
+        result["wall_s"] = time.perf_counter() - start
     else:
         with torch.no_grad():
             result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit,

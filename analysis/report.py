@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .content import describe
 from .controls import CONTROLS
+from .text_report import placement_figure, text_rollouts_page, text_section, text_summary
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -64,6 +65,8 @@ def summarise(records: list[dict]) -> dict:
                 total = [sum(col) for col in zip(*usage)]
                 row["thought_usage"] = total
                 row["thought_entropy_bits"] = entropy_bits(total)
+        elif "reverse_kl" in evs[0]:  # text arms (analysis/text_eval.py)
+            row["text"] = text_summary(evs, row["seeds"], stat)
         else:  # parallel-thought arms: held-out NLL with and without their thoughts
             row["nll_thought"] = stat([e["nll_thought"] for e in evs])
             row["nll_base"] = stat([e["nll_base"] for e in evs])
@@ -101,18 +104,24 @@ def entropy_bits(counts: list[int]) -> float:
     return sum(c / n * math.log2(n / c) for c in counts if c)  # log2(n / c) >= 0: never prints "-0.00"
 
 
-def paired(records: list[dict], a: str, b: str) -> dict | None:
-    """a vs b over the seeds both finished: mean difference in accuracy points and how many seeds agree."""
-    acc = {(r["arm"], r["seed"]): r["eval"].get("accuracy") for r in records}
+PAIRED = {"accuracy": (100, "points", 1), "reverse_kl": (1, "nats/token of reverse KL", 3),
+          "nll": (1, "nats/token of true-continuation NLL", 3)}  # metric -> scale, unit, digits
+
+
+def paired(records: list[dict], a: str, b: str, metric: str = "accuracy") -> dict | None:
+    """a vs b over the seeds both finished: mean difference in `metric` and how many seeds agree."""
+    scale, unit, digits = PAIRED[metric]
+    acc = {(r["arm"], r["seed"]): r["eval"].get(metric) for r in records}
     seeds = sorted(s for (arm, s) in acc if arm == a and (b, s) in acc and acc[a, s] is not None
                    and acc[b, s] is not None)
     if not seeds:
         return None
-    diffs = [100 * (acc[a, s] - acc[b, s]) for s in seeds]
+    diffs = [scale * (acc[a, s] - acc[b, s]) for s in seeds]
     mean = sum(diffs) / len(diffs)
     agree = sum((d > 0) == (mean > 0) and d != 0 for d in diffs) if mean else sum(d == 0 for d in diffs)
-    return {"a": a, "b": b, "mean_points": mean, "per_seed": diffs, "agree": agree, "seeds": len(seeds),
-            "text": f"{a} vs {b}: {mean:+.1f} points, seeds agree {agree}/{len(seeds)}"}
+    return {"a": a, "b": b, "metric": metric, "mean_points": mean, "per_seed": diffs, "agree": agree,
+            "seeds": len(seeds),
+            "text": f"{a} vs {b}: {mean:+.{digits}f} {unit}, seeds agree {agree}/{len(seeds)}"}
 
 
 def fmt(stat: dict | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -305,23 +314,29 @@ def rollouts_page(summary: dict, title: str) -> str:
 def write_report(cfg, records: list[dict], failed: dict) -> dict:
     out = cfg.dir
     summary = summarise(records)
-    statements = [p for a, b in cfg.comparisons if (p := paired(records, a, b)) is not None]
+    statements = [p for a, b in cfg.comparisons for metric in PAIRED
+                  if (p := paired(records, a, b, metric)) is not None]
     data = {"study": cfg.name, "split": cfg.split, "seeds": cfg.seeds, "arms": summary,
             "comparisons": statements,
             "failed": {f"{a} seed {s}": m for (a, s), m in failed.items()}, "records": records}
     (out / "study.json").write_text(json.dumps(data, indent=2))
     paths = figures(summary, out)
+    if any("text" in r for r in summary.values()):
+        paths = {"placement": placement_figure(summary, out / "placement.png")}  # accuracy plots are empty
     md = [f"# Study `{cfg.name}`", "",
           f"Split `{cfg.split}`, seeds {cfg.seeds}; mean ± std over seeds; greedy decoding. Controls: no "
           f"thoughts, a fixed pause input at every thought step, another example's thoughts "
           f"(analysis/controls.py).", "",
-          table(summary), ""]
+          *([table(summary), ""] if any("text" not in r for r in summary.values()) else []),
+          *text_section(summary)]
     if statements:
         md += ["## Comparisons", ""] + [f"- {s['text']}" for s in statements] + [""]
     if failed:
         md += ["## Failed", ""] + [f"- {a} seed {s}: {m}" for (a, s), m in failed.items()] + [""]
     md += content_section(summary)
     (out / "rollouts.html").write_text(rollouts_page(summary, cfg.name))
+    if any("text" in r for r in summary.values()):
+        (out / "text_rollouts.html").write_text(text_rollouts_page(summary, cfg.name))
     md += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in paths.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     html = "\n".join(md)

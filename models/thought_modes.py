@@ -187,3 +187,11 @@ def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig
         raise UserError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "
                          f"the model's vocabulary has {vocab.num_thinking} (markers={vocab.markers})")
     return cls(cfg, vocab, sampling)
+
+
+def with_sampling(mode: ThoughtMode, sampling: SamplingConfig, device) -> ThoughtMode:
+    """The same mode, its learned parameters (a continuous mode's sigma) included, under other sampling
+    settings: pass@k and the text measures sample at temperature 1 from a mode evaluated greedily."""
+    out = type(mode)(mode.cfg, mode.vocab, sampling).to(device)
+    out.load_state_dict(mode.state_dict())
+    return out

@@ -60,3 +60,45 @@ def test_entropy_is_never_negative_zero():
     assert entropy_bits([1, 1, 1, 1]) == pytest.approx(2.0)
     summary = summarise([record("silent", 0, 0.1, [0, 0])])
     assert summary["silent"]["thought_entropy_bits"] == 0.0
+
+
+def text_eval(kl: float, nll: float, spearman: float | None, seed: int) -> dict:
+    deciles = [{"surprisal": float(i), "rate": i / 10 + seed / 100} for i in range(10)]
+    placement = {"after_thought": 4.0 + seed, "after_text": 2.0, "spearman": spearman, "deciles": deciles}
+    return {"mode": "vocab", "reverse_kl": kl, "nll": nll, "teacher_nll": 3.0, "thoughts_per_100": 12.5,
+            "thoughts_per_100_forced": 10.0, "controls": {"no_thoughts": {"nll": nll + 0.5},
+                                                          "pause": {"nll": nll + 0.25},
+                                                          "shuffled_thoughts": {"nll": nll + 0.125}},
+            "placement": {"teacher": placement, "student": {**placement, "spearman": 0.5},
+                          "num_tokens": 100},
+            "rollouts": [{"prompt": "The", "reward": -kl, "num_real": 1, "num_thought": 1,
+                          "steps": [{"kind": "thought", "token_id": 50300, "text": "<think3>", "logprob": -1,
+                                     "nearest": [" a", " b", " c"]},
+                                    {"kind": "real", "token_id": 5, "text": " cat", "logprob": -2.0,
+                                     "teacher_logprob": -8.5}]}]}
+
+
+def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
+    records = [{"arm": "vocab", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
+                "eval": text_eval(1.0 + s, 4.0 + s, 0.2 + s / 10, s)} for s in (0, 1)]
+    records += [{"arm": "none", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
+                 "eval": text_eval(2.0, 5.0, None, s)} for s in (0, 1)]
+    cfg = SimpleNamespace(dir=tmp_path, name="t", split="test", seeds=[0, 1], comparisons=[["vocab", "none"]])
+    data = write_report(cfg, records, {})
+    t = data["arms"]["vocab"]["text"]
+    assert t["reverse_kl"]["values"] == [1.0, 2.0] and t["controls"]["pause"]["mean"] == pytest.approx(4.75)
+    assert t["teacher"]["after_thought"]["mean"] == pytest.approx(4.5)
+    assert data["arms"]["none"]["text"]["teacher"]["spearman"] is None  # no seed had a correlation
+    assert t["deciles"][3]["rate"]["mean"] == pytest.approx(0.305)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Seed 004 on real text" in md and "accuracy" not in md.split("## Seed 004")[0]
+    assert ("| vocab | 1.500 ± 0.707 | 4.500 ± 0.707 | 5.000 ± 0.707 | 4.750 ± 0.707 | 4.625 ± 0.707 | "
+            "3.000 ± 0.000 | 12.5 ± 0.0 (10.0 ± 0.0) | 4.500 ± 0.707 | 2.000 ± 0.000 | 0.250 ± 0.071 | "
+            "0.500 ± 0.000 | 2 |") in md
+    by_metric = {s["metric"]: s for s in data["comparisons"]}
+    assert by_metric["reverse_kl"]["per_seed"] == [-1.0, 0.0] and "accuracy" not in by_metric
+    assert "vocab vs none: -0.500 nats/token of reverse KL, seeds agree 1/2" in md
+    assert (tmp_path / "placement.png").stat().st_size > 0 and "placement.png" in md
+    page = (tmp_path / "text_rollouts.html").read_text()
+    assert "<h2>vocab (seed 0)</h2>" in page and "<sub>≈a|b|c</sub>" in page
+    assert 'background:hsl(0,70%,85%)" title="teacher log-prob -8.50"> cat' in page  # beyond 8 nats: red

@@ -7,11 +7,13 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import ray
 
+from thinktok.analysis.content import ContentConfig
 from thinktok.study import ArmConfig, StudyConfig, run_study
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -105,7 +107,7 @@ def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_pat
                                                                               "noise=none"]),
             ArmConfig(name="rl", kind="train", config=str(CONFIGS / "rl_discovery.yaml"), init_from="answer",
                       overrides=["thought.num_thinking=4", "thought.slots=2"])]
-    cfg = study(tmp_path, arms, comparisons=[["rl", "answer"]])
+    cfg = study(tmp_path, arms, comparisons=[["rl", "answer"]], content=ContentConfig(enabled=False))
     run_study(cfg, report=True, poll_s=5)
     report = json.loads((tmp_path / "study.json").read_text())
     for arm in ("answer", "distinct", "soft", "rl"):
@@ -134,6 +136,21 @@ def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_pat
     run_study(cfg, report=False, poll_s=5)
     assert {p: p.stat().st_mtime for p in tmp_path.glob("*/seed*/result.json")} == stamps
     assert (tmp_path / "study.log").read_text().count("done before (skipped)") == 8
+    assert "What the thoughts carry" not in (tmp_path / "report.md").read_text()
+    # a measure added after the runs finished: --remeasure evaluates every recorded run again, trains nothing
+    walls = {p: json.loads(p.read_text())["wall_s"] for p in stamps}
+    weights = {p: p.stat().st_mtime for p in tmp_path.glob("*/seed*/**/model.safetensors")}
+    assert len(weights) >= 6  # answer, distinct, rl: two seeds each (soft evaluates answer's)
+    run_study(replace(cfg, content=ContentConfig(limit=4, samples=2, pass_k=[1, 2], max_positions=2)),
+              report=True, poll_s=5, remeasure_done=True)
+    for p, wall in walls.items():
+        record = json.loads(p.read_text())
+        assert "content" in record["eval"] and "pass_at_k" in record["eval"]["content"]
+        assert record["wall_s"] == wall  # the training time it was recorded with
+    assert {p: p.stat().st_mtime for p in weights} == weights
+    log = (tmp_path / "study.log").read_text()
+    assert log.count("remeasured") == 8 and log.count("submitted") == 8  # the first run's submissions only
+    assert "What the thoughts carry" in (tmp_path / "report.md").read_text()
 
 
 def test_bad_study_configs_are_refused(tmp_path):

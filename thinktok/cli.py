@@ -94,6 +94,9 @@ def add_eval(sub) -> None:
     p.add_argument("--content-limit", type=int, default=200,
                    help="examples the content measures (interventions, code table, embedding view, pass@k) "
                         "use; 0 skips them")
+    p.add_argument("--teacher", default=None,
+                   help="text task: the frozen teacher checkpoint its measures score against (default: the "
+                        "run's own teacher, from its config.yaml)")
 
 
 def add_compare(sub) -> None:
@@ -303,8 +306,13 @@ def run_eval(a) -> None:
     from thinktok.analysis.evaluate import evaluate
 
     content = ContentConfig(limit=a.content_limit) if a.content_limit > 0 else None
+    teacher, own = a.teacher, Path(a.path) / "config.yaml"
+    if teacher is None and own.exists():  # an RL run's config names its teacher
+        import yaml
+
+        teacher = (yaml.safe_load(own.read_text()) or {}).get("teacher")
     print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, device(a), a.limit,
-                              content=content)))
+                              content=content, teacher=teacher)))
 
 
 def run_compare(a) -> None:

@@ -63,6 +63,11 @@ class StudyConfig:
     parallel_arms: int = 2
     # what the thoughts carry (analysis/content.py), measured on every arm that thinks
     content: ContentConfig = field(default_factory=ContentConfig)
+    # the frozen teacher of every train arm (set as their `teacher`) and of the text task's measures
+    # (analysis/text_eval.py); one checkpoint for all seeds, trained by the driver from teacher_sft first
+    # when missing, so that no two arms train it at once
+    teacher: str | None = None
+    teacher_sft: str | None = None  # the SFT config that writes `teacher`
 
     def validate(self) -> None:
         names = [a.name for a in self.arms]
@@ -88,6 +93,8 @@ class StudyConfig:
                 raise UserError(f"comparison {pair} must name two arms of this study")
         order(self.arms)  # refuses cycles
         self.content.validate()
+        if self.teacher_sft and not self.teacher:
+            raise UserError("teacher_sft needs teacher: the checkpoint path it writes")
 
     @property
     def dir(self) -> Path:
@@ -150,7 +157,8 @@ def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, attempt: int = 1) -> di
         from thinktok.rl.config import TrainConfig
         from thinktok.rl.train import run_train
 
-        over = [*cfg.train_overrides, *arm.overrides,
+        own_teacher = [f"teacher={cfg.teacher}", "teacher_sft=null"] if cfg.teacher else []
+        over = [*cfg.train_overrides, *own_teacher, *arm.overrides,
                 *([f"policy={init}", "policy_sft=null"] if init else []),
                 f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
         train = load_config(TrainConfig, arm.config, over)
@@ -199,7 +207,7 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
     policy = load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     with torch.no_grad():
         result = evaluate(str(ckpt), None, cfg.split, limit=cfg.eval_limit, save=False, policy=policy,
-                          content=cfg.content)
+                          content=cfg.content, teacher=cfg.teacher)
     moved = movement(ckpt, policy)
     return {"eval": result, "movement": {k: moved[k] for k in ("num_rows", "mean", "max") if k in moved}}
 
@@ -211,7 +219,10 @@ class Progress:
         self.path = path
 
     def say(self, arm: str, seed: int, state: str, detail: str = "") -> None:
-        line = f"{time.strftime('%H:%M:%S')} {arm} seed {seed}: {state}{'  ' + detail if detail else ''}"
+        self.note(f"{arm} seed {seed}: {state}{'  ' + detail if detail else ''}")
+
+    def note(self, text: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {text}"
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
@@ -315,7 +326,12 @@ def settle(cfg: StudyConfig, ledger: Ledger, ref, progress: Progress) -> None:
     ledger.results[key] = record
     (out / "result.json").write_text(json.dumps(record, indent=2))
     ev = record["eval"]
-    metric = f"accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else f"nll {ev.get('nll_thought', 0):.3f}"
+    if "accuracy" in ev:
+        metric = f"accuracy {ev['accuracy']:.3f}"
+    elif "reverse_kl" in ev:
+        metric = f"reverse KL {ev['reverse_kl']:.3f} nll {ev['nll']:.3f}"
+    else:
+        metric = f"nll {ev.get('nll_thought', 0):.3f}"
     progress.say(*key, "done", f"{metric} in {record['wall_s']:.0f} s")
 
 
@@ -363,6 +379,12 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
     progress = Progress(study / "study.log")
     # a local cluster runs parallel_arms at once, counted here so that a retry takes the first free place
     limit = cfg.parallel_arms if ray_address is None and not ray.is_initialized() else None
+    if cfg.teacher_sft:
+        from thinktok.sft import ensure_checkpoint
+
+        start = time.perf_counter()
+        ensure_checkpoint(cfg.teacher, cfg.teacher_sft, "teacher")
+        progress.note(f"teacher {cfg.teacher} ready in {time.perf_counter() - start:.0f} s")
     init_ray(RayConfig(address=ray_address))
     remote, arms, ledger = ray.remote(run_arm), {a.name: a for a in cfg.arms}, Ledger()
     for arm in cfg.arms:  # recorded (arm, seed)s are never rerun

@@ -1,0 +1,142 @@
+"""The text part of a study's report (seed 004's experiment; the measures are analysis/text_eval.py's):
+
+  * a table per arm, mean ± std over seeds: reverse KL to the teacher on the student's own continuations,
+    the true continuation's NLL with the arm's thoughts and under the controls, the teacher's NLL of the
+    same tokens, thoughts per 100 real tokens, and where the thoughts go (mean teacher surprisal of tokens
+    right after a thought and not, Spearman's rho against teacher and against student-without-thoughts
+    surprisal); parallel-thought arms give their own held-out NLL with and without thoughts;
+  * the placement figure: the rate of a thought right before a token, per decile of its teacher surprisal;
+  * `text_rollouts.html`: each arm's own continuations (first seed), every real token coloured by its
+    teacher log-prob, thoughts with their id and nearest text tokens, the reward (minus the per-token KL).
+"""
+
+from __future__ import annotations
+
+import html as h
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .controls import CONTROLS
+
+
+def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
+    """Over seeds: every number of the table and the pooled placement deciles; the first seed's rollouts."""
+    def over(get):
+        values = [get(e) for e in evs]
+        return stat(values) if all(v is not None for v in values) else None
+
+    row = {"reverse_kl": over(lambda e: e["reverse_kl"]), "nll": over(lambda e: e["nll"]),
+           "teacher_nll": over(lambda e: e["teacher_nll"]),
+           "thoughts_per_100": over(lambda e: e["thoughts_per_100"]),
+           "thoughts_per_100_forced": over(lambda e: e["thoughts_per_100_forced"]),
+           "controls": {c: over(lambda e, c=c: e["controls"][c]["nll"]) for c in CONTROLS
+                        if all(c in e["controls"] for e in evs)}}
+    for who in ("teacher", "student"):
+        row[who] = {k: over(lambda e, k=k: e["placement"][who][k]) for k in ("after_thought", "after_text",
+                                                                              "spearman")}
+    # deciles pooled over seeds by position (each seed's deciles hold ~equal token counts)
+    per_seed = [e["placement"]["teacher"]["deciles"] for e in evs]
+    width = min(len(d) for d in per_seed)
+    row["deciles"] = [{"surprisal": sum(d[i]["surprisal"] for d in per_seed) / len(per_seed),
+                       "rate": stat([d[i]["rate"] for d in per_seed])} for i in range(width)]
+    row["rollouts"], row["first_seed"] = evs[0]["rollouts"], seeds[0]
+    return row
+
+
+def fmt(stat: dict | None, digits: int = 3) -> str:
+    return "-" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def text_section(summary: dict) -> list[str]:
+    """Markdown: the table, what each column is, and the parallel arms' own numbers."""
+    rows = {k: r for k, r in summary.items() if "text" in r}
+    parallel = {k: r for k, r in summary.items() if "nll_thought" in r}
+    if not rows and not parallel:
+        return []
+    md = ["## Seed 004 on real text", "",
+          "Held-out prefixes. Reverse KL: per token, KL(student text ‖ teacher) on the student's own "
+          "continuations at temperature 1 (minus the teacher_kl reward). NLL: per token, of the true "
+          "continuation forced, the arm's thoughts its own (greedy), then under the controls. "
+          "Thoughts/100: thought steps per 100 real tokens (own continuations; in brackets, before true "
+          "tokens). Placement: "
+          "mean teacher surprisal (nats) of true tokens right after a thought and not, and Spearman's ρ of "
+          "'a thought came right before' against teacher and against student-without-thoughts surprisal.", "",
+          "| arm | reverse KL | NLL | no thoughts | pause | shuffled | teacher NLL | thoughts/100 | "
+          "surprisal after thought | after text | ρ teacher | ρ student | seeds |",
+          "|" + "---|" * 13]
+    for name, r in rows.items():
+        t, c = r["text"], r["text"]["controls"]
+        md.append(f"| {name} | {fmt(t['reverse_kl'])} | {fmt(t['nll'])} | {fmt(c.get('no_thoughts'))} | "
+                  f"{fmt(c.get('pause'))} | {fmt(c.get('shuffled_thoughts'))} | {fmt(t['teacher_nll'])} | "
+                  f"{fmt(t['thoughts_per_100'], 1)} ({fmt(t['thoughts_per_100_forced'], 1)}) | "
+                  f"{fmt(t['teacher']['after_thought'])} | {fmt(t['teacher']['after_text'])} | "
+                  f"{fmt(t['teacher']['spearman'])} | {fmt(t['student']['spearman'])} | {len(r['seeds'])} |")
+    if parallel:
+        md += ["", "Parallel thoughts (a thought before every real token), on held-out windows of the same "
+               "text: NLL of the next true token(s) after the thought and without it.", "",
+               "| arm | NLL with thoughts | without | seeds |", "|---|---|---|---|"]
+        md += [f"| {name} | {fmt(r['nll_thought'])} | {fmt(r['nll_base'])} | {len(r['seeds'])} |"
+               for name, r in parallel.items()]
+    return md + [""]
+
+
+def placement_figure(summary: dict, path: Path) -> Path | None:
+    """Rate of a thought right before a true token against its teacher surprisal (deciles), per arm."""
+    rows = {k: r["text"] for k, r in summary.items() if "text" in r and r["text"]["deciles"]
+            and any(d["rate"]["mean"] for d in r["text"]["deciles"])}
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, t in rows.items():
+        ax.errorbar([d["surprisal"] for d in t["deciles"]], [100 * d["rate"]["mean"] for d in t["deciles"]],
+                    yerr=[100 * d["rate"]["std"] for d in t["deciles"]], fmt="o-", capsize=3, label=name)
+    ax.set(xlabel="teacher surprisal of the true token (nats), decile means",
+           ylabel="thought right before the token (%), mean ± std over seeds",
+           title="where do thoughts go? (free placement, true continuation)")
+    if rows:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    else:
+        ax.text(0.5, 0.5, "no arm placed a thought before a true token", ha="center", va="center",
+                transform=ax.transAxes)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def colour(logprob: float) -> str:
+    """Teacher log-prob -> background: green when the teacher expects the token, red when it does not."""
+    x = max(0.0, min(1.0, -logprob / 8))  # 0 nats: green, 8 nats or more: red
+    return f"hsl({120 * (1 - x):.0f},70%,85%)"
+
+
+def text_rollouts_page(summary: dict, title: str) -> str:
+    parts = []
+    for name, r in summary.items():
+        if "text" not in r or not r["text"]["rollouts"]:
+            continue
+        rows = []
+        for ex in r["text"]["rollouts"]:
+            spans = []
+            for s in ex["steps"]:
+                text = h.escape(s["text"])
+                if s["kind"] == "real":
+                    lp = s["teacher_logprob"]
+                    spans.append(f'<span style="background:{colour(lp)}" title="teacher log-prob {lp:.2f}">'
+                                 f"{text}</span>")
+                else:
+                    near = "|".join(t.strip() for t in s.get("nearest", []))
+                    sub = f"<sub>≈{h.escape(near)}</sub>" if near else ""
+                    spans.append(f'<b class="thought">{text}</b>{sub}')
+            rows.append(f"<tr><td>{h.escape(ex['prompt'])}</td><td><pre>{''.join(spans)}</pre></td>"
+                        f"<td>{ex['num_thought']}</td><td>{ex['reward']:.3f}</td></tr>")
+        head = ("<tr><th>prompt</th><th>continuation (text coloured by the teacher's log-prob, green: "
+                "expected, red: ≤ −8 nats; thoughts in bold, ≈ nearest text tokens of the row)</th>"
+                "<th>thought steps</th><th>reward (− per-token KL)</th></tr>")
+        parts.append(f"<h2>{h.escape(name)} (seed {r['text']['first_seed']})</h2><table>{head}{''.join(rows)}"
+                     "</table>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
+             "pre{margin:0;white-space:pre-wrap}.thought{color:#c2185b}sub{color:#777}")
+    body = "".join(parts) or "<p>No arm has text rollouts.</p>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{h.escape(title)} text rollouts</title>"
+            f"<style>{style}</style></head><body><h1>{h.escape(title)}: own continuations</h1>{body}"
+            "</body></html>\n")
