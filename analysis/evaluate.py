@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from thinktok.checkpoint import find_checkpoint, load_parallel_info, load_run_info
+from thinktok.checkpoint import find_checkpoint, load_extra_state, load_parallel_info, load_run_info
 from thinktok.envs import TaskConfig, load_task
 from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
@@ -89,6 +89,7 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
     policy = policy or load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     policy.model.to(device)
     mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
+    load_extra_state(ckpt, {"mode": mode})  # what RL learned in the mode itself (a learned sigma)
     result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt,
               "mode": thought.mode}
     parallel = load_parallel_info(ckpt)

@@ -9,7 +9,9 @@ on one checkpoint):
                     policy's own (greedy, wherever the policy chooses to think); and the same under the
                     controls (analysis/controls.py: no_thoughts, pause, shuffled_thoughts)
   teacher_nll       the teacher's per-token NLL of the same tokens: the gap the student starts from
-  thoughts_per_100  thought steps per 100 real tokens of the student's own continuations
+  thoughts_per_100  non-text steps (thoughts, pauses, markers: the extra compute) per 100 real tokens of the
+                    student's own continuations; after_thought_per_100: the share (%) of true-continuation
+                    tokens right after a non-text step
   placement         seed 004's question, where do thoughts go: for every true-continuation token, whether a
                     thought step came right before it, against its surprisal under the teacher and under the
                     student without thoughts: mean surprisal after a thought and not, Spearman's rank
@@ -25,6 +27,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from thinktok.errors import UserError
 from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import SamplingConfig, StepOut, ThoughtMode
 from thinktok.rl.rollout import Rollout, sample
@@ -112,10 +115,11 @@ def placement(before: torch.Tensor, surprisal: torch.Tensor) -> dict:
 
     # to 1e-4 nats: float32 log-softmaxes of equal logits differ in their last bits, which is no ranking
     key = surprisal.double().round(decimals=4)
-    edges = torch.quantile(key, torch.linspace(0, 1, BINS + 1, dtype=torch.float64))
+    edges = torch.quantile(key, torch.arange(BINS + 1, dtype=torch.float64) / BINS)  # exact k/10 levels
     bins = torch.bucketize(key, edges[1:-1], right=True)  # (N,) in 0..BINS-1
-    deciles = [{"surprisal": mean(surprisal[bins == b]), "rate": mean(before[bins == b].float())}
-               for b in range(BINS) if (bins == b).any()]
+    # ties are never split, so with many ties a bin holds more than a tenth and some bins are empty (dropped)
+    deciles = [{"bin": b, "n": int((bins == b).sum()), "surprisal": mean(surprisal[bins == b]),
+                "rate": mean(before[bins == b].float())} for b in range(BINS) if (bins == b).any()]
     return {"after_thought": mean(surprisal[before]), "after_text": mean(surprisal[~before]),
             "spearman": spearman(before.float(), key), "deciles": deciles}
 
@@ -133,20 +137,25 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
     model, tok = policy.model, policy.tokenizer
     prompts = [tok(r["prompt"]).input_ids for r in rows]
     golds = continuation_ids(task, tok, rows, max_tokens)
+    if not all(golds):
+        raise UserError(f"text measures: row {golds.index([])} has an empty continuation (max_tokens "
+                        f"{max_tokens}): every row needs at least one true token to score")
     embed = model.get_input_embeddings()
     thinks = mode.cfg.mode != "none"
 
-    # the true continuation, forced, under the policy's own thoughts and each control
-    runs: dict[str, list[Rollout]] = {"thoughts": []}
+    # the true continuation, forced, under the policy's own thoughts and then each control (deranged over
+    # all rows, as evaluate.py does: a one-row last batch would otherwise replay its own thoughts)
+    def batches():
+        return ((lo, prompts[lo : lo + batch_size], golds[lo : lo + batch_size])
+                for lo in range(0, len(rows), batch_size))
+
+    own_thoughts = [r for _, p, g in batches() for r in forced(model, mode, mode, p, g)]
+    runs: dict[str, list[Rollout]] = {"thoughts": own_thoughts}
     if thinks:
+        shuffled = derange(thought_inputs(runs["thoughts"], mode, embed))
         runs.update({name: [] for name in CONTROLS})
-    for lo in range(0, len(rows), batch_size):
-        p, g = prompts[lo : lo + batch_size], golds[lo : lo + batch_size]
-        own = forced(model, mode, mode, p, g)
-        runs["thoughts"] += own
-        if thinks:
-            shuffled = derange(thought_inputs(own, mode, embed))
-            for name, control in control_modes(mode, shuffled, embed).items():
+        for lo, p, g in batches():
+            for name, control in control_modes(mode, shuffled[lo : lo + len(p)], embed).items():
                 runs[name] += forced(model, control, mode, p, g)
     tables = {name: [token_table(r, len(g)) for r, g in zip(rs, golds)] for name, rs in runs.items()}
     nll = {name: -float(torch.cat([lp for lp, _ in t]).mean()) for name, t in tables.items()}
@@ -180,7 +189,7 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
         "controls": {name: {"nll": nll[name]} for name in CONTROLS if name in nll},
         "teacher_nll": float(surprisal_teacher.mean()),
         "thoughts_per_100": 100 * sum(r.num_thought for r in own) / max(real_tokens, 1),
-        "thoughts_per_100_forced": 100 * int(before.sum()) / max(len(before), 1),
+        "after_thought_per_100": 100 * int(before.sum()) / max(len(before), 1),
         "placement": {"teacher": placement(before, surprisal_teacher),
                       "student": placement(before, surprisal_student), "num_tokens": len(before)},
         "rollouts": [annotate(r, tok, embed.weight, lp, -float(k)) for r, lp, k in zip(shown, q_shown, kl)],

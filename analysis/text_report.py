@@ -29,7 +29,7 @@ def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
     row = {"reverse_kl": over(lambda e: e["reverse_kl"]), "nll": over(lambda e: e["nll"]),
            "teacher_nll": over(lambda e: e["teacher_nll"]),
            "thoughts_per_100": over(lambda e: e["thoughts_per_100"]),
-           "thoughts_per_100_forced": over(lambda e: e["thoughts_per_100_forced"]),
+           "after_thought_per_100": over(lambda e: e["after_thought_per_100"]),
            "controls": {c: over(lambda e, c=c: e["controls"][c]["nll"]) for c in CONTROLS
                         if all(c in e["controls"] for e in evs)}}
     for who in ("teacher", "student"):
@@ -58,8 +58,8 @@ def text_section(summary: dict) -> list[str]:
           "Held-out prefixes. Reverse KL: per token, KL(student text ‖ teacher) on the student's own "
           "continuations at temperature 1 (minus the teacher_kl reward). NLL: per token, of the true "
           "continuation forced, the arm's thoughts its own (greedy), then under the controls. "
-          "Thoughts/100: thought steps per 100 real tokens (own continuations; in brackets, before true "
-          "tokens). Placement: "
+          "Thoughts/100: non-text steps (thoughts, pauses, markers) per 100 real tokens of the own "
+          "continuations; in brackets, % of true tokens right after one. Placement: "
           "mean teacher surprisal (nats) of true tokens right after a thought and not, and Spearman's ρ of "
           "'a thought came right before' against teacher and against student-without-thoughts surprisal.", "",
           "| arm | reverse KL | NLL | no thoughts | pause | shuffled | teacher NLL | thoughts/100 | "
@@ -69,7 +69,7 @@ def text_section(summary: dict) -> list[str]:
         t, c = r["text"], r["text"]["controls"]
         md.append(f"| {name} | {fmt(t['reverse_kl'])} | {fmt(t['nll'])} | {fmt(c.get('no_thoughts'))} | "
                   f"{fmt(c.get('pause'))} | {fmt(c.get('shuffled_thoughts'))} | {fmt(t['teacher_nll'])} | "
-                  f"{fmt(t['thoughts_per_100'], 1)} ({fmt(t['thoughts_per_100_forced'], 1)}) | "
+                  f"{fmt(t['thoughts_per_100'], 1)} ({fmt(t['after_thought_per_100'], 1)}) | "
                   f"{fmt(t['teacher']['after_thought'])} | {fmt(t['teacher']['after_text'])} | "
                   f"{fmt(t['teacher']['spearman'])} | {fmt(t['student']['spearman'])} | {len(r['seeds'])} |")
     if parallel:

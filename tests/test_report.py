@@ -66,7 +66,7 @@ def text_eval(kl: float, nll: float, spearman: float | None, seed: int) -> dict:
     deciles = [{"surprisal": float(i), "rate": i / 10 + seed / 100} for i in range(10)]
     placement = {"after_thought": 4.0 + seed, "after_text": 2.0, "spearman": spearman, "deciles": deciles}
     return {"mode": "vocab", "reverse_kl": kl, "nll": nll, "teacher_nll": 3.0, "thoughts_per_100": 12.5,
-            "thoughts_per_100_forced": 10.0, "controls": {"no_thoughts": {"nll": nll + 0.5},
+            "after_thought_per_100": 10.0, "controls": {"no_thoughts": {"nll": nll + 0.5},
                                                           "pause": {"nll": nll + 0.25},
                                                           "shuffled_thoughts": {"nll": nll + 0.125}},
             "placement": {"teacher": placement, "student": {**placement, "spearman": 0.5},

@@ -178,7 +178,7 @@ def test_text_measures_find_the_known_placement():
         out = text_measures(policy, mode, TASK, ROWS, Teacher(), batch_size=4, max_tokens=LENGTH)
     # 60 true tokens: every digit 6 times; thoughts before the 30 odd ones and the 6 zeros
     assert out["placement"]["num_tokens"] == 60
-    assert math.isclose(out["thoughts_per_100_forced"], 100 * 36 / 60)
+    assert math.isclose(out["after_thought_per_100"], 100 * 36 / 60)
     s_odd, s_even = surprisal(1.0), surprisal(4.0)
     teacher = out["placement"]["teacher"]
     assert math.isclose(teacher["after_thought"], (30 * s_odd + 6 * s_even) / 36, rel_tol=1e-5)
