@@ -15,7 +15,9 @@ on one checkpoint):
   placement         seed 004's question, where do thoughts go: for every true-continuation token, whether a
                     thought step came right before it, against its surprisal under the teacher and under the
                     student without thoughts: mean surprisal after a thought and not, Spearman's rank
-                    correlation, and the thought rate per surprisal decile (the report's figure)
+                    correlation, and the thought rate per surprisal decile (the report's figure); with free
+                    placement over thinking tokens also the propensity, P(a thinking token) where the policy
+                    decides whether to think before the token, which a greedy decode that never thinks hides
   rollouts          a few own continuations: every step (thoughts with their nearest text tokens), the
                     teacher's log-prob of each real token, the rollout's reward
 """
@@ -30,7 +32,7 @@ from torch import nn
 from thinktok.errors import UserError
 from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import SamplingConfig, StepOut, ThoughtMode
-from thinktok.rl.rollout import Rollout, sample
+from thinktok.rl.rollout import Rollout, recompute_logprobs, sample
 
 from .controls import CONTROLS, control_modes, derange, thought_inputs
 from .render import step_records
@@ -89,6 +91,22 @@ def token_table(r: Rollout, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return r.logprob[real], before
 
 
+def propensity(model, mode: ThoughtMode, rollouts: list[Rollout], golds: list[list[int]]) -> torch.Tensor:
+    """(N,) P(a thinking token) under the full softmax at temperature 1, at the step where the policy decides
+    whether to think before each true token (the step right after the previous one): how much it wants to
+    think there, whether or not the greedy decode did. For free placement over thinking tokens."""
+    v = mode.vocab
+    hidden = recompute_logprobs(model, mode, rollouts).hidden  # (B, S, D) at the position choosing each step
+    logits = model.get_output_embeddings()(hidden).float()  # (B, S, V)
+    p = torch.softmax(logits, -1)[..., v.think_start : v.think_start + v.num_thinking].sum(-1)  # (B, S)
+    out = []
+    for b, (r, g) in enumerate(zip(rollouts, golds)):
+        real = r.is_real.nonzero()[:, 0][: len(g)]
+        decide = torch.cat([real.new_zeros(1), real[:-1] + 1])
+        out.append(p[b, decide.to(p.device)].cpu())
+    return torch.cat(out)
+
+
 def ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 0..n-1 with ties given their mean rank (what Spearman's coefficient needs)."""
     order = x.argsort()
@@ -107,9 +125,10 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
     return None if den == 0 else float((rx * ry).sum() / den)
 
 
-def placement(before: torch.Tensor, surprisal: torch.Tensor) -> dict:
+def placement(before: torch.Tensor, surprisal: torch.Tensor, wants: torch.Tensor | None = None) -> dict:
     """Thought-before-token flags (N,) against one surprisal (N,) in nats: mean surprisal after a thought and
-    not (None where no such token), Spearman's rho, and per surprisal decile its mean surprisal and rate."""
+    not (None where no such token), Spearman's rho, and per surprisal decile its mean surprisal and rate;
+    with `wants` (N,), the propensity to think there: its rho against the surprisal and mean per decile."""
     def mean(x):
         return float(x.mean()) if len(x) else None
 
@@ -119,9 +138,14 @@ def placement(before: torch.Tensor, surprisal: torch.Tensor) -> dict:
     bins = torch.bucketize(key, edges[1:-1], right=True)  # (N,) in 0..BINS-1
     # ties are never split, so with many ties a bin holds more than a tenth and some bins are empty (dropped)
     deciles = [{"bin": b, "n": int((bins == b).sum()), "surprisal": mean(surprisal[bins == b]),
-                "rate": mean(before[bins == b].float())} for b in range(BINS) if (bins == b).any()]
-    return {"after_thought": mean(surprisal[before]), "after_text": mean(surprisal[~before]),
-            "spearman": spearman(before.float(), key), "deciles": deciles}
+                "rate": mean(before[bins == b].float()),
+                **({"propensity": mean(wants[bins == b])} if wants is not None else {})}
+               for b in range(BINS) if (bins == b).any()]
+    out = {"after_thought": mean(surprisal[before]), "after_text": mean(surprisal[~before]),
+           "spearman": spearman(before.float(), key), "deciles": deciles}
+    if wants is not None:
+        out["spearman_propensity"] = spearman(wants.double(), key)
+    return out
 
 
 def continuation_ids(task, tokenizer, rows: list[dict], max_tokens: int) -> list[list[int]]:
@@ -157,6 +181,9 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
         for lo, p, g in batches():
             for name, control in control_modes(mode, shuffled[lo : lo + len(p)], embed).items():
                 runs[name] += forced(model, control, mode, p, g)
+    free = mode.cfg.mode in ("vocab", "single") and not mode.cfg.slots and mode.vocab.num_thinking > 0
+    wants = torch.cat([propensity(model, mode, own_thoughts[lo : lo + len(p)], g)
+                       for lo, p, g in batches()]) if free else None
     tables = {name: [token_table(r, len(g)) for r, g in zip(rs, golds)] for name, rs in runs.items()}
     nll = {name: -float(torch.cat([lp for lp, _ in t]).mean()) for name, t in tables.items()}
     before = torch.cat([b for _, b in tables["thoughts"]])
@@ -190,8 +217,9 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
         "teacher_nll": float(surprisal_teacher.mean()),
         "thoughts_per_100": 100 * sum(r.num_thought for r in own) / max(real_tokens, 1),
         "after_thought_per_100": 100 * int(before.sum()) / max(len(before), 1),
-        "placement": {"teacher": placement(before, surprisal_teacher),
-                      "student": placement(before, surprisal_student), "num_tokens": len(before)},
+        "placement": {"teacher": placement(before, surprisal_teacher, wants),
+                      "student": placement(before, surprisal_student, wants), "num_tokens": len(before),
+                      "propensity": None if wants is None else float(wants.mean())},
         "rollouts": [annotate(r, tok, embed.weight, lp, -float(k)) for r, lp, k in zip(shown, q_shown, kl)],
     }
 

@@ -5,7 +5,8 @@
     same tokens, thoughts per 100 real tokens, and where the thoughts go (mean teacher surprisal of tokens
     right after a thought and not, Spearman's rho against teacher and against student-without-thoughts
     surprisal); parallel-thought arms give their own held-out NLL with and without thoughts;
-  * the placement figure: the rate of a thought right before a token, per decile of its teacher surprisal;
+  * the placement figure: per decile of a true token's teacher surprisal, the rate of a thought right before
+    it and the propensity to think there;
   * `text_rollouts.html`: each arm's own continuations (first seed), every real token coloured by its
     teacher log-prob, thoughts with their id and nearest text tokens, the reward (minus the per-token KL).
 """
@@ -33,13 +34,16 @@ def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
            "controls": {c: over(lambda e, c=c: e["controls"][c]["nll"]) for c in CONTROLS
                         if all(c in e["controls"] for e in evs)}}
     for who in ("teacher", "student"):
-        row[who] = {k: over(lambda e, k=k: e["placement"][who][k]) for k in ("after_thought", "after_text",
-                                                                              "spearman")}
+        row[who] = {k: over(lambda e, k=k: e["placement"][who].get(k)) for k in (
+            "after_thought", "after_text", "spearman", "spearman_propensity")}
+    row["propensity"] = over(lambda e: e["placement"].get("propensity"))
     # deciles pooled over seeds by position (each seed's deciles hold ~equal token counts)
     per_seed = [e["placement"]["teacher"]["deciles"] for e in evs]
     width = min(len(d) for d in per_seed)
     row["deciles"] = [{"surprisal": sum(d[i]["surprisal"] for d in per_seed) / len(per_seed),
-                       "rate": stat([d[i]["rate"] for d in per_seed])} for i in range(width)]
+                       "rate": stat([d[i]["rate"] for d in per_seed]),
+                       "propensity": stat([d[i]["propensity"] for d in per_seed])
+                       if all("propensity" in d[i] for d in per_seed) else None} for i in range(width)]
     row["rollouts"], row["first_seed"] = evs[0]["rollouts"], seeds[0]
     return row
 
@@ -61,17 +65,22 @@ def text_section(summary: dict) -> list[str]:
           "Thoughts/100: non-text steps (thoughts, pauses, markers) per 100 real tokens of the own "
           "continuations; in brackets, % of true tokens right after one. Placement: "
           "mean teacher surprisal (nats) of true tokens right after a thought and not, and Spearman's ρ of "
-          "'a thought came right before' against teacher and against student-without-thoughts surprisal.", "",
+          "'a thought came right before' against teacher and against student-without-thoughts surprisal. "
+          "Propensity (free placement): mean P(a thinking token) where the policy decides whether to think "
+          "before a true token, and its ρ against teacher surprisal.", "",
           "| arm | reverse KL | NLL | no thoughts | pause | shuffled | teacher NLL | thoughts/100 | "
-          "surprisal after thought | after text | ρ teacher | ρ student | seeds |",
-          "|" + "---|" * 13]
+          "surprisal after thought | after text | ρ teacher | ρ student | propensity | ρ propensity "
+          "| seeds |",
+          "|" + "---|" * 15]
     for name, r in rows.items():
         t, c = r["text"], r["text"]["controls"]
         md.append(f"| {name} | {fmt(t['reverse_kl'])} | {fmt(t['nll'])} | {fmt(c.get('no_thoughts'))} | "
                   f"{fmt(c.get('pause'))} | {fmt(c.get('shuffled_thoughts'))} | {fmt(t['teacher_nll'])} | "
                   f"{fmt(t['thoughts_per_100'], 1)} ({fmt(t['after_thought_per_100'], 1)}) | "
                   f"{fmt(t['teacher']['after_thought'])} | {fmt(t['teacher']['after_text'])} | "
-                  f"{fmt(t['teacher']['spearman'])} | {fmt(t['student']['spearman'])} | {len(r['seeds'])} |")
+                  f"{fmt(t['teacher']['spearman'])} | {fmt(t['student']['spearman'])} | "
+                  f"{fmt(t['propensity'], 4)} | {fmt(t['teacher']['spearman_propensity'])} | "
+                  f"{len(r['seeds'])} |")
     if parallel:
         md += ["", "Parallel thoughts (a thought before every real token), on held-out windows of the same "
                "text: NLL of the next true token(s) after the thought and without it.", "",
@@ -81,23 +90,26 @@ def text_section(summary: dict) -> list[str]:
     return md + [""]
 
 
-def placement_figure(summary: dict, path: Path) -> Path | None:
-    """Rate of a thought right before a true token against its teacher surprisal (deciles), per arm."""
-    rows = {k: r["text"] for k, r in summary.items() if "text" in r and r["text"]["deciles"]
-            and any(d["rate"]["mean"] for d in r["text"]["deciles"])}
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for name, t in rows.items():
-        ax.errorbar([d["surprisal"] for d in t["deciles"]], [100 * d["rate"]["mean"] for d in t["deciles"]],
-                    yerr=[100 * d["rate"]["std"] for d in t["deciles"]], fmt="o-", capsize=3, label=name)
-    ax.set(xlabel="teacher surprisal of the true token (nats), decile means",
-           ylabel="thought right before the token (%), mean ± std over seeds",
-           title="where do thoughts go? (free placement, true continuation)")
-    if rows:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-    else:
-        ax.text(0.5, 0.5, "no arm placed a thought before a true token", ha="center", va="center",
-                transform=ax.transAxes)
+def placement_figure(summary: dict, path: Path) -> Path:
+    """Per teacher-surprisal decile of the true tokens: the rate of a thought right before the token (left,
+    every arm that placed one) and the propensity to think there (right, free placement), per arm."""
+    texts = {k: r["text"] for k, r in summary.items() if "text" in r and r["text"]["deciles"]}
+    panels = (("rate", "thought right before the token (%)", "greedy decode: where thoughts were placed"),
+              ("propensity", "P(a thinking token) where it decides (%)", "where the policy wants to think"))
+    fig = Figure(figsize=(11, 4.5))
+    for ax, (key, ylabel, title) in zip(fig.subplots(1, 2), panels):
+        shown = {k: t for k, t in texts.items() if all(d[key] is not None for d in t["deciles"])
+                 and any(d[key]["mean"] for d in t["deciles"])}
+        for name, t in shown.items():
+            ax.errorbar([d["surprisal"] for d in t["deciles"]], [100 * d[key]["mean"] for d in t["deciles"]],
+                        yerr=[100 * d[key]["std"] for d in t["deciles"]], fmt="o-", capsize=3, label=name)
+        ax.set(xlabel="teacher surprisal of the true token (nats), decile means",
+               ylabel=f"{ylabel}, mean ± std over seeds", title=title)
+        if shown:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no arm has any", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 

@@ -62,15 +62,17 @@ def test_entropy_is_never_negative_zero():
     assert summary["silent"]["thought_entropy_bits"] == 0.0
 
 
-def text_eval(kl: float, nll: float, spearman: float | None, seed: int) -> dict:
-    deciles = [{"surprisal": float(i), "rate": i / 10 + seed / 100} for i in range(10)]
-    placement = {"after_thought": 4.0 + seed, "after_text": 2.0, "spearman": spearman, "deciles": deciles}
+def text_eval(kl: float, nll: float, spearman: float | None, seed: int, wants: bool = True) -> dict:
+    deciles = [{"surprisal": float(i), "rate": i / 10 + seed / 100,
+                **({"propensity": i / 100} if wants else {})} for i in range(10)]
+    placement = {"after_thought": 4.0 + seed, "after_text": 2.0, "spearman": spearman, "deciles": deciles,
+                 **({"spearman_propensity": 0.4} if wants else {})}
     return {"mode": "vocab", "reverse_kl": kl, "nll": nll, "teacher_nll": 3.0, "thoughts_per_100": 12.5,
             "after_thought_per_100": 10.0, "controls": {"no_thoughts": {"nll": nll + 0.5},
                                                           "pause": {"nll": nll + 0.25},
                                                           "shuffled_thoughts": {"nll": nll + 0.125}},
             "placement": {"teacher": placement, "student": {**placement, "spearman": 0.5},
-                          "num_tokens": 100},
+                          "num_tokens": 100, "propensity": 0.0125 * (seed + 1) if wants else None},
             "rollouts": [{"prompt": "The", "reward": -kl, "num_real": 1, "num_thought": 1,
                           "steps": [{"kind": "thought", "token_id": 50300, "text": "<think3>", "logprob": -1,
                                      "nearest": [" a", " b", " c"]},
@@ -82,7 +84,7 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
     records = [{"arm": "vocab", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
                 "eval": text_eval(1.0 + s, 4.0 + s, 0.2 + s / 10, s)} for s in (0, 1)]
     records += [{"arm": "none", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
-                 "eval": text_eval(2.0, 5.0, None, s)} for s in (0, 1)]
+                 "eval": text_eval(2.0, 5.0, None, s, wants=False)} for s in (0, 1)]
     cfg = SimpleNamespace(dir=tmp_path, name="t", split="test", seeds=[0, 1], comparisons=[["vocab", "none"]])
     data = write_report(cfg, records, {})
     t = data["arms"]["vocab"]["text"]
@@ -94,7 +96,8 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
     assert "## Seed 004 on real text" in md and "accuracy" not in md.split("## Seed 004")[0]
     assert ("| vocab | 1.500 ± 0.707 | 4.500 ± 0.707 | 5.000 ± 0.707 | 4.750 ± 0.707 | 4.625 ± 0.707 | "
             "3.000 ± 0.000 | 12.5 ± 0.0 (10.0 ± 0.0) | 4.500 ± 0.707 | 2.000 ± 0.000 | 0.250 ± 0.071 | "
-            "0.500 ± 0.000 | 2 |") in md
+            "0.500 ± 0.000 | 0.0188 ± 0.0088 | 0.400 ± 0.000 | 2 |") in md
+    assert "| none | 2.000 ± 0.000 |" in md and "| - | - | 2 |" in md  # no propensity without free thinking
     by_metric = {s["metric"]: s for s in data["comparisons"]}
     assert by_metric["reverse_kl"]["per_seed"] == [-1.0, 0.0] and "accuracy" not in by_metric
     assert "vocab vs none: -0.500 nats/token of reverse KL, seeds agree 1/2" in md

@@ -161,6 +161,8 @@ def test_bad_study_configs_are_refused(tmp_path):
                          ArmConfig(name="b", config=SFT, init_from="a")]).validate()
     with pytest.raises(ValueError, match="needs a config"):
         study(tmp_path, [ArmConfig(name="a", kind="sft")]).validate()
+    with pytest.raises(ValueError, match="teacher_sft needs teacher"):
+        study(tmp_path, [ArmConfig(name="a", config=SFT)], teacher_sft=SFT).validate()
 
 
 def test_an_arm_whose_node_dies_reruns_elsewhere(tmp_path, fresh_ray):

@@ -6,6 +6,7 @@ Every expected number below is computed from those logits or from a contingency 
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -186,6 +187,14 @@ def test_text_measures_find_the_known_placement():
     phi = (30 * 24 - 6 * 0) / math.sqrt(36 * 24 * 30 * 30)
     assert math.isclose(teacher["spearman"], phi, rel_tol=1e-6)
     assert math.isclose(out["teacher_nll"], (s_odd + s_even) / 2, rel_tol=1e-5)
+    # the propensity where it decides: ~1 before the 36 (think logit 30); before the 24 others the two
+    # thinking logits are 0 against the right token's 5 and ten text zeros
+    want_low = 2 / (math.exp(5.0) + T - 1 + 2)
+    assert math.isclose(out["placement"]["propensity"], (36 + 24 * want_low) / 60, rel_tol=1e-5)
+    assert math.isclose(teacher["spearman_propensity"], phi, rel_tol=1e-6)
+    easy, hard = teacher["deciles"]  # two surprisal values: two bins; the 30 even tokens include the 6 zeros
+    assert easy["n"] == 30 and easy["propensity"] == pytest.approx((24 * want_low + 6) / 30, rel=1e-5)
+    assert hard["n"] == 30 and hard["rate"] == 1.0
     # with its thoughts every token has logit 5; without them the 36 it thinks before drop to 2
     assert math.isclose(out["nll"], surprisal(5.0), rel_tol=1e-5)
     no = out["controls"]["no_thoughts"]["nll"]
@@ -222,8 +231,6 @@ def test_thinktok_eval_on_a_text_checkpoint(tmp_path, capsys):
     """The real path: a (barely) trained tiny GPT-2 on the pydoc text with two thinking-token slots, scored
     against a teacher checkpoint; without a teacher the text task is refused with what to pass."""
     import json
-
-    import pytest
 
     from thinktok.cli import main
     from thinktok.config import load_config
