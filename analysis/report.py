@@ -254,9 +254,14 @@ def content_section(summary: dict) -> list[str]:
             md += ["No thoughts: pass@k and annotated rollouts only.", ""]
         else:
             md += ["No thought could be replaced (a single thinking token: there is no other).", ""]
-        for seed, pairs in c["code_pairs"].items():
-            md += [f"- code table, seed {seed}: " + "; ".join(describe(p) for p in pairs)]
-        if c["code_pairs"]:
+        # a seed without thoughts has no pairs; one whose thoughts carry nothing (a constant pause) has
+        # NMI 0 everywhere: its "best" pairs are noise, said as such
+        tables = {seed: pairs for seed, pairs in c["code_pairs"].items() if pairs}
+        for seed, pairs in tables.items():
+            best = "; ".join(describe(p) for p in pairs) if any(p["nmi"] >= 0.005 for p in pairs) else \
+                "NMI 0.00 at every position: the thoughts carry nothing about any step or the answer"
+            md += [f"- code table, seed {seed}: {best}"]
+        if tables:
             md.append("")
         if c["embedding"]:
             md += [f"Most used thinking tokens (seed {c['first_seed']}):", "",

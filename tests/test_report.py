@@ -35,8 +35,16 @@ def test_report_shows_what_the_thoughts_carry(tmp_path):
     records = [record("coded", s, 0.5 + s / 10, [0, 5, 0, 2],
                       {"content": content(0.5 + s / 4, 0.6 + s / 10, s)}) for s in (0, 1)]
     records += [record("silent", s, 0.1, [0, 0, 0, 0]) for s in (0, 1)]
+    constant = content(0.0, 0.1, 0)
+    constant["code_table"]["top_pairs"][0]["nmi"] = 0.0
+    records += [record("constant", 0, 0.1, [4, 0, 0, 0], {"content": constant}),
+                record("text", 0, 0.8, [], {"content": {**content(0.0, 0.8, 0), "interventions": [],
+                                                        "code_table": {"top_pairs": []}}})]
     cfg = SimpleNamespace(dir=tmp_path, name="t", split="test", seeds=[0, 1], comparisons=[])
     data = write_report(cfg, records, {})
+    md = (tmp_path / "report.md").read_text()
+    assert "- code table, seed 0: NMI 0.00 at every position: the thoughts carry nothing" in md
+    assert md.split("### text")[1].count("code table") == 0  # no thoughts: no empty code-table lines
 
     c = data["arms"]["coded"]["content"]
     (position,) = c["interventions"]  # position 1 had no example in either seed
