@@ -71,6 +71,23 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
     return result
 
 
+def evaluate_text(policy, mode, task, split: str, teacher: str | None, limit: int | None = None,
+                  batch_size: int = 64, max_new_tokens: int = 32) -> dict:
+    """The text task's measures (analysis/text_eval.py) on the split's first `limit` rows, against the
+    `teacher` checkpoint, and their wall time."""
+    if teacher is None:
+        raise UserError("the text task is measured against a frozen teacher (reverse KL, surprisal): "
+                        "pass --teacher CHECKPOINT")
+    from thinktok.models.teacher import Teacher  # imports TRL: only where a teacher is used
+
+    rows = list(task.dataset[split])[:limit]
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = text_measures(policy, mode, task, rows, Teacher.load(teacher, policy.model.device),
+                               batch_size, max_new_tokens)
+    return {**result, "wall_s": time.perf_counter() - start}
+
+
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None,
              task_cfg: TaskConfig | None = None, save: bool = True, policy=None,
@@ -99,17 +116,8 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
         result.update(evaluate_parallel_checkpoint(ckpt, policy, mode.to(device), parallel,
                                                    load_task(task_cfg), split, batch_size, limit))
     elif task_cfg.name == "text":
-        if teacher is None:
-            raise UserError("the text task is measured against a frozen teacher (reverse KL, surprisal): "
-                            "pass --teacher CHECKPOINT")
-        from thinktok.models.teacher import Teacher  # imports TRL: only where a teacher is used
-
-        rows = list(load_task(task_cfg).dataset[split])[:limit]
-        start = time.perf_counter()
-        with torch.no_grad():
-            result.update(text_measures(policy, mode.to(device), load_task(task_cfg), rows,
-                                        Teacher.load(teacher, device), batch_size, max_new_tokens))
-        result["wall_s"] = time.perf_counter() - start
+        result.update(evaluate_text(policy, mode.to(device), load_task(task_cfg), split, teacher, limit,
+                                    batch_size, max_new_tokens))
     else:
         with torch.no_grad():
             result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit,

@@ -185,7 +185,7 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
     import torch
 
     from thinktok.analysis.compare import movement
-    from thinktok.analysis.evaluate import evaluate, evaluate_policy
+    from thinktok.analysis.evaluate import evaluate, evaluate_policy, evaluate_text
     from thinktok.checkpoint import load_run_info
     from thinktok.envs import load_task
     from thinktok.models.policy import load_policy
@@ -197,9 +197,12 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
         thought = load_config(ThoughtConfig, None, list(arm.overrides))
         policy = load_policy(init, thought.vocab_tokens, thought.markers, init=thought.init, seed=seed)
         mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True))
-        with torch.no_grad():
-            result = evaluate_policy(policy, mode, load_task(task_cfg), cfg.split, limit=cfg.eval_limit,
-                                     content=cfg.content)
+        if task_cfg.name == "text":  # e.g. fresh thinking rows on a text checkpoint: the before-RL baseline
+            result = evaluate_text(policy, mode, load_task(task_cfg), cfg.split, cfg.teacher, cfg.eval_limit)
+        else:
+            with torch.no_grad():
+                result = evaluate_policy(policy, mode, load_task(task_cfg), cfg.split, limit=cfg.eval_limit,
+                                         content=cfg.content)
         result.update(mode=thought.mode, checkpoint=init)
         return {"eval": result, "movement": None}
     ckpt = checkpoint_of(cfg.dir, arm, seed)
