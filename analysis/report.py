@@ -326,13 +326,16 @@ def write_report(cfg, records: list[dict], failed: dict) -> dict:
             "failed": {f"{a} seed {s}": m for (a, s), m in failed.items()}, "records": records}
     (out / "study.json").write_text(json.dumps(data, indent=2))
     paths = figures(summary, out)
+    # a text study's arms, parallel ones included, are in its own section (analysis/text_report.py)
+    text_study = any("text" in r for r in summary.values())
+    general = {k: r for k, r in summary.items() if "accuracy" in r or ("nll_thought" in r and not text_study)}
     if any("text" in r for r in summary.values()):
         paths = {"placement": placement_figure(summary, out / "placement.png")}  # accuracy plots are empty
     md = [f"# Study `{cfg.name}`", "",
           f"Split `{cfg.split}`, seeds {cfg.seeds}; mean ± std over seeds; greedy decoding. Controls: no "
           f"thoughts, a fixed pause input at every thought step, another example's thoughts "
           f"(analysis/controls.py).", "",
-          *([table(summary), ""] if any("text" not in r for r in summary.values()) else []),
+          *([table(general), ""] if general else []),
           *text_section(summary)]
     if statements:
         md += ["## Comparisons", ""] + [f"- {s['text']}" for s in statements] + [""]

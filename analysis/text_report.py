@@ -56,7 +56,7 @@ def text_section(summary: dict) -> list[str]:
     """Markdown: the table, what each column is, and the parallel arms' own numbers."""
     rows = {k: r for k, r in summary.items() if "text" in r}
     parallel = {k: r for k, r in summary.items() if "nll_thought" in r}
-    if not rows and not parallel:
+    if not rows:  # parallel arms of a study without text arms are in the main table
         return []
     md = ["## Seed 004 on real text", "",
           "Held-out prefixes. Reverse KL: per token, KL(student text ‖ teacher) on the student's own "

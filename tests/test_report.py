@@ -93,6 +93,8 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
                 "eval": text_eval(1.0 + s, 4.0 + s, 0.2 + s / 10, s)} for s in (0, 1)]
     records += [{"arm": "none", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
                  "eval": text_eval(2.0, 5.0, None, s, wants=False)} for s in (0, 1)]
+    records += [{"arm": "parallel", "seed": s, "kind": "train", "wall_s": 5.0, "movement": None,
+                 "eval": {"mode": "vocab", "nll_thought": 6.5 + s, "nll_base": 6.25}} for s in (0, 1)]
     cfg = SimpleNamespace(dir=tmp_path, name="t", split="test", seeds=[0, 1], comparisons=[["vocab", "none"]])
     data = write_report(cfg, records, {})
     t = data["arms"]["vocab"]["text"]
@@ -110,6 +112,7 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
     assert by_metric["reverse_kl"]["per_seed"] == [-1.0, 0.0] and "accuracy" not in by_metric
     assert "vocab vs none: -0.500 nats/token of reverse KL, seeds agree 1/2" in md
     assert (tmp_path / "placement.png").stat().st_size > 0 and "placement.png" in md
+    assert "| parallel | 7.000 ± 0.707 | 6.250 ± 0.000 | 2 |" in md and "| parallel | train |" not in md
     page = (tmp_path / "text_rollouts.html").read_text()
     assert "<h2>vocab (seed 0)</h2>" in page and "<sub>≈a|b|c</sub>" in page
     assert 'background:hsl(0,70%,85%)" title="teacher log-prob -8.50"> cat' in page  # beyond 8 nats: red
