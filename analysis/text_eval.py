@@ -219,7 +219,7 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
         "after_thought_per_100": 100 * int(before.sum()) / max(len(before), 1),
         "placement": {"teacher": placement(before, surprisal_teacher, wants),
                       "student": placement(before, surprisal_student, wants), "num_tokens": len(before),
-                      "propensity": None if wants is None else float(wants.mean())},
+                      "propensity": None if wants is None else float(wants.mean()), "free": free},
         "rollouts": [annotate(r, tok, embed.weight, lp, -float(k)) for r, lp, k in zip(shown, q_shown, kl)],
     }
 

@@ -6,7 +6,7 @@
     right after a thought and not, Spearman's rho against teacher and against student-without-thoughts
     surprisal); parallel-thought arms give their own held-out NLL with and without thoughts;
   * the placement figure: per decile of a true token's teacher surprisal, the rate of a thought right before
-    it and the propensity to think there;
+    it and the propensity to think there, for the arms that choose where to think;
   * `text_rollouts.html`: each arm's own continuations (first seed), every real token coloured by its
     teacher log-prob, thoughts with their id and nearest text tokens, the reward (minus the per-token KL).
 """
@@ -37,6 +37,8 @@ def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
         row[who] = {k: over(lambda e, k=k: e["placement"][who].get(k)) for k in (
             "after_thought", "after_text", "spearman", "spearman_propensity")}
     row["propensity"] = over(lambda e: e["placement"].get("propensity"))
+    # free placement: the policy chooses where to think (records from before the flag: by their mode)
+    row["free"] = evs[0]["placement"].get("free", evs[0].get("mode") in ("vocab", "single"))
     # deciles pooled over seeds by position (each seed's deciles hold ~equal token counts)
     per_seed = [e["placement"]["teacher"]["deciles"] for e in evs]
     width = min(len(d) for d in per_seed)
@@ -94,11 +96,12 @@ def placement_figure(summary: dict, path: Path) -> Path:
     """Per teacher-surprisal decile of the true tokens: the rate of a thought right before the token (left,
     every arm that placed one) and the propensity to think there (right, free placement), per arm."""
     texts = {k: r["text"] for k, r in summary.items() if "text" in r and r["text"]["deciles"]}
-    panels = (("rate", "thought right before the token (%)", "greedy decode: where thoughts were placed"),
+    panels = (("rate", "thought right before the token (%)", "greedy decode: where it chose to think"),
               ("propensity", "P(a thinking token) where it decides (%)", "where the policy wants to think"))
     fig = Figure(figsize=(11, 4.5))
     for ax, (key, ylabel, title) in zip(fig.subplots(1, 2), panels):
-        shown = {k: t for k, t in texts.items() if all(d[key] is not None for d in t["deciles"])
+        # only arms that choose where to think: a fixed opening block sits before the first token by rule
+        shown = {k: t for k, t in texts.items() if t["free"] and all(d[key] is not None for d in t["deciles"])
                  and any(d[key]["mean"] for d in t["deciles"])}
         for name, t in shown.items():
             ax.errorbar([d["surprisal"] for d in t["deciles"]], [100 * d[key]["mean"] for d in t["deciles"]],
@@ -108,7 +111,8 @@ def placement_figure(summary: dict, path: Path) -> Path:
         if shown:
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "no arm has any", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no arm with free placement has any", ha="center", va="center",
+                    transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
