@@ -311,3 +311,38 @@ def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
     trainer.train()
     assert hand() < before - 1e-3
     assert trainer.state.log_history[0]["latent_nll"] > 0
+
+
+def test_one_teacher_kl_update_moves_the_policy_toward_the_teacher(tmp_path):
+    """Seed 004's reward: one GRPO update on single-token rollouts rewarded by teacher_kl lowers the exact
+    KL(pi || q) of the first token. Both heads are restricted to eight text tokens, the teacher made sharp
+    (its final norm x20), so KL starts at ~5.6 nats; a flipped reward raises it (checked: 5.6 -> 8.6)."""
+    from thinktok.models.head import restrict_head
+    from thinktok.models.teacher import Teacher
+    from thinktok.rl.rewards import RewardConfig, RewardModel
+
+    ids = [11, 13, 262, 290, 318, 257, 286, 284]
+    policy, _ = policy_and_mode(dict(mode="none", num_thinking=0))
+    restrict_head(policy.model, ids, policy.vocab.real_size)
+    mode = make_mode(ThoughtConfig(mode="none", num_thinking=0), policy.vocab,
+                     SamplingConfig(max_new_tokens=1, stop_at_eos=False))
+    teacher = load_policy("tiny", 0, False, seed=1).model
+    restrict_head(teacher, ids, policy.vocab.real_size)
+    with torch.no_grad():
+        teacher.transformer.ln_f.weight *= 20
+
+    @torch.no_grad()
+    def first_kl() -> float:  # exact, over the eight tokens, averaged over the prompts
+        out = 0.0
+        for p in PROMPTS.values():
+            lp = policy.model(torch.tensor([p])).logits[0, -1].float().log_softmax(-1)[ids]
+            lq = teacher(torch.tensor([p])).logits[0, -1].float().log_softmax(-1)[ids]
+            out += float((lp.exp() * (lp - lq)).sum())
+        return out / len(PROMPTS)
+
+    reward = RewardModel(RewardConfig(weights={"teacher_kl": 1.0}), teacher=Teacher(teacher),
+                         policy=policy.model, mode=mode)
+    before = first_kl()
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(reward.score([r]).total[0]), group=16)
+    trainer.train()
+    assert first_kl() < before - 0.5, (before, first_kl())
