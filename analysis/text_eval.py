@@ -176,7 +176,7 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
     own_thoughts = [r for _, p, g in batches() for r in forced(model, mode, mode, p, g)]
     runs: dict[str, list[Rollout]] = {"thoughts": own_thoughts}
     if thinks:
-        shuffled = derange(thought_inputs(runs["thoughts"], mode, embed))
+        shuffled = derange(thought_inputs(own_thoughts, mode, embed))
         runs.update({name: [] for name in CONTROLS})
         for lo, p, g in batches():
             for name, control in control_modes(mode, shuffled[lo : lo + len(p)], embed).items():
@@ -192,8 +192,8 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
     plain = tables["no_thoughts" if thinks else "thoughts"]
     surprisal_student = -torch.cat([lp for lp, _ in plain]).float()
 
-    # the student's own continuations at temperature 1, scored as the teacher_kl reward scores them
-    # sampling as RL does: temperature 1, no filter
+    # the student's own continuations, sampled as RL samples them (temperature 1, no filter) and scored as
+    # the teacher_kl reward scores them
     sampler = with_sampling(mode, SamplingConfig(max_new_tokens=max_tokens, temperature=1.0), model.device)
     reward = RewardModel(RewardConfig(weights={"teacher_kl": 1.0}), teacher=teacher, policy=model,
                          mode=sampler)
@@ -208,14 +208,13 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
     lengths = torch.tensor([r.num_real for r in own], dtype=torch.float)
     shown = own[:SHOWN]
     q_shown = teacher.token_logprobs([r.text_view for r in shown], [len(r.prompt_ids) for r in shown])
-    real_tokens = sum(r.num_real for r in own)
     return {
         "num_examples": len(rows),
         "reverse_kl": float((kl * lengths).sum() / lengths.sum().clamp_min(1)),
         "nll": nll["thoughts"],
         "controls": {name: {"nll": nll[name]} for name in CONTROLS if name in nll},
         "teacher_nll": float(surprisal_teacher.mean()),
-        "thoughts_per_100": 100 * sum(r.num_thought for r in own) / max(real_tokens, 1),
+        "thoughts_per_100": 100 * sum(r.num_thought for r in own) / max(int(lengths.sum()), 1),
         "after_thought_per_100": 100 * int(before.sum()) / max(len(before), 1),
         "placement": {"teacher": placement(before, surprisal_teacher, wants),
                       "student": placement(before, surprisal_student, wants), "num_tokens": len(before),
