@@ -37,7 +37,7 @@ from thinktok.models.thoughts import StepOut, ThoughtMode
 from thinktok.models.vocab import row_movement
 from thinktok.rl.rollout import Rollout, sample, step_inputs
 
-from .controls import is_thought_input
+from .controls import ModeWrapper, is_thought_input
 from .render import nearest_tokens, step_records
 
 
@@ -60,22 +60,15 @@ class ContentConfig:
             raise UserError(f"content.pass_k {self.pass_k}: each k must be in 1..samples ({self.samples})")
 
 
-class Intervene:
-    """A thought mode that runs `inner` but feeds `replacement[b]` as row b's k-th thought input, for rows
-    with `active[b]`; every other step (later thoughts included) is the policy's own. Same interface as a
-    ThoughtMode for the sampler."""
+class Intervene(ModeWrapper):
+    """Runs `inner` but feeds `replacement[b]` as row b's k-th thought input, for rows with `active[b]`;
+    every other step (later thoughts included) is the policy's own."""
+
+    counter = "thoughts_fed"
 
     def __init__(self, inner: ThoughtMode, k: int, replacement: torch.Tensor, active: torch.Tensor):
-        self.inner, self.vocab, self.sampling, self.cfg = inner, inner.vocab, inner.sampling, inner.cfg
+        super().__init__(inner)
         self.k, self.replacement, self.active = k, replacement, active  # (B, D), (B,)
-
-    def init_state(self, batch: int, device):
-        state = self.inner.init_state(batch, device)
-        state.extra["thoughts_fed"] = torch.zeros(batch, dtype=torch.long, device=device)
-        return state
-
-    def max_thought_steps(self, max_new_tokens: int) -> int:
-        return self.inner.max_thought_steps(max_new_tokens)
 
     def step(self, logits, hidden, state, embed: nn.Embedding) -> StepOut:
         out = self.inner.step(logits, hidden, state, embed)

@@ -35,21 +35,34 @@ def is_thought_input(out: StepOut, mode: ThoughtMode) -> torch.Tensor:
     return token_thought | (out.action == Action.VECTOR) | (out.action == Action.SOFT)
 
 
-class ReplayThoughts:
-    """A thought mode that runs `inner` but feeds row b's k-th thought step `table[b, k mod n_b]` instead of
-    its own input (`fallback` where n_b = 0). Same interface as a ThoughtMode for the sampler."""
+class ModeWrapper:
+    """A thought mode that runs `inner` and changes what some of its steps feed or record (the controls, the
+    content interventions, the text measures' forcing). Same interface as a ThoughtMode for the sampler;
+    keeps a (B,) count named `counter` in the state for its subclass's step."""
 
-    def __init__(self, inner: ThoughtMode, table: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor):
+    counter = "wrapped"
+
+    def __init__(self, inner):
         self.inner, self.vocab, self.sampling, self.cfg = inner, inner.vocab, inner.sampling, inner.cfg
-        self.table, self.counts, self.fallback = table, counts, fallback  # (B, K, D), (B,), (D,)
 
     def init_state(self, batch: int, device) -> State:
         state = self.inner.init_state(batch, device)
-        state.extra["replayed"] = torch.zeros(batch, dtype=torch.long, device=device)
+        state.extra[self.counter] = torch.zeros(batch, dtype=torch.long, device=device)
         return state
 
     def max_thought_steps(self, max_new_tokens: int) -> int:
         return self.inner.max_thought_steps(max_new_tokens)
+
+
+class ReplayThoughts(ModeWrapper):
+    """Runs `inner` but feeds row b's k-th thought step `table[b, k mod n_b]` instead of its own input
+    (`fallback` where n_b = 0)."""
+
+    counter = "replayed"
+
+    def __init__(self, inner: ThoughtMode, table: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor):
+        super().__init__(inner)
+        self.table, self.counts, self.fallback = table, counts, fallback  # (B, K, D), (B,), (D,)
 
     def step(self, logits, hidden, state, embed: nn.Embedding) -> StepOut:
         out = self.inner.step(logits, hidden, state, embed)

@@ -325,12 +325,12 @@ def write_report(cfg, records: list[dict], failed: dict) -> dict:
             "comparisons": statements,
             "failed": {f"{a} seed {s}": m for (a, s), m in failed.items()}, "records": records}
     (out / "study.json").write_text(json.dumps(data, indent=2))
-    paths = figures(summary, out)
-    # a text study's arms, parallel ones included, are in its own section (analysis/text_report.py)
+    # a text study's arms, parallel ones included, are in its own section (analysis/text_report.py), with
+    # its own figure: the accuracy figures would be empty
     text_study = any("text" in r for r in summary.values())
     general = {k: r for k, r in summary.items() if "accuracy" in r or ("nll_thought" in r and not text_study)}
-    if any("text" in r for r in summary.values()):
-        paths = {"placement": placement_figure(summary, out / "placement.png")}  # accuracy plots are empty
+    paths = {"placement": placement_figure(summary, out / "placement.png")} if text_study else \
+        figures(summary, out)
     md = [f"# Study `{cfg.name}`", "",
           f"Split `{cfg.split}`, seeds {cfg.seeds}; mean ± std over seeds; greedy decoding. Controls: no "
           f"thoughts, a fixed pause input at every thought step, another example's thoughts "
@@ -343,7 +343,7 @@ def write_report(cfg, records: list[dict], failed: dict) -> dict:
         md += ["## Failed", ""] + [f"- {a} seed {s}: {m}" for (a, s), m in failed.items()] + [""]
     md += content_section(summary)
     (out / "rollouts.html").write_text(rollouts_page(summary, cfg.name))
-    if any("text" in r for r in summary.values()):
+    if text_study:
         (out / "text_rollouts.html").write_text(text_rollouts_page(summary, cfg.name))
     md += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in paths.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")

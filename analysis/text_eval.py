@@ -34,31 +34,24 @@ from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import SamplingConfig, StepOut, ThoughtMode
 from thinktok.rl.rollout import Rollout, recompute_logprobs, sample
 
-from .controls import CONTROLS, control_modes, derange, thought_inputs
+from .controls import CONTROLS, ModeWrapper, control_modes, derange, thought_inputs
 from .render import step_records
 
 BINS = 10  # surprisal deciles of the placement figure
 SHOWN = 8  # annotated own continuations kept per arm
 
 
-class ForceText:
-    """A thought mode that runs `inner` but makes row b's i-th text step its gold token `gold[b, i]`, with
-    log pi_text(gold) (the plain text distribution of `mode`) as that step's log-prob; thought steps stay the
-    policy's own. Same interface as a ThoughtMode for the sampler."""
+class ForceText(ModeWrapper):
+    """Runs `inner` but makes row b's i-th text step its gold token `gold[b, i]`, with log pi_text(gold) (the
+    plain text distribution of `mode`) as that step's log-prob; thought steps stay the policy's own."""
+
+    counter = "text_fed"
 
     def __init__(self, inner, mode: ThoughtMode, gold: torch.Tensor):
-        self.inner, self.vocab, self.cfg = inner, inner.vocab, inner.cfg
+        super().__init__(inner)
         self.mode, self.gold = mode, gold  # gold: (B, T) text ids, padded past each row's length
         # what the sampler reads: exactly T text steps; the inner mode keeps its own settings for its steps
         self.sampling = replace(inner.sampling, max_new_tokens=gold.shape[1], stop_at_eos=False)
-
-    def init_state(self, batch: int, device):
-        state = self.inner.init_state(batch, device)
-        state.extra["text_fed"] = torch.zeros(batch, dtype=torch.long, device=device)
-        return state
-
-    def max_thought_steps(self, max_new_tokens: int) -> int:
-        return self.inner.max_thought_steps(max_new_tokens)
 
     def step(self, logits, hidden, state, embed: nn.Embedding) -> StepOut:
         out = self.inner.step(logits, hidden, state, embed)

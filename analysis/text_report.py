@@ -50,12 +50,10 @@ def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
     return row
 
 
-def fmt(stat: dict | None, digits: int = 3) -> str:
-    return "-" if stat is None else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
 def text_section(summary: dict) -> list[str]:
     """Markdown: the table, what each column is, and the parallel arms' own numbers."""
+    from .report import fmt  # report.py imports this module at its top
+
     rows = {k: r for k, r in summary.items() if "text" in r}
     parallel = {k: r for k, r in summary.items() if "nll_thought" in r}
     if not rows:  # parallel arms of a study without text arms are in the main table
@@ -78,10 +76,10 @@ def text_section(summary: dict) -> list[str]:
         t, c = r["text"], r["text"]["controls"]
         md.append(f"| {name} | {fmt(t['reverse_kl'])} | {fmt(t['nll'])} | {fmt(c.get('no_thoughts'))} | "
                   f"{fmt(c.get('pause'))} | {fmt(c.get('shuffled_thoughts'))} | {fmt(t['teacher_nll'])} | "
-                  f"{fmt(t['thoughts_per_100'], 1)} ({fmt(t['after_thought_per_100'], 1)}) | "
+                  f"{fmt(t['thoughts_per_100'], digits=1)} ({fmt(t['after_thought_per_100'], digits=1)}) | "
                   f"{fmt(t['teacher']['after_thought'])} | {fmt(t['teacher']['after_text'])} | "
                   f"{fmt(t['teacher']['spearman'])} | {fmt(t['student']['spearman'])} | "
-                  f"{fmt(t['propensity'], 4)} | {fmt(t['teacher']['spearman_propensity'])} | "
+                  f"{fmt(t['propensity'], digits=4)} | {fmt(t['teacher']['spearman_propensity'])} | "
                   f"{len(r['seeds'])} |")
     if parallel:
         md += ["", "Parallel thoughts (a thought before every real token), on held-out windows of the same "

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline on the CPU: no hub, no Ray auth tokens."""
 
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -34,6 +35,60 @@ MODE_CASES = {
     "soft-none-cold": dict(mode="soft", num_thinking=0, noise="none", cold_stop_steps=2,
                            cold_stop_entropy=10.0),
 }
+
+
+class RuleBase(torch.nn.Module):
+    """A hand-written stand-in for a transformer: one-hot inputs in, `logits(ids seen so far)` out as the
+    hidden state (the model's head is the identity), for tests whose expected numbers come from the rule.
+    The KV cache holds the ids seen so far."""
+
+    width = 0  # vocabulary size, set by the subclass
+
+    def logits(self, seq: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs_embeds, attention_mask=None, past_key_values=None, **kw):
+        ids = inputs_embeds.argmax(-1)  # (B, T)
+        if past_key_values is not None:
+            prev = getattr(past_key_values, "rule_ids", None)
+            ids = ids if prev is None else torch.cat([prev, ids], 1)
+            past_key_values.rule_ids = ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[:, -ids.shape[1]:].bool()
+        hidden = torch.zeros(*ids.shape, self.width)
+        for b in range(ids.shape[0]):
+            seen = []
+            for t in range(ids.shape[1]):
+                if mask[b, t]:
+                    seen.append(int(ids[b, t]))
+                    hidden[b, t] = self.logits(seen)
+        return SimpleNamespace(last_hidden_state=hidden[:, -inputs_embeds.shape[1]:])
+
+
+class RuleModel(torch.nn.Module):
+    """A `RuleBase` behind identity embeddings (one-hot rows) and head: what the sampler, the recompute and
+    the measures call on a model."""
+
+    def __init__(self, base: RuleBase):
+        super().__init__()
+        self.base_model = base
+        self.embed = torch.nn.Embedding(base.width, base.width)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.eye(base.width))
+        self.head = torch.nn.Identity()
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, inputs_embeds, attention_mask=None, **kw):  # the recompute (no cache)
+        h = self.base_model(inputs_embeds, attention_mask).last_hidden_state
+        return SimpleNamespace(logits=h, hidden_states=[h])
 
 
 def boost_thinking(policy, scale: float = 20.0):

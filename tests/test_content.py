@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import make
+from conftest import RuleBase, RuleModel, make
 from thinktok.analysis.content import (
     ContentConfig,
     Intervene,
@@ -45,9 +44,11 @@ class Tokenizer:
                        else f"<think{i - len(WORDS)}>" for i in ids)
 
 
-class RuleBase(nn.Module):
-    """One-hot inputs in, the rule's next-token logits out as the 'hidden state' (the head is the identity).
-    The KV cache holds the ids seen so far."""
+class CopyRule(RuleBase):
+    """Copies the prompt's first digit d into the first thought, thinks <think0>, answers d + 1 from the first
+    thought alone, then EOS."""
+
+    width = V
 
     def __init__(self, tie: bool):
         super().__init__()
@@ -72,45 +73,6 @@ class RuleBase(nn.Module):
             out[EOS] = 30.0
         return out
 
-    def forward(self, inputs_embeds, attention_mask=None, past_key_values=None, **kw):
-        ids = inputs_embeds.argmax(-1)  # (B, T)
-        if past_key_values is not None:
-            prev = getattr(past_key_values, "rule_ids", None)
-            ids = ids if prev is None else torch.cat([prev, ids], 1)
-            past_key_values.rule_ids = ids
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[:, -ids.shape[1]:].bool()
-        hidden = torch.zeros(*ids.shape, V)
-        for b in range(ids.shape[0]):
-            seen = []
-            for t in range(ids.shape[1]):
-                if mask[b, t]:
-                    seen.append(int(ids[b, t]))
-                    hidden[b, t] = self.logits(seen)
-        n_new = inputs_embeds.shape[1]
-        return SimpleNamespace(last_hidden_state=hidden[:, -n_new:])
-
-
-class RuleModel(nn.Module):
-    def __init__(self, tie: bool = False):
-        super().__init__()
-        self.base_model = RuleBase(tie)
-        self.embed = nn.Embedding(V, V)
-        with torch.no_grad():
-            self.embed.weight.copy_(torch.eye(V))
-            for d in range(N):  # <think_d>'s row leans to " d": its nearest text token
-                self.embed.weight[len(WORDS) + d, d] = 0.5
-        self.head = nn.Identity()
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def get_output_embeddings(self):
-        return self.head
-
 
 def check(text: str, row: dict) -> bool:
     return text.split() == [row["answer"]]
@@ -121,7 +83,10 @@ TASK = SimpleNamespace(check=check)
 
 def rule_policy(tie: bool = False) -> tuple[Policy, object]:
     vocab = ThinkingVocab(real_size=len(WORDS), num_thinking=N, markers=False, eos_id=EOS)
-    model = RuleModel(tie)
+    model = RuleModel(CopyRule(tie))
+    with torch.no_grad():
+        for d in range(N):  # <think_d>'s row leans to " d": its nearest text token
+            model.embed.weight[len(WORDS) + d, d] = 0.5
     init = model.embed.weight[len(WORDS):].detach().clone()
     init[3] += torch.tensor([3.0, 4.0] + [0.0] * (V - 2))  # <think3> has moved by exactly 5 since init
     cfg = ThoughtConfig(mode="vocab", num_thinking=N, max_thought_tokens=4)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import RuleBase, RuleModel
 from thinktok.analysis.text_eval import ForceText, placement, ranks, spearman, text_measures, token_table
 from thinktok.models.policy import Policy
 from thinktok.models.thought_modes import make_mode
@@ -37,9 +37,10 @@ def thinks_before(target: int) -> bool:
     return target % 2 == 1 or target == 0
 
 
-class CountingBase(nn.Module):
-    """One-hot inputs in, the rule's next-token logits out as the hidden state (the head is the identity);
-    the KV cache holds the ids seen so far."""
+class CountingBase(RuleBase):
+    """The counting policy of the module docstring."""
+
+    width = V
 
     def __init__(self, low: float, high: float):
         super().__init__()
@@ -57,46 +58,6 @@ class CountingBase(nn.Module):
         else:
             out[target] = self.high
         return out
-
-    def forward(self, inputs_embeds, attention_mask=None, past_key_values=None, **kw):
-        ids = inputs_embeds.argmax(-1)  # (B, W)
-        if past_key_values is not None:
-            prev = getattr(past_key_values, "rule_ids", None)
-            ids = ids if prev is None else torch.cat([prev, ids], 1)
-            past_key_values.rule_ids = ids
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[:, -ids.shape[1]:].bool()
-        hidden = torch.zeros(*ids.shape, V)
-        for b in range(ids.shape[0]):
-            seen = []
-            for t in range(ids.shape[1]):
-                if mask[b, t]:
-                    seen.append(int(ids[b, t]))
-                    hidden[b, t] = self.logits(seen)
-        return SimpleNamespace(last_hidden_state=hidden[:, -inputs_embeds.shape[1]:])
-
-
-class CountingModel(nn.Module):
-    def __init__(self, low: float = 2.0, high: float = 5.0):
-        super().__init__()
-        self.base_model = CountingBase(low, high)
-        self.embed = nn.Embedding(V, V)
-        with torch.no_grad():
-            self.embed.weight.copy_(torch.eye(V))
-        self.head = nn.Identity()
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def get_output_embeddings(self):
-        return self.head
-
-    def forward(self, inputs_embeds, attention_mask=None, **kw):  # the learner's recompute (no cache)
-        h = self.base_model(inputs_embeds, attention_mask).last_hidden_state
-        return SimpleNamespace(logits=h, hidden_states=[h])
 
 
 class Teacher:
@@ -130,7 +91,7 @@ ROWS = [{"prompt": str(d), "answer": " ".join(str((d + i) % 10) for i in range(1
 
 def counting_policy(low=2.0, high=5.0, max_thoughts=8, greedy=True):
     vocab = ThinkingVocab(real_size=T, num_thinking=N, markers=False, eos_id=EOS)
-    model = CountingModel(low, high)
+    model = RuleModel(CountingBase(low, high))
     mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=N, max_thought_tokens=max_thoughts), vocab,
                      SamplingConfig(max_new_tokens=LENGTH, greedy=greedy))
     return Policy(model, Tokenizer(), vocab, model.embed.weight[T:].detach().clone()), mode
