@@ -11,11 +11,6 @@ from thinktok.cli import main
 from thinktok.models.policy import load_policy
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "thinktok.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_jsonl_schema(tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     assert main(["sample", "--mode", "soft", "--num-samples", "2", "--max-new-tokens", "4",
@@ -90,13 +85,16 @@ def test_errors_are_one_line_exit_2(args, message, capsys):
     assert "Traceback" not in err
 
 
-def test_checkpoint_without_requested_tokens(tmp_path):
+def test_checkpoint_without_requested_tokens(tmp_path, capsys):
     load_policy("tiny", 4, markers=False).save(tmp_path / "ck")
-    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "64")
-    assert r.returncode == 2 and "has 4 thinking tokens" in r.stderr and "Traceback" not in r.stderr
-    r = run("sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1",
-            "--max-new-tokens", "2")
-    assert r.returncode == 0, r.stderr
+    capsys.readouterr()  # the save's progress bar
+    assert main(["sample", "--model", str(tmp_path / "ck"), "--num-thinking", "64"]) == 2
+    err = capsys.readouterr().err
+    # one error line (after transformers' loading bar)
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("thinktok: error: ")
+    assert "has 4 thinking tokens" in err.splitlines()[-1]
+    assert main(["sample", "--model", str(tmp_path / "ck"), "--num-thinking", "4", "--num-samples", "1",
+                 "--max-new-tokens", "2"]) == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -137,7 +135,7 @@ def test_summary_means_and_spreads_over_runs(tmp_path, capsys):
     assert main(["summary", str(tmp_path)]) == 2  # no evals.jsonl: one error line
 
 
-def test_sample_reads_the_checkpoints_thought_settings(tmp_path):
+def test_sample_reads_the_checkpoints_thought_settings(tmp_path, capsys):
     """A checkpoint records its vocabulary and thought mode: `sample --model CKPT` needs no other flag (8
     thinking tokens, 2 fixed slots here), flags override what they state, and a model directory from before
     the run-info layout gets an error naming the missing file."""
@@ -157,8 +155,11 @@ def test_sample_reads_the_checkpoints_thought_settings(tmp_path):
     assert main(common + ["--mode", "pause", "--num-thinking", "8", "--num-pause", "3"]) == 0
     assert [json.loads(line)["num_thought"] for line in out.read_text().splitlines()] == [3, 3]
     policy.model.save_pretrained(tmp_path / "old")
-    done = run("eval", str(tmp_path / "old"))
-    assert done.returncode == 2 and RUN_INFO in done.stderr and "Traceback" not in done.stderr
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "old")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("thinktok: error: ")
+    assert RUN_INFO in err.splitlines()[-1]
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
@@ -173,50 +174,50 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["eval", "somewhere"])
 
 
-def test_sequential_commands_do_not_import_the_kernel(tmp_path):
-    """Imports cost what they use: the sequential path (train, sft, eval, a sampled rollout) never imports the
-    kernels or registers the parallel attention backend (Triton itself may load: torch._dynamo imports it)."""
-    code = (
-        "import sys; import thinktok.rl.train, thinktok.sft, thinktok.analysis.evaluate; "
-        "import thinktok.analysis.compare; "
-        "from thinktok.cli import main; "
-        "assert main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--format', 'jsonl', '--out', "
-        "'s.jsonl']) == 0; "
-        "from transformers import AttentionInterface; "
-        "ours = ('thinktok.kernels', 'thinktok.models.parallel_gpt2'); "
-        "bad = [m for m in sys.modules if m.startswith(ours)]; "
-        "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]; print('loaded:', bad)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "loaded: []" in done.stdout
-
-
 # imported by a command that neither compiles nor starts Ray, they only cost start-up time
 HEAVY = ("ray", "trl", "triton", "thinktok.kernels")
 
 
-def heavy_imports(code: str, cwd) -> set[str]:
-    """The HEAVY modules a fresh interpreter holds after `code`. cwd: not the repository root, whose
-    kernels/ folder transformers' hub-kernel probe would import as a `kernels` package."""
-    probe = f"\nimport sys\nprint('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True, timeout=300,
-                         cwd=cwd, check=True)
-    return set(out.stdout.strip().splitlines()[-1].split()[1:])
+def probe(code: str, cwd) -> list[str]:
+    """The lines a fresh interpreter prints after `code`; `heavy()` in it prints the HEAVY modules it holds so
+    far. cwd: not the repository root, whose kernels/ folder transformers' hub-kernel probe would import as a
+    `kernels` package."""
+    head = f"import sys\ndef heavy():\n    print('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", head + code], capture_output=True, text=True, timeout=300,
+                         cwd=cwd)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()
 
 
-def test_help_config_parsing_and_a_sequential_sample_import_no_ray_or_triton(tmp_path):
-    """transformers' GPT-2 modeling imports torch._dynamo and with it Triton (transformers 5.24): that much
-    is allowed, and only where transformers does it alone; thinktok adds none of HEAVY."""
+def heavy_after_each(lines: list[str]) -> list[set[str]]:
+    return [set(line.split()[1:]) for line in lines if line.startswith("HEAVY")]
+
+
+def test_commands_import_only_what_they_use(tmp_path):
+    """`sample --help`, parsing a train config and a sequential `sample` add none of HEAVY: transformers'
+    GPT-2 modeling imports torch._dynamo and with it Triton (transformers 5.24), allowed only where
+    transformers does it alone. The sequential path (train, sft, eval, a sampled rollout) never imports the
+    kernels or registers the parallel attention backend. One fresh interpreter runs the stages in order and
+    reports after each: modules only accumulate, so each stage's check holds for it and all before it."""
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-    own = heavy_imports("from transformers import GPT2LMHeadModel", tmp_path) & {"triton"}
-    assert heavy_imports("from thinktok.cli import main\ntry:\n    main(['sample', '--help'])\n"
-                         "except SystemExit:\n    pass", tmp_path) == set()
-    parse = heavy_imports("from thinktok.config import load_config\n"
-                          "from thinktok.rl.config import TrainConfig\n"
-                          f"load_config(TrainConfig, {str(config)!r}, [])", tmp_path)
-    assert parse <= own
-    sample = heavy_imports("from thinktok.cli import main\nmain(['sample', '--num-samples', '1', "
-                           f"'--max-new-tokens', '2', '--out', {str(tmp_path / 's.txt')!r}])", tmp_path)
-    assert sample <= own and (tmp_path / "s.txt").stat().st_size > 0
+    (own,) = heavy_after_each(probe("from transformers import GPT2LMHeadModel\nheavy()", tmp_path))
+    sample = ("main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--format', 'jsonl', '--out', "
+              "'s.jsonl'])")
+    lines = probe(
+        "from thinktok.cli import main\n"
+        "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\nheavy()\n"
+        "from thinktok.config import load_config\nfrom thinktok.rl.config import TrainConfig\n"
+        f"load_config(TrainConfig, {str(config)!r}, [])\nheavy()\n"
+        f"assert {sample} == 0\nheavy()\n"
+        "import thinktok.rl.train, thinktok.sft, thinktok.analysis.evaluate, thinktok.analysis.compare\n"
+        f"assert {sample} == 0\n"
+        "from transformers import AttentionInterface\n"
+        "ours = ('thinktok.kernels', 'thinktok.models.parallel_gpt2')\n"
+        "bad = [m for m in sys.modules if m.startswith(ours)]\n"
+        "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]\nprint('loaded:', bad)\n",
+        tmp_path)
+    helped, parsed, sampled = heavy_after_each(lines)
+    assert helped == set()
+    assert parsed <= own & {"triton"} and sampled <= own & {"triton"}
+    assert (tmp_path / "s.jsonl").stat().st_size > 0
+    assert "loaded: []" in lines

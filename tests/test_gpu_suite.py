@@ -150,6 +150,7 @@ def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
         "device=cpu",
         "ray.gpus_per_rollout_worker=0",
         "ray.gpus_per_teacher_worker=0",
+        "ray.num_rollout_workers=1",  # one actor fewer to start; the train tests cover two
         "task.num_train=32",
         "task.num_val=4",
         "task.num_test=4",

@@ -14,6 +14,8 @@ import pytest
 import ray
 
 from thinktok.analysis.content import ContentConfig
+from thinktok.rl.actors import init_ray
+from thinktok.rl.config import RayConfig
 from thinktok.study import ArmConfig, StudyConfig, run_study
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -36,6 +38,13 @@ def fresh_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def local_ray(fresh_ray):
+    """A fresh local cluster, started from the main thread: one that a study thread started takes Ray 5 s to
+    shut down. Studies without an address count it as local (parallel_arms at a time)."""
+    init_ray(RayConfig())
+
+
 def started(run: Path, attempt: int = 1, timeout: float = 180) -> dict:
     """worker.json of the (arm, seed) at `run` once its task `attempt` has started."""
     deadline = time.time() + timeout
@@ -54,7 +63,7 @@ def in_background(cfg: StudyConfig, **kw) -> threading.Thread:
     return thread
 
 
-def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, fresh_ray):
+def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, local_ray):
     """One arm at a time: `a` is SIGKILLed as it starts; its retry runs before `b`, which was waiting (Ray's
     own retry queued behind it), and `b` runs once."""
     cfg = study(tmp_path, [ArmConfig(name="a", config=SFT), ArmConfig(name="b", config=SFT)], seeds=(0,),
@@ -75,7 +84,7 @@ def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, fresh
     assert "--- attempt 1" in (tmp_path / "a" / "seed0" / "error.log").read_text()
 
 
-def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_path, fresh_ray):
+def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_path, local_ray):
     """`broken` raises (its config does not exist): failed at once, its traceback in its error.log. `killed`
     is SIGKILLed with no attempt left: failed, the cause named. `fine` finishes; the report lists both."""
     arms = [ArmConfig(name="broken", config=str(tmp_path / "missing.yaml")),
@@ -99,7 +108,7 @@ def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_p
     assert (tmp_path / "fine" / "seed0" / "result.json").exists() and "| fine | sft |" in report
 
 
-def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_path, fresh_ray):
+def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_path, local_ray):
     arms = [ArmConfig(name="answer", config=SFT),
             ArmConfig(name="distinct", config=SFT, overrides=["thought.mode=pause", "thought.num_thinking=2",
                                                                "slots=2"]),

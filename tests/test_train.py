@@ -1,11 +1,13 @@
 """`thinktok train` on the CPU with local Ray: a shortened run, resume == uninterrupted, actor death,
 poisoned rewards, each algorithm and vector modes, and the learner's override against TRL's base method."""
 
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import ray
@@ -23,13 +25,16 @@ from thinktok.rl.config import RayConfig, TrainConfig
 from thinktok.rl.learner import RayRollouts
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
-from thinktok.rl.train import run_train
+from thinktok.rl.train import latest_checkpoint, run_train
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
+    """The module's teacher checkpoint, and its one Ray cluster, started here so that its actors run the
+    Triton kernel in the interpreter (TRITON_INTERPRET=1, set by conftest) whatever test comes first."""
     path = tmp_path_factory.mktemp("teacher") / "t"
     load_policy("tiny", 0, False, seed=3).save(path)
+    init_ray(RayConfig())
     yield str(path)
     if ray.is_initialized():
         ray.shutdown()
@@ -51,10 +56,17 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_short_run_writes_everything(tmp_path, teacher):
-    final = run_train(config(tmp_path, teacher))
-    lines = metrics(tmp_path)
-    assert [m["step"] for m in lines] == [1, 2, 3]
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, teacher):
+    """A 4-step run, left as it finished: the short run's outputs and the uninterrupted side of resume."""
+    out = tmp_path_factory.mktemp("whole")
+    run_train(config(out, teacher, "rl.max_steps=4"))
+    return out
+
+
+def test_short_run_writes_everything(whole, teacher):
+    lines = metrics(whole)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
     keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss",
             "samples_per_s",
             "weight_version", "logprob_mismatch"}
@@ -62,29 +74,30 @@ def test_short_run_writes_everything(tmp_path, teacher):
     # on-policy: the Ray workers' sampling log-probs are the learner's own, to float error, at every step (the
     # learner changed its weights in between: a worker that sampled with stale weights would show here)
     assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
-    assert final.name == "checkpoint-3" and (tmp_path / "trainer" / "checkpoint-2").exists()
+    final = latest_checkpoint(whole)
+    assert final.name == "checkpoint-4" and (whole / "trainer" / "checkpoint-2").exists()
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == 50257 + 8
     assert load_policy(str(final), 8, False).tokenizer.convert_tokens_to_ids("<think7>") == 50264
-    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
-    samples = tmp_path / "samples"
+    assert list((whole / "tb").rglob("events.out.tfevents*"))
+    samples = whole / "samples"
     assert (samples / "step_2.html").exists() and (samples / "step_2.jsonl").exists()
-    evals = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [0, 2, 3] and evals[0]["num_examples"] == 4  # start, every 2, end
-    table = summary([str(tmp_path)])  # the start/end table `thinktok train` prints: first and last eval
+    evals = [json.loads(line) for line in (whole / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4] and evals[0]["num_examples"] == 4  # start, every 2, end
+    table = summary([str(whole)])  # the start/end table `thinktok train` prints: first and last eval
     assert table["start"]["learned"]["mean"] == evals[0]["accuracy"]
     end_shuffled = evals[-1]["controls"]["shuffled_thoughts"]["accuracy"]
     assert table["end"]["shuffled_thoughts"]["values"] == [end_shuffled]
-    trainer_dir = tmp_path / "trainer"
+    trainer_dir = whole / "trainer"
     assert not list(trainer_dir.glob(".saving*")) and not list(trainer_dir.glob(".checkpoint*"))
+    before = (whole / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="already holds a run"):
-        run_train(config(tmp_path, teacher))
+        run_train(config(whole, teacher, "rl.max_steps=4"))
+    assert (whole / "metrics.jsonl").read_text() == before  # refused before touching it
 
 
-def whole_and_resumed(tmp_path, make_config, trainer_cls, monkeypatch):
-    """Run 4 steps straight, and 4 steps killed during the third then resumed: (whole dir, resumed dir)."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run_train(make_config(whole))
+def cut_and_resumed(cut: Path, make_config, trainer_cls, monkeypatch) -> Path:
+    """The uninterrupted run's config killed during the third step, then resumed: the resumed dir."""
     original = trainer_cls.training_step
     calls = []
 
@@ -101,15 +114,15 @@ def whole_and_resumed(tmp_path, make_config, trainer_cls, monkeypatch):
     assert len(metrics(cut)) == 2
     run_train(make_config(cut), resume=True)
     assert [m["step"] for m in metrics(cut)] == [1, 2, 3, 4]
-    return whole, cut
+    return cut
 
 
-def test_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
+def test_resume_matches_uninterrupted(whole, tmp_path, teacher, monkeypatch):
     from thinktok.rl.train import GRPORun
 
-    whole, cut = whole_and_resumed(tmp_path, lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun,
-                                   monkeypatch)
-    for x, y in zip(metrics(whole), metrics(cut)):
+    cut = cut_and_resumed(tmp_path / "cut", lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun,
+                          monkeypatch)
+    for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean",
                     "weight_version"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
@@ -131,7 +144,7 @@ class HeldRolloutWorker(RolloutWorker):
 
 
 def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher, tmp_path):
-    cfg = TrainConfig(ray=RayConfig(num_rollout_workers=2, num_teacher_workers=1))
+    cfg = TrainConfig(ray=RayConfig(num_rollout_workers=2, num_teacher_workers=0))  # no scoring here
     cfg.thought.num_thinking = 8
     policy = load_policy("tiny", 8, False)
     path = teacher + "_policy"
@@ -167,7 +180,7 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
         p.model.lm_head.weight.fill_(float("nan"))
     p.save(bad)
     with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
-        run_train(config(tmp_path / "run", str(bad)))
+        run_train(config(tmp_path / "run", str(bad), "ray.num_rollout_workers=1"))
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
 
 
@@ -199,7 +212,8 @@ def test_scorer_errors_keep_their_cause():
      "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
 ])
 def test_algorithms_and_modes(tmp_path, teacher, overrides):
-    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", *overrides))
+    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", "ray.num_rollout_workers=1",
+                             *overrides))
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
     # rl.beta: the text-step KL to the initial policy, 0 while the policy is still its reference (step 1),
@@ -285,20 +299,54 @@ def parallel_config(run_dir, teacher, *overrides):
         "eval_every=2", "eval_examples=4", "save_every=2", "samples_per_eval=1", *overrides])
 
 
+# The learner's attention in each parallel run: "1" the Triton kernel (forward and backward) in the
+# interpreter, about 0.6 s a launch and most of a run's time; "0" the CPU path (the reference's
+# mask through PyTorch's SDPA). The kernel's agreement with the reference is tests/test_kernels.py's and
+# test_parallel.py's; here one run trains through it. The actors interpret the kernel in every run.
+LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
+# the policy-scored run is also the resume test's uninterrupted run; the teacher-scored one splits its windows
+# over two rollout workers (one actor fewer for each of the three policy-scored runs)
+STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
+# Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
+# TRITON_INTERPRET=1 holds, not first inside a run that turned it off
+importlib.import_module("thinktok.kernels")
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, teacher):
+    """(scorer, mixing head) -> a finished 4-step parallel run, trained once for the module: the policy-scored
+    run with a mixing head is also the uninterrupted side of the parallel resume."""
+    runs = {}
+
+    def get(scorer: str, mixing: str) -> Path:
+        if (scorer, mixing) not in runs:
+            out = tmp_path_factory.mktemp(f"parallel-{scorer}-{mixing}")
+            with patch.dict(os.environ, {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}):
+                run_train(parallel_config(out, teacher, f"parallel.scorer={scorer}",
+                                          f"parallel.mixing_head={mixing}", f"rl.max_steps={STEPS[scorer]}",
+                                          f"ray.num_rollout_workers={WORKERS[scorer]}"))
+            runs[scorer, mixing] = out
+        return runs[scorer, mixing]
+
+    return get
+
+
 @pytest.mark.parametrize("scorer,mixing", [("policy", "true"), ("teacher", "false")])
-def test_parallel_run(tmp_path, teacher, scorer, mixing):
-    """rollout=parallel through Ray and TRL: per-position gains, the kernel's recompute, checkpoints."""
-    final = run_train(parallel_config(tmp_path, teacher, f"parallel.scorer={scorer}",
-                                      f"parallel.mixing_head={mixing}"))
-    lines = metrics(tmp_path)
-    assert [m["step"] for m in lines] == [1, 2]
+def test_parallel_run(parallel_runs, teacher, scorer, mixing, monkeypatch):
+    """rollout=parallel through Ray and TRL: per-position gains, the learner's recompute (through the kernel
+    with scorer=teacher, the CPU path with scorer=policy), checkpoints."""
+    run = parallel_runs(scorer, mixing)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the checks below, on the CPU path (see LEARNER_INTERPRETS)
+    final = latest_checkpoint(run)
+    lines = metrics(run)
+    assert [m["step"] for m in lines] == list(range(1, STEPS[scorer] + 1))
     assert all({"gain_mean", "nll_base", "nll_thought", "thought_tokens"} <= m.keys() for m in lines)
     assert lines[0]["thought_tokens"] == 16 and lines[1]["weight_version"] == 1
-    evals = json.loads((tmp_path / "evals.jsonl").read_text().splitlines()[0])
+    evals = json.loads((run / "evals.jsonl").read_text().splitlines()[0])
     assert evals["num_windows"] == 4 and evals["nll_base"] > 0
-    assert "&lt;think" in (tmp_path / "samples" / "step_2.html").read_text()
+    assert "&lt;think" in (run / "samples" / "step_2.html").read_text()
     model = AutoModelForCausalLM.from_pretrained(final)
-    init = AutoModelForCausalLM.from_pretrained(tmp_path / "policy_init")
+    init = AutoModelForCausalLM.from_pretrained(run / "policy_init")
     rows = slice(50257, 50265)  # the thinking rows moved: REINFORCE and the NLL reached them
     assert not torch.allclose(model.get_input_embeddings().weight[rows],
                               init.get_input_embeddings().weight[rows])
@@ -310,7 +358,7 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     policy = load_policy(str(final), 8, False)
     real = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
     rollout = sample_parallel(policy.model, policy_mode(policy), real, 2, seed=0)
-    cfg = parallel_config(tmp_path / "unused", teacher).parallel
+    cfg = parallel_config(run / "unused", teacher).parallel
     trained = ParallelScorer(cfg, policy.model, policy_mode(policy))(rollout).gain
     with torch.no_grad():
         policy.model.get_input_embeddings().weight[rows] = init.get_input_embeddings().weight[rows]
@@ -321,21 +369,24 @@ def test_parallel_run(tmp_path, teacher, scorer, mixing):
     # `thinktok eval` knows a parallel checkpoint by its run info
     from thinktok.analysis.evaluate import evaluate
 
-    result = evaluate(str(tmp_path), None, "test", limit=3)
+    result = evaluate(str(run), None, "test", limit=3)
     assert result["format"] == "parallel" and result["num_windows"] == 3
     assert result["mixing_head"] == (mixing == "true")
     assert result["nll_base"] > 0 and result["nll_thought"] > 0 and result["thought_len"] == 2
 
 
-def test_parallel_resume_matches_uninterrupted(tmp_path, teacher, monkeypatch):
+def test_parallel_resume_matches_uninterrupted(parallel_runs, tmp_path, teacher, monkeypatch):
     """The mixing head (weights, Adam state, fresh gradients each step) and the thinking rows come back from
     the checkpoint: the resumed run's numbers are the uninterrupted run's."""
     from thinktok.rl.parallel.learner import ParallelRun
 
-    over = ("parallel.mixing_head=true", "rl.max_steps=4", "eval_every=0")
-    whole, cut = whole_and_resumed(tmp_path, lambda d: parallel_config(d, teacher, *over), ParallelRun,
-                                   monkeypatch)
-    for x, y in zip(metrics(whole), metrics(cut)):
+    whole = parallel_runs("policy", "true")
+    monkeypatch.setenv("TRITON_INTERPRET", LEARNER_INTERPRETS["policy"])  # as the uninterrupted run
+    over = ("parallel.scorer=policy", "parallel.mixing_head=true", f"rl.max_steps={STEPS['policy']}",
+            f"ray.num_rollout_workers={WORKERS['policy']}")
+    cut = cut_and_resumed(tmp_path / "cut", lambda d: parallel_config(d, teacher, *over), ParallelRun,
+                          monkeypatch)
+    for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     ha = torch.load(whole / "trainer" / "checkpoint-4" / "thinktok_extra.pt")["mixing_head"]
