@@ -93,7 +93,9 @@ def sequential_reference(model, real, thoughts, ids, p, lookahead):
 
 
 @pytest.mark.parametrize("scorer", ["policy", "teacher"])
-def test_gain_equals_separate_rollouts(scorer):
+def test_gain_equals_separate_rollouts(scorer, monkeypatch):
+    if scorer == "teacher":  # the scorer's logic on the CPU path; the policy case runs the kernel
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     policy, mode, real = setup()
     model = policy.model.eval()
     teacher = Teacher(load_policy("tiny", 0, False, seed=7).model) if scorer == "teacher" else None
@@ -114,7 +116,8 @@ def test_gain_equals_separate_rollouts(scorer):
     assert (rollout.gain[:, -1] == 0).all() and rollout.gain[:, 0].abs().sum() > 0
 
 
-def test_mixing_head_starts_from_the_base_model_and_learns():
+def test_mixing_head_starts_from_the_base_model_and_learns(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the head's logic on the CPU path; the kernel: above
     policy, mode, real = setup()
     head = MixingHead(policy.model.config.hidden_size)
     rollout = with_true_targets(sample_parallel(policy.model, mode, real, L, seed=4))
