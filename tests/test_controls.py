@@ -67,10 +67,12 @@ def test_controls_agree_when_thoughts_cannot_matter():
     assert result["controls"]["pause"] == main and result["controls"]["shuffled_thoughts"] == main
 
 
-def train_copy_model(steps: int = 150):
+def train_copy_model(steps: int = 120):
     """A tiny model whose answer is whatever digit its thought names: trained to think <think_d> after "d =",
     and to answer the digit of the thought it reads, which is corrupted half of the time in training (so the
-    answer cannot be read off the prompt alone)."""
+    answer cannot be read off the prompt alone). At 120 steps every greedy choice wins by >= 2.2 nats (the
+    thought after "d =") and >= 3.5 nats (the digit after each of the 100 (d, thought) pairs); 150 steps:
+    4.9 and 5.3; 75 steps at twice the rate: some lose."""
     torch.manual_seed(0)
     policy = load_policy("tiny", 10, False, seed=0)
     tok, v = policy.tokenizer, policy.vocab
