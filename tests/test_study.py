@@ -38,11 +38,15 @@ def fresh_ray():
     ray.shutdown()
 
 
-@pytest.fixture
-def local_ray(fresh_ray):
-    """A fresh local cluster, started from the main thread: one that a study thread started takes Ray 5 s to
-    shut down. Studies without an address count it as local (parallel_arms at a time)."""
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local cluster for the module's local studies (they count it as local: parallel_arms at a time),
+    whose idle task workers, torch already imported, the next study reuses. Started from the main thread: one
+    that a study thread started takes Ray 5 s to shut down."""
+    ray.shutdown()
     init_ray(RayConfig())
+    yield
+    ray.shutdown()
 
 
 def started(run: Path, attempt: int = 1, timeout: float = 180) -> dict:
