@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import boost_thinking
 from thinktok.analysis.controls import control_modes, derange, thought_inputs
@@ -67,35 +68,41 @@ def test_controls_agree_when_thoughts_cannot_matter():
     assert result["controls"]["pause"] == main and result["controls"]["shuffled_thoughts"] == main
 
 
-def train_copy_model(steps: int = 120):
+def train_copy_model(steps: int = 80, negatives: int = 1024):
     """A tiny model whose answer is whatever digit its thought names: trained to think <think_d> after "d =",
     and to answer the digit of the thought it reads, which is corrupted half of the time in training (so the
-    answer cannot be read off the prompt alone). At 120 steps every greedy choice wins by >= 2.2 nats (the
-    thought after "d =") and >= 3.5 nats (the digit after each of the 100 (d, thought) pairs); 150 steps:
-    4.9 and 5.3; 75 steps at twice the rate: some lose."""
+    answer cannot be read off the prompt alone). The softmax is over the batch's tokens and `negatives`
+    sampled others, not the 50k-wide head that was 3/4 of each step: measured against the full vocabulary,
+    every greedy choice still wins by >= 4.4 nats (the thought after "d =") and >= 5.1 nats (the digit after
+    each of the 100 (d, thought) pairs)."""
     torch.manual_seed(0)
     policy = load_policy("tiny", 10, False, seed=0)
-    tok, v = policy.tokenizer, policy.vocab
+    tok, v, model = policy.tokenizer, policy.vocab, policy.model
     digit = [tok(d).input_ids[0] for d in DIGITS]  # " 3": the answer after the thought
     bare = [tok(str(d)).input_ids[0] for d in range(10)]  # "3": the prompt "3 =" starts without a space
     eq = tok(" =").input_ids[0]
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    policy.model.train()
+    model.train()
     for _ in range(steps):
         d = torch.randint(0, 10, (64,), generator=gen)
         j = torch.where(torch.rand(64, generator=gen) < 0.5, d, torch.randint(0, 10, (64,), generator=gen))
         think = torch.tensor([v.think_id(int(x)) for x in j])
         ids = torch.stack([torch.tensor(bare)[d], torch.full_like(d, eq), think, torch.tensor(digit)[j],
-                           torch.full_like(d, v.eos_id)], 1)
-        labels = ids.clone()
-        labels[:, 0] = -100
-        labels[:, 2] = torch.where(j == d, think, -100)  # emit the right thought; never learn a corrupted one
-        loss = policy.model(input_ids=ids, labels=labels).loss
+                           torch.full_like(d, v.eos_id)], 1)  # (64, 5)
+        targets = ids[:, 1:].clone()
+        targets[:, 1] = torch.where(j == d, think, -100)  # the right thought; never learn a corrupted one
+        rows = torch.unique(torch.cat([ids.flatten(), torch.randint(0, v.size, (negatives,), generator=gen)]))
+        column = torch.full((v.size,), -100)
+        column[rows] = torch.arange(len(rows))
+        hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]  # (64, 4, d)
+        logits = hidden @ model.lm_head.weight[rows].T  # (64, 4, rows)
+        loss = F.cross_entropy(logits.flatten(0, 1), torch.where(targets >= 0, column[targets.clamp(min=0)],
+                                                                 -100).flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    policy.model.eval()
+    model.eval()
     return policy
 
 
