@@ -14,13 +14,13 @@ from thinktok.rl.parallel.config import ParallelConfig
 from thinktok.rl.parallel.rollout import sample_parallel, text_windows
 from thinktok.rl.parallel.scorer import ParallelScorer, position_advantages, score, true_targets
 
-T, L = 6, 3
+B, T, L = 2, 6, 3  # two rows: the interpreted kernel costs per (row, head) program
 
 
 def setup(num_thinking: int = 8):
     policy = load_policy("tiny", num_thinking, False)
     mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=num_thinking), policy.vocab, SamplingConfig())
-    real = torch.randint(0, 50257, (4, T), generator=torch.Generator().manual_seed(0))
+    real = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0))
     return policy, mode, real
 
 
@@ -32,12 +32,12 @@ def with_true_targets(rollout):
 def test_gpt2_with_kernel_equals_explicit_mask():
     policy, _, real = setup()
     model = policy.model.eval()
-    ids = torch.cat([real, torch.randint(50257, 50265, (4, T * L))], dim=1)
+    ids = torch.cat([real, torch.randint(50257, 50265, (B, T * L))], dim=1)
     mask = parallel_thought_mask(T, L)
-    dense = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[None, None].expand(4, 1, -1, -1)
+    dense = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[None, None].expand(B, 1, -1, -1)
     with torch.no_grad():
         ours = parallel_hidden(model, ids, T, L)
-        ref = model.base_model(input_ids=ids, position_ids=layout_positions(T, L).expand(4, -1),
+        ref = model.base_model(input_ids=ids, position_ids=layout_positions(T, L).expand(B, -1),
                                attention_mask=dense).last_hidden_state
     assert (ours - ref).abs().max() < 1e-4
     assert model.config._attn_implementation != "parallel_thought"  # restored after the call
@@ -46,7 +46,7 @@ def test_gpt2_with_kernel_equals_explicit_mask():
 def test_sampler_matches_recompute_and_thoughts_are_thinking_tokens():
     policy, mode, real = setup()
     rollout = with_true_targets(sample_parallel(policy.model, mode, real, L, seed=1))
-    assert rollout.thoughts.shape == (4, T, L)
+    assert rollout.thoughts.shape == (B, T, L)
     assert ((rollout.thoughts >= 50257) & (rollout.thoughts < 50265)).all()
     with torch.no_grad():
         scored = score(policy.model, mode, rollout, lookahead=2)

@@ -48,7 +48,7 @@ def config(tmp_path, teacher, *overrides):
             "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3",
             "sampling.max_new_tokens=6",
             "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
-            "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
+            "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=1"]
     return load_config(TrainConfig, None, base + list(overrides))
 
 
@@ -71,8 +71,9 @@ def test_short_run_writes_everything(whole, teacher):
             "samples_per_s",
             "weight_version", "logprob_mismatch"}
     assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
-    # on-policy: the Ray workers' sampling log-probs are the learner's own, to float error, at every step (the
-    # learner changed its weights in between: a worker that sampled with stale weights would show here)
+    # on-policy: the Ray worker's sampling log-probs are the learner's own, to float error, at every step (the
+    # learner changed its weights in between: a worker that sampled with stale weights would show here; with
+    # two workers: test_algorithms_and_modes)
     assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
     final = latest_checkpoint(whole)
     assert final.name == "checkpoint-4" and (whole / "trainer" / "checkpoint-2").exists()
@@ -184,7 +185,7 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
         p.model.lm_head.weight.fill_(float("nan"))
     p.save(bad)
     with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
-        run_train(config(tmp_path / "run", str(bad), "ray.num_rollout_workers=1"))
+        run_train(config(tmp_path / "run", str(bad)))
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
 
 
@@ -213,13 +214,15 @@ def test_scorer_errors_keep_their_cause():
     ["rl.algo=ppo", "thought.mode=continuous", "thought.num_thinking=0", "thought.learn_sigma=true"],
     ["rl.algo=rloo", "thought.mode=soft", "thought.num_thinking=0", "rl.beta=0.1"],
     ["rl.algo=grpo", "thought.mode=pause", "thought.num_thinking=2", "rl.beta=0.05",
-     "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
+     "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01",
+     "ray.num_rollout_workers=2"],
 ])
 def test_algorithms_and_modes(tmp_path, teacher, overrides):
-    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", "ray.num_rollout_workers=1",
-                             *overrides))
+    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", *overrides))
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    # on-policy in every mode, and with the batch split over two workers (the grpo case)
+    assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
     # rl.beta: the text-step KL to the initial policy, 0 while the policy is still its reference (step 1),
     # positive once it has moved (step 2); without it no KL is computed
     if any(o.startswith("rl.beta=") for o in overrides):
