@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from datasets import Dataset, DatasetDict
+from typing import TYPE_CHECKING
 
 from thinktok.errors import UserError
+
+if TYPE_CHECKING:  # imported where a task is built: a config or a rollout worker needs no pandas or arrow
+    from datasets import DatasetDict
 
 FORMATS = ("answer", "cot")
 
@@ -58,6 +60,8 @@ class Task:
         self.dataset = self.load()
 
     def load(self) -> DatasetDict:
+        from datasets import Dataset, DatasetDict
+
         rows = self.rows()
         n_tr, n_va = self.cfg.num_train, self.cfg.num_val
         if len(rows) < n_tr + n_va + self.cfg.num_test:

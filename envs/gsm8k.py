@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from datasets import DatasetDict
+from typing import TYPE_CHECKING
 
 from thinktok.errors import UserError
 
 from .base import Task, norm
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
 
 class GSM8K(Task):
     def load(self) -> DatasetDict:
-        from datasets import load_dataset
+        from datasets import DatasetDict, load_dataset
 
         try:
             raw = load_dataset("openai/gsm8k", "main")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 import torch
 from torch import nn
 
-from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
-from thinktok.models.teacher import Teacher
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import load_base_tokenizer
@@ -28,6 +27,9 @@ from thinktok.models.vocab import load_base_tokenizer
 from .config import RayConfig
 from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
 from .rollout import Rollout, sample
+
+if TYPE_CHECKING:
+    from thinktok.envs import TaskConfig
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -88,6 +90,11 @@ class RewardWorker:
 
     def __init__(self, teacher_path: str | None, rewards: RewardConfig, task: TaskConfig, policy_path: str,
                  thought: ThoughtConfig, sampling: SamplingConfig, device: str, threads: int = 1):
+        # imported here, not at the top: a rollout worker's process, which imports this module too, then
+        # skips the task data's libraries (datasets, pandas, pyarrow) and TRL, about 1 s of its start-up
+        from thinktok.envs import load_task
+        from thinktok.models.teacher import Teacher
+
         torch.set_num_threads(threads)
         teacher = Teacher.load(teacher_path, device) if teacher_path else None
         model = mode = None
