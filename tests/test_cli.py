@@ -174,23 +174,23 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["eval", "somewhere"])
 
 
-# imported by a command that neither compiles nor starts Ray, they only cost start-up time
-HEAVY = ("ray", "trl", "triton", "thinktok.kernels")
+# imported by a command that neither compiles, starts Ray nor builds a task, they only cost start-up time
+HEAVY = ("ray", "trl", "triton", "thinktok.kernels", "datasets")
 
 
-def probe(code: str, cwd) -> list[str]:
-    """The lines a fresh interpreter prints after `code`; `heavy()` in it prints the HEAVY modules it holds so
-    far. cwd: not the repository root, whose kernels/ folder transformers' hub-kernel probe would import as a
-    `kernels` package."""
+def probe(code: str, cwd, returncode: int = 0) -> subprocess.CompletedProcess:
+    """A fresh interpreter's run of `code`; `heavy()` in it prints the HEAVY modules it holds so far. cwd: not
+    the repository root, whose kernels/ folder transformers' hub-kernel probe would import as a `kernels`
+    package."""
     head = f"import sys\ndef heavy():\n    print('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])\n"
     out = subprocess.run([sys.executable, "-c", head + code], capture_output=True, text=True, timeout=300,
                          cwd=cwd)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.splitlines()
+    assert out.returncode == returncode, out.stderr[-2000:]
+    return out
 
 
-def heavy_after_each(lines: list[str]) -> list[set[str]]:
-    return [set(line.split()[1:]) for line in lines if line.startswith("HEAVY")]
+def heavy_after_each(out: subprocess.CompletedProcess) -> list[set[str]]:
+    return [set(line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("HEAVY")]
 
 
 def test_commands_import_only_what_they_use(tmp_path):
@@ -198,26 +198,30 @@ def test_commands_import_only_what_they_use(tmp_path):
     GPT-2 modeling imports torch._dynamo and with it Triton (transformers 5.24), allowed only where
     transformers does it alone. The sequential path (train, sft, eval, a sampled rollout) never imports the
     kernels or registers the parallel attention backend. One fresh interpreter runs the stages in order and
-    reports after each: modules only accumulate, so each stage's check holds for it and all before it."""
+    reports after each: modules only accumulate, so each stage's check holds for it and all before it. It ends
+    as `python -m thinktok.cli` with a bad flag: exit status 2 and one error line."""
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
     (own,) = heavy_after_each(probe("from transformers import GPT2LMHeadModel\nheavy()", tmp_path))
-    sample = ("main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--format', 'jsonl', '--out', "
-              "'s.jsonl'])")
-    lines = probe(
+    sample = "main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--out', "
+    text, jsonl = sample + "'s.txt'])", sample + "'s.jsonl', '--format', 'jsonl'])"
+    done = probe(
         "from thinktok.cli import main\n"
         "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\nheavy()\n"
         "from thinktok.config import load_config\nfrom thinktok.rl.config import TrainConfig\n"
         f"load_config(TrainConfig, {str(config)!r}, [])\nheavy()\n"
-        f"assert {sample} == 0\nheavy()\n"
+        f"assert {text} == 0\nheavy()\n"
         "import thinktok.rl.train, thinktok.sft, thinktok.analysis.evaluate, thinktok.analysis.compare\n"
-        f"assert {sample} == 0\n"
+        f"assert {jsonl} == 0\n"
         "from transformers import AttentionInterface\n"
         "ours = ('thinktok.kernels', 'thinktok.models.parallel_gpt2')\n"
         "bad = [m for m in sys.modules if m.startswith(ours)]\n"
-        "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]\nprint('loaded:', bad)\n",
-        tmp_path)
-    helped, parsed, sampled = heavy_after_each(lines)
+        "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]\nprint('loaded:', bad)\n"
+        "import runpy\nsys.argv = ['thinktok', 'sample', '--mode', 'telepathy']\n"
+        "runpy.run_module('thinktok.cli', run_name='__main__')\n",
+        tmp_path, returncode=2)
+    helped, parsed, sampled = heavy_after_each(done)
     assert helped == set()
     assert parsed <= own & {"triton"} and sampled <= own & {"triton"}
-    assert (tmp_path / "s.jsonl").stat().st_size > 0
-    assert "loaded: []" in lines
+    assert (tmp_path / "s.txt").stat().st_size > 0 and (tmp_path / "s.jsonl").stat().st_size > 0
+    assert "loaded: []" in done.stdout.splitlines()
+    assert done.stderr.splitlines()[-1].startswith("thinktok: error: ") and "telepathy" in done.stderr

@@ -48,7 +48,7 @@ def config(tmp_path, teacher, *overrides):
             "task.num_test=8", "thought.num_thinking=8", "thought.max_thought_tokens=3",
             "sampling.max_new_tokens=6",
             "rl.prompts_per_step=2", "rl.num_generations=3", "rl.max_steps=3", "rl.lr=1e-3", "eval_every=2",
-            "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=1"]
+            "eval_examples=4", "save_every=2", "samples_per_eval=2", "ray.num_rollout_workers=2"]
     return load_config(TrainConfig, None, base + list(overrides))
 
 
@@ -56,27 +56,30 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+STEPS_WHOLE = 5  # saves and evals every 2 steps: the last step is neither, so the run adds both at its end
+
+
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory, teacher):
-    """A 4-step run, left as it finished: the short run's outputs and the uninterrupted side of resume."""
+def whole_run(tmp_path_factory, teacher):
+    """A 5-step run, left as it finished: (its directory, what run_train returned). The short run's outputs
+    and the uninterrupted side of resume."""
     out = tmp_path_factory.mktemp("whole")
-    run_train(config(out, teacher, "rl.max_steps=4"))
-    return out
+    return out, run_train(config(out, teacher, f"rl.max_steps={STEPS_WHOLE}"))
 
 
-def test_short_run_writes_everything(whole, teacher):
+def test_short_run_writes_everything(whole_run, teacher):
+    whole, final = whole_run
     lines = metrics(whole)
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss",
             "samples_per_s",
             "weight_version", "logprob_mismatch"}
     assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
-    # on-policy: the Ray worker's sampling log-probs are the learner's own, to float error, at every step (the
-    # learner changed its weights in between: a worker that sampled with stale weights would show here; with
-    # two workers: test_algorithms_and_modes)
+    # on-policy: the Ray workers' sampling log-probs are the learner's own, to float error, at every step (the
+    # learner changed its weights in between: a worker that sampled with stale weights would show here)
     assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
-    final = latest_checkpoint(whole)
-    assert final.name == "checkpoint-4" and (whole / "trainer" / "checkpoint-2").exists()
+    assert final == latest_checkpoint(whole) and final.name == "checkpoint-5"  # saved at the end
+    assert (whole / "trainer" / "checkpoint-2").exists() and (whole / "trainer" / "checkpoint-4").exists()
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == 50257 + 8
     assert load_policy(str(final), 8, False).tokenizer.convert_tokens_to_ids("<think7>") == 50264
@@ -84,7 +87,7 @@ def test_short_run_writes_everything(whole, teacher):
     samples = whole / "samples"
     assert (samples / "step_2.html").exists() and (samples / "step_2.jsonl").exists()
     evals = [json.loads(line) for line in (whole / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [0, 2, 4] and evals[0]["num_examples"] == 4  # start, every 2, end
+    assert [e["step"] for e in evals] == [0, 2, 4, 5] and evals[0]["num_examples"] == 4  # start, every 2, end
     table = summary([str(whole)])  # the start/end table `thinktok train` prints: first and last eval
     assert table["start"]["learned"]["mean"] == evals[0]["accuracy"]
     end_shuffled = evals[-1]["controls"]["shuffled_thoughts"]["accuracy"]
@@ -93,11 +96,11 @@ def test_short_run_writes_everything(whole, teacher):
     assert not list(trainer_dir.glob(".saving*")) and not list(trainer_dir.glob(".checkpoint*"))
     before = (whole / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="already holds a run"):
-        run_train(config(whole, teacher, "rl.max_steps=4"))
+        run_train(config(whole, teacher, f"rl.max_steps={STEPS_WHOLE}"))
     assert (whole / "metrics.jsonl").read_text() == before  # refused before touching it
 
 
-def cut_and_resumed(cut: Path, make_config, trainer_cls, monkeypatch) -> Path:
+def cut_and_resumed(cut: Path, make_config, trainer_cls, monkeypatch, steps: int) -> Path:
     """The uninterrupted run's config killed during the third step, then resumed: the resumed dir."""
     original = trainer_cls.training_step
     calls = []
@@ -114,21 +117,23 @@ def cut_and_resumed(cut: Path, make_config, trainer_cls, monkeypatch) -> Path:
     monkeypatch.setattr(trainer_cls, "training_step", original)
     assert len(metrics(cut)) == 2
     run_train(make_config(cut), resume=True)
-    assert [m["step"] for m in metrics(cut)] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics(cut)] == list(range(1, steps + 1))
     return cut
 
 
-def test_resume_matches_uninterrupted(whole, tmp_path, teacher, monkeypatch):
+def test_resume_matches_uninterrupted(whole_run, tmp_path, teacher, monkeypatch):
     from thinktok.rl.train import GRPORun
 
-    cut = cut_and_resumed(tmp_path / "cut", lambda d: config(d, teacher, "rl.max_steps=4"), GRPORun,
-                          monkeypatch)
+    whole, _ = whole_run
+    cut = cut_and_resumed(tmp_path / "cut", lambda d: config(d, teacher, f"rl.max_steps={STEPS_WHOLE}"),
+                          GRPORun, monkeypatch, STEPS_WHOLE)
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean",
                     "weight_version"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
-    wa = AutoModelForCausalLM.from_pretrained(whole / "trainer" / "checkpoint-4").state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(cut / "trainer" / "checkpoint-4").state_dict()
+    last = f"checkpoint-{STEPS_WHOLE}"
+    wa = AutoModelForCausalLM.from_pretrained(whole / "trainer" / last).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(cut / "trainer" / last).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -185,7 +190,7 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
         p.model.lm_head.weight.fill_(float("nan"))
     p.save(bad)
     with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
-        run_train(config(tmp_path / "run", str(bad)))
+        run_train(config(tmp_path / "run", str(bad), "ray.num_rollout_workers=1"))
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
 
 
@@ -214,15 +219,14 @@ def test_scorer_errors_keep_their_cause():
     ["rl.algo=ppo", "thought.mode=continuous", "thought.num_thinking=0", "thought.learn_sigma=true"],
     ["rl.algo=rloo", "thought.mode=soft", "thought.num_thinking=0", "rl.beta=0.1"],
     ["rl.algo=grpo", "thought.mode=pause", "thought.num_thinking=2", "rl.beta=0.05",
-     "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01",
-     "ray.num_rollout_workers=2"],
+     "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
 ])
 def test_algorithms_and_modes(tmp_path, teacher, overrides):
-    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", *overrides))
+    final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", "ray.num_rollout_workers=1",
+                             *overrides))
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
-    # on-policy in every mode, and with the batch split over two workers (the grpo case)
-    assert all(m["logprob_mismatch"] < 1e-4 for m in lines)
+    assert all(m["logprob_mismatch"] < 1e-4 for m in lines)  # on-policy in every mode
     # rl.beta: the text-step KL to the initial policy, 0 while the policy is still its reference (step 1),
     # positive once it has moved (step 2); without it no KL is computed
     if any(o.startswith("rl.beta=") for o in overrides):
@@ -314,6 +318,7 @@ LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
 # the policy-scored run is also the resume test's uninterrupted run; the teacher-scored one splits its windows
 # over two rollout workers (one actor fewer for each of the three policy-scored runs)
 STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
+# (on a CPU-only machine: with CUDA the kernels are compiled and a CPU learner takes the CPU path anyway).
 # Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
 # TRITON_INTERPRET=1 holds, not first inside a run that turned it off
 importlib.import_module("thinktok.kernels")
@@ -328,7 +333,8 @@ def parallel_runs(tmp_path_factory, teacher):
     def get(scorer: str, mixing: str) -> Path:
         if (scorer, mixing) not in runs:
             out = tmp_path_factory.mktemp(f"parallel-{scorer}-{mixing}")
-            with patch.dict(os.environ, {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}):
+            env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}
+            with patch.dict(os.environ, env):
                 run_train(parallel_config(out, teacher, f"parallel.scorer={scorer}",
                                           f"parallel.mixing_head={mixing}", f"rl.max_steps={STEPS[scorer]}",
                                           f"ray.num_rollout_workers={WORKERS[scorer]}"))
@@ -392,7 +398,7 @@ def test_parallel_resume_matches_uninterrupted(parallel_runs, tmp_path, teacher,
     over = ("parallel.scorer=policy", "parallel.mixing_head=true", f"rl.max_steps={STEPS['policy']}",
             f"ray.num_rollout_workers={WORKERS['policy']}")
     cut = cut_and_resumed(tmp_path / "cut", lambda d: parallel_config(d, teacher, *over), ParallelRun,
-                          monkeypatch)
+                          monkeypatch, STEPS["policy"])
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)

@@ -59,7 +59,8 @@ class StudyConfig:
     eval_limit: int | None = None  # first N examples of the split (None: all)
     # attempts of an (arm, seed) whose task is killed from outside (OOM kill, its worker's or node's death)
     max_attempts: int = 3
-    # local cluster only: (arm, seed)s running at once (each task uses one core); a retry takes the next place
+    # without a Ray address (a local cluster): (arm, seed)s running at once (each task uses one core); a retry
+    # takes the next place
     parallel_arms: int = 2
     # what the thoughts carry (analysis/content.py), measured on every arm that thinks
     content: ContentConfig = field(default_factory=ContentConfig)
