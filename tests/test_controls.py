@@ -94,11 +94,11 @@ def train_copy_model(steps: int = 80, negatives: int = 1024):
         targets[:, 1] = torch.where(j == d, think, -100)  # the right thought; never learn a corrupted one
         rows = torch.unique(torch.cat([ids.flatten(), torch.randint(0, v.size, (negatives,), generator=gen)]))
         column = torch.full((v.size,), -100)
-        column[rows] = torch.arange(len(rows))
+        column[rows] = torch.arange(len(rows))  # a token id -> its column among `rows`
+        labels = torch.where(targets >= 0, column[targets.clamp(min=0)], -100)  # (64, 4)
         hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]  # (64, 4, d)
         logits = hidden @ model.lm_head.weight[rows].T  # (64, 4, rows)
-        loss = F.cross_entropy(logits.flatten(0, 1), torch.where(targets >= 0, column[targets.clamp(min=0)],
-                                                                 -100).flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()

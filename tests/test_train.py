@@ -310,18 +310,28 @@ def parallel_config(run_dir, teacher, *overrides):
         "eval_every=2", "eval_examples=4", "save_every=2", "samples_per_eval=1", *overrides])
 
 
-# The learner's attention in each parallel run: "1" the Triton kernel (forward and backward) in the
-# interpreter, about 0.6 s a launch and most of a run's time; "0" the CPU path (the reference's
-# mask through PyTorch's SDPA). The kernel's agreement with the reference is tests/test_kernels.py's and
-# test_parallel.py's; here one run trains through it. The actors interpret the kernel in every run.
+# On a CPU-only machine, the learner's attention in each parallel run: "1" the Triton kernel (forward and
+# backward) in the interpreter, about 0.6 s a launch and most of a run's time; "0" the CPU path (the
+# reference's mask through PyTorch's SDPA). The kernel's agreement with the reference is
+# tests/test_kernels.py's and test_parallel.py's; here one run trains through it. The actors interpret the
+# kernel in every run. With CUDA the kernels are compiled and a CPU learner takes the CPU path anyway.
 LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
 # the policy-scored run is also the resume test's uninterrupted run; the teacher-scored one splits its windows
 # over two rollout workers (one actor fewer for each of the three policy-scored runs)
 STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
-# (on a CPU-only machine: with CUDA the kernels are compiled and a CPU learner takes the CPU path anyway).
 # Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
 # TRITON_INTERPRET=1 holds, not first inside a run that turned it off
 importlib.import_module("thinktok.kernels")
+
+
+def learner_env(scorer: str) -> dict[str, str]:
+    return {} if torch.cuda.is_available() else {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}
+
+
+def scored_parallel_config(run_dir, teacher, scorer: str, mixing: str):
+    """parallel_config for a run of `parallel_runs` (and the resume of the policy-scored one)."""
+    return parallel_config(run_dir, teacher, f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}",
+                           f"rl.max_steps={STEPS[scorer]}", f"ray.num_rollout_workers={WORKERS[scorer]}")
 
 
 @pytest.fixture(scope="module")
@@ -333,11 +343,8 @@ def parallel_runs(tmp_path_factory, teacher):
     def get(scorer: str, mixing: str) -> Path:
         if (scorer, mixing) not in runs:
             out = tmp_path_factory.mktemp(f"parallel-{scorer}-{mixing}")
-            env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}
-            with patch.dict(os.environ, env):
-                run_train(parallel_config(out, teacher, f"parallel.scorer={scorer}",
-                                          f"parallel.mixing_head={mixing}", f"rl.max_steps={STEPS[scorer]}",
-                                          f"ray.num_rollout_workers={WORKERS[scorer]}"))
+            with patch.dict(os.environ, learner_env(scorer)):
+                run_train(scored_parallel_config(out, teacher, scorer, mixing))
             runs[scorer, mixing] = out
         return runs[scorer, mixing]
 
@@ -394,11 +401,10 @@ def test_parallel_resume_matches_uninterrupted(parallel_runs, tmp_path, teacher,
     from thinktok.rl.parallel.learner import ParallelRun
 
     whole = parallel_runs("policy", "true")
-    monkeypatch.setenv("TRITON_INTERPRET", LEARNER_INTERPRETS["policy"])  # as the uninterrupted run
-    over = ("parallel.scorer=policy", "parallel.mixing_head=true", f"rl.max_steps={STEPS['policy']}",
-            f"ray.num_rollout_workers={WORKERS['policy']}")
-    cut = cut_and_resumed(tmp_path / "cut", lambda d: parallel_config(d, teacher, *over), ParallelRun,
-                          monkeypatch, STEPS["policy"])
+    for key, value in learner_env("policy").items():  # as the uninterrupted run
+        monkeypatch.setenv(key, value)
+    cut = cut_and_resumed(tmp_path / "cut", lambda d: scored_parallel_config(d, teacher, "policy", "true"),
+                          ParallelRun, monkeypatch, STEPS["policy"])
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)

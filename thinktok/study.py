@@ -381,8 +381,8 @@ def run_study(cfg: StudyConfig, ray_address: str | None = None, report: bool = T
     study.mkdir(parents=True, exist_ok=True)
     save_config(cfg, study / "study.yaml")
     progress = Progress(study / "study.log")
-    # a local cluster (started now, or by an earlier study in this process) runs parallel_arms at once,
-    # counted here so that a retry takes the first free place
+    # without an address the cluster is the local one (started now, or earlier in this process) and runs
+    # parallel_arms at once, counted here so that a retry takes the first free place
     limit = cfg.parallel_arms if ray_address is None else None
     if cfg.teacher_sft:
         from thinktok.sft import ensure_checkpoint
