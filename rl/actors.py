@@ -6,14 +6,19 @@ versioned weight loader and `start_workers`.
 Fault tolerance is Ray's: actors restart (`max_restarts`) and an interrupted call is retried
 (`max_task_retries`). A retried call reproduces its samples exactly because every call carries its seed and
 the weight version it must sample with, so a dead actor loses and duplicates nothing.
+
+With ray.inline the same worker classes run in the learner's process behind the actors' calling convention
+(`InlineWorker`): the learner's code is one path, and `get` reads either kind of result.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -56,7 +61,7 @@ class VersionedWeights:
     def load(self, weights: list, version: int) -> None:
         """weights: [ObjectRef] of {name: state dict}, wrapped in a list so Ray fetches it only when stale."""
         if self.modules and version != self.version:  # a worker without policy modules fetches nothing
-            state = ray.get(weights[0])
+            state = weights[0] if isinstance(weights[0], SharedWeights) else ray.get(weights[0])
             for name, module in self.modules.items():
                 module.load_state_dict(state[name])
             self.version = version
@@ -121,15 +126,21 @@ class Workers:
 
 def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[type, tuple]) -> Workers:
     """rollout, reward: (worker class, constructor arguments before `device`), one pair per path."""
-    init_ray(cfg)
-    opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
+    if cfg.inline:
+        def start(cls, args, gpus, n):
+            return [InlineWorker(cls, (*args, "cuda" if gpus > 0 else "cpu")) for _ in range(n)]
+    else:
+        init_ray(cfg)
+        opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
 
-    def start(cls, args, gpus, n):
-        actor = ray.remote(cls).options(num_gpus=gpus, **opts)
-        return [actor.remote(*args, "cuda" if gpus > 0 else "cpu") for _ in range(n)]
+        def start(cls, args, gpus, n):
+            actor = ray.remote(cls).options(num_gpus=gpus, **opts)
+            return [actor.remote(*args, "cuda" if gpus > 0 else "cpu") for _ in range(n)]
 
     workers = Workers(start(*rollout, cfg.gpus_per_rollout_worker, cfg.num_rollout_workers),
                       start(*reward, cfg.gpus_per_teacher_worker, cfg.num_teacher_workers))
+    if cfg.inline:
+        return workers
     # fail here, not mid-step, if one cannot start or be placed
     every = workers.rollout + workers.reward
     ready, pending = ray.wait([w.pid.remote() for w in every], num_returns=len(every),
@@ -142,6 +153,52 @@ def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[typ
     return workers
 
 
+@contextmanager
+def actor_threads():
+    """An actor's one intra-op thread (the workers' default), restored after: an inline call computes with
+    the thread count an actor has, so its floating-point reductions, and samples, are the actor's."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Finished:
+    """An inline call's outcome, read by `get` as Ray reads an ObjectRef: the value, or its error raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class InlineWorker:
+    """A worker object in the learner's process with an actor's calling convention (ray.inline):
+    `w.sample.remote(*args)` runs at once on deep copies of its arguments and returns a copy of the result,
+    as an actor would receive and send them, so neither side sees the other's later in-place changes. The
+    published weights (`SharedWeights`) are not copied: `VersionedWeights` copies them into its modules."""
+
+    def __init__(self, cls: type, args: tuple):
+        with actor_threads():
+            self.worker = cls(*args)  # its constructor sets the one thread; restored on leaving
+
+    def __getattr__(self, name: str):
+        method = getattr(self.worker, name)
+
+        def remote(*args, **kwargs) -> Finished:
+            with actor_threads():
+                torch.set_num_threads(1)
+                try:
+                    return Finished(copy.deepcopy(method(*copy.deepcopy(args), **copy.deepcopy(kwargs))))
+                except Exception as e:  # raised where an actor's error is: at `get`
+                    return Finished(error=e)
+
+        return type("InlineMethod", (), {"remote": staticmethod(remote)})
 def sequential_workers(policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
                        sampling: SamplingConfig,
                        rewards: RewardConfig, task: TaskConfig) -> tuple[tuple, tuple]:
@@ -161,6 +218,29 @@ def chunks(items: list, n: int) -> list[list]:
     return out
 
 
+class SharedWeights(dict):
+    """Published weights for inline workers: {name: state dict}, read-only by contract, so a deep copy of a
+    call's arguments shares them (their load copies them)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def put_weights(workers: Workers, state: dict) -> list:
+    """A weight version for `VersionedWeights.load`, wrapped in a list so an actor fetches it only when
+    stale: an ObjectRef in Ray's store, or the state itself for inline workers."""
+    inline = any(isinstance(w, InlineWorker) for w in workers.rollout + workers.reward)
+    return [SharedWeights(state) if inline else ray.put(state)]
+
+
+def get(futures: list) -> list:
+    """ray.get for the futures of actor calls; the results of inline workers' calls alike."""
+    if futures and isinstance(futures[0], Finished):
+        return [f.result() for f in futures]
+    return ray.get(futures)
+
+
 def stop_workers(workers: Workers) -> None:
     for w in workers.rollout + workers.reward:
-        ray.kill(w, no_restart=True)
+        if not isinstance(w, InlineWorker):
+            ray.kill(w, no_restart=True)

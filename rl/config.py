@@ -29,6 +29,10 @@ class RayConfig:
     max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call
     verbose: bool = False  # forward actor logs to the driver
     start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
+    # the workers as objects in the learner's process, not Ray actors: the same samples and scores (each call
+    # on copies, under an actor's one thread), no Ray at all; for breakpoints and profilers, and small runs
+    # where an actor's start-up (~6 s of imports on a laptop core) outweighs the run. No fault tolerance
+    inline: bool = False
 
 
 @dataclass
@@ -94,6 +98,9 @@ class TrainConfig:
     def validate(self) -> None:
         for part in (self.task, self.thought, self.sampling, self.rewards, self.rl):
             part.validate()
+        if self.ray.inline and self.ray.address:
+            raise UserError(f"ray.inline runs the workers in the learner's process and joins no cluster: "
+                            f"drop ray.address={self.ray.address} or ray.inline")
         if self.rollout not in ROLLOUTS:
             raise UserError(f"unknown rollout {self.rollout!r}: expected one of {', '.join(ROLLOUTS)}")
         if self.rollout == "sequential":

@@ -56,7 +56,7 @@ from trl import GRPOConfig, GRPOTrainer
 from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action
 
-from .actors import Workers, chunks
+from .actors import Workers, chunks, get, put_weights
 from .advantages import group_advantages
 from .rollout import Recomputed, Rollout, gold_answer_loglik, recompute_logprobs
 
@@ -90,14 +90,14 @@ class RayRollouts:
         self.weights_ref, self.published = None, -1
 
     def publish(self, trainer, version: int) -> list:
-        """Weights of `version` (the model and every extra module) into the object store, once per version
-        (an ObjectRef wrapped in a list, so that workers fetch it only when their copy is stale)."""
+        """Weights of `version` (the model and every extra module), published once per version
+        (`put_weights`: an ObjectRef in a list, so that workers fetch it only when their copy is stale)."""
         if version != self.published:
             model = trainer.accelerator.unwrap_model(trainer.model)
             modules = {name: cpu_state(m) for name, m in trainer.extra_modules.items()}
-            self.weights_ref = ray.put({"model": cpu_state(model), **modules})
+            self.weights_ref = put_weights(self.workers, {"model": cpu_state(model), **modules})
             self.published = version
-        return [self.weights_ref]
+        return self.weights_ref
 
     def call_seed(self, version: int, chunk: int, rank: int) -> int:
         """Depends only on (run seed, learner rank, step, chunk): a call retried after an actor death
@@ -107,13 +107,16 @@ class RayRollouts:
     @staticmethod
     def get_scores(futures: list, version: int) -> list:
         """The scorers' results. Their own finiteness checks (PoisonedStep) end the step in one line naming
-        it; any other error is a bug and propagates as Ray raises it, with the worker's traceback."""
+        it; any other error is a bug and propagates as Ray raises it, with the worker's traceback (inline
+        workers: the error itself)."""
         try:
-            return ray.get(futures)
+            return get(futures)
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, PoisonedStep):
                 raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
             raise
+        except PoisonedStep as e:  # an inline worker's
+            raise PoisonedStep(f"scoring failed at step {version}: {e}") from None
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         version = trainer.state.global_step
@@ -123,7 +126,7 @@ class RayRollouts:
         rank = trainer.accelerator.process_index
         futures = [w.sample.remote([ids[i] for i in part], self.call_seed(version, k, rank), weights, version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts)) if part]
-        rollouts: list[Rollout] = [r for chunk in ray.get(futures) for r in chunk]
+        rollouts: list[Rollout] = [r for chunk in get(futures) for r in chunk]
         rows = [self.rows[p] for p in prompts]
         groups = chunks(list(range(len(rollouts))), len(self.workers.reward))
         calls = [w.score.remote([rollouts[i] for i in g], [rows[i] for i in g], weights, version)

@@ -150,7 +150,8 @@ def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
         "device=cpu",
         "ray.gpus_per_rollout_worker=0",
         "ray.gpus_per_teacher_worker=0",
-        "ray.num_rollout_workers=1",  # one actor fewer to start; the train tests cover two
+        "ray.num_rollout_workers=1",
+        "ray.inline=true",  # the workers in this process: the train tests cover Ray actors
         "task.num_train=32",
         "task.num_val=4",
         "task.num_test=4",
@@ -178,17 +179,11 @@ def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
             ),
         ),
     )
-    # the parallel part's learner and actors on the CPU path, not the kernel in Triton's interpreter (its
-    # tests are test_kernels.py's; 0.6 s a launch): a Ray cluster of this test's own, so its actors see it too
-    import ray
-
+    # the parallel part's learner and workers on the CPU path, not the kernel in Triton's interpreter (its
+    # tests are test_kernels.py's; 0.6 s a launch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    ray.shutdown()
-    try:
-        for name in ("train_gpt2small", "train_parallel_gpt2small"):
-            record = suite.run_in_process(suite.BY_NAME[name], tmp_path)
-            assert record["status"] == "ok", record["error"]
-            assert record["results"]["samples_per_s"] > 0 and record["results"]["last"]["step"] == 2
-    finally:
-        ray.shutdown()
+    for name in ("train_gpt2small", "train_parallel_gpt2small"):
+        record = suite.run_in_process(suite.BY_NAME[name], tmp_path)
+        assert record["status"] == "ok", record["error"]
+        assert record["results"]["samples_per_s"] > 0 and record["results"]["last"]["step"] == 2
     assert (tmp_path / "teacher" / "checkpoint").is_dir()

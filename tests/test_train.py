@@ -1,6 +1,7 @@
 """`thinktok train` on the CPU with local Ray: a shortened run, resume == uninterrupted, actor death,
 poisoned rewards, each algorithm and vector modes, and the learner's override against TRL's base method."""
 
+import copy
 import importlib
 import json
 import os
@@ -125,7 +126,10 @@ def test_resume_matches_uninterrupted(whole_run, tmp_path, teacher, monkeypatch)
     from thinktok.rl.train import GRPORun
 
     whole, _ = whole_run
-    cut = cut_and_resumed(tmp_path / "cut", lambda d: config(d, teacher, f"rl.max_steps={STEPS_WHOLE}"),
+    # the cut and resumed run's two workers inline, the uninterrupted run's Ray actors: resume and inline
+    # workers (the same samples and scores as actors) are both checked by the equality below
+    cut = cut_and_resumed(tmp_path / "cut",
+                          lambda d: config(d, teacher, f"rl.max_steps={STEPS_WHOLE}", "ray.inline=true"),
                           GRPORun, monkeypatch, STEPS_WHOLE)
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean",
@@ -190,7 +194,7 @@ def test_nan_reward_stops_the_step_without_checkpoint(tmp_path, teacher):
         p.model.lm_head.weight.fill_(float("nan"))
     p.save(bad)
     with pytest.raises(PoisonedStep, match="reward teacher_loglik is nan for rollout 0"):
-        run_train(config(tmp_path / "run", str(bad), "ray.num_rollout_workers=1"))
+        run_train(config(tmp_path / "run", str(bad), "ray.num_rollout_workers=1", "ray.inline=true"))
     assert not list((tmp_path / "run" / "trainer").glob("checkpoint-*"))
 
 
@@ -222,8 +226,10 @@ def test_scorer_errors_keep_their_cause():
      "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
 ])
 def test_algorithms_and_modes(tmp_path, teacher, overrides):
+    threads = torch.get_num_threads()
     final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", "ray.num_rollout_workers=1",
-                             *overrides))
+                             "ray.inline=true", *overrides))
+    assert torch.get_num_threads() == threads  # the inline workers' one thread did not stay
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
     assert all(m["logprob_mismatch"] < 1e-4 for m in lines)  # on-policy in every mode
@@ -316,9 +322,10 @@ def parallel_config(run_dir, teacher, *overrides):
 # tests/test_kernels.py's and test_parallel.py's; here one run trains through it. The actors interpret the
 # kernel in every run. With CUDA the kernels are compiled and a CPU learner takes the CPU path anyway.
 LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
-# the policy-scored run is also the resume test's uninterrupted run; the teacher-scored one splits its windows
-# over two rollout workers (one actor fewer for each of the three policy-scored runs)
-STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
+# the policy-scored run is also the resume test's uninterrupted run, its workers inline (as the resumed
+# run's); the teacher-scored run is the parallel path through Ray, splitting its windows over two actors
+STEPS, WORKERS, INLINE = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}, {"teacher": False,
+                                                                                   "policy": True}
 # Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
 # TRITON_INTERPRET=1 holds, not first inside a run that turned it off
 importlib.import_module("thinktok.kernels")
@@ -331,7 +338,8 @@ def learner_env(scorer: str) -> dict[str, str]:
 def scored_parallel_config(run_dir, teacher, scorer: str, mixing: str):
     """parallel_config for a run of `parallel_runs` (and the resume of the policy-scored one)."""
     return parallel_config(run_dir, teacher, f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}",
-                           f"rl.max_steps={STEPS[scorer]}", f"ray.num_rollout_workers={WORKERS[scorer]}")
+                           f"rl.max_steps={STEPS[scorer]}", f"ray.num_rollout_workers={WORKERS[scorer]}",
+                           f"ray.inline={INLINE[scorer]}")
 
 
 @pytest.fixture(scope="module")
@@ -420,9 +428,45 @@ def policy_mode(policy):
     return make_mode(ThoughtConfig(mode="vocab", num_thinking=8), policy.vocab, SamplingConfig())
 
 
+class Scribbler:
+    """A worker whose call changes its argument in place, reports its thread count, or fails."""
+
+    def __init__(self, device: str, threads: int = 1):
+        torch.set_num_threads(threads)
+
+    def score(self, rows: list[dict], fail: bool = False) -> tuple[list[dict], int]:
+        if fail:
+            raise PoisonedStep("reward gold_loglik is nan for rollout 1")
+        rows[0]["x"] = 99
+        return rows, torch.get_num_threads()
+
+
+def test_inline_workers_behave_as_actors():
+    """ray.inline: a call gets copies (the caller's rows stay), runs on an actor's one thread, leaves the
+    learner's thread count as it was, and its error surfaces where an actor's does, at `get`."""
+    from thinktok.rl.actors import InlineWorker, Workers, get, put_weights
+
+    threads = torch.get_num_threads()
+    worker = InlineWorker(Scribbler, ("cpu",))
+    rows = [{"x": 1}]
+    ((changed, inside),) = get([worker.score.remote(rows)])
+    assert changed == [{"x": 99}] and rows == [{"x": 1}] and inside == 1
+    assert torch.get_num_threads() == threads
+    failed = worker.score.remote(rows, fail=True)  # no raise yet
+    with pytest.raises(PoisonedStep, match="^scoring failed at step 4: reward gold_loglik is nan"):
+        RayRollouts.get_scores([failed], 4)
+    state = {"model": {"w": torch.ones(2)}}
+    (published,) = put_weights(Workers([worker], []), state)
+    # the state itself, not a Ray ObjectRef, and shared by the copies of a call's arguments
+    assert published == state and copy.deepcopy([published])[0] is published
+
+
 def test_config_refuses_what_the_learner_cannot_do(tmp_path, teacher):
     with pytest.raises(ValueError, match="max_staleness=2: asynchronous"):
         config(tmp_path, teacher, "rl.max_staleness=2").validate()
+    with pytest.raises(ValueError, match="ray.inline runs the workers in the learner's process and joins no "
+                                         "cluster: drop ray.address=auto"):
+        config(tmp_path, teacher, "ray.inline=true", "ray.address=auto").validate()
     with pytest.raises(ValueError, match="noise=none makes soft thoughts deterministic"):
         config(tmp_path, teacher, "thought.mode=soft", "thought.num_thinking=0",
                "thought.noise=none").validate()

@@ -8,11 +8,10 @@ beside the REINFORCE term). The mixing head, when there is one, is the extra mod
 
 from __future__ import annotations
 
-import ray
 import torch
 
 from thinktok.checkpoint import RunTrainer
-from thinktok.rl.actors import Workers, chunks
+from thinktok.rl.actors import Workers, chunks, get
 from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, check_finite, pad_to
 
 from .config import ParallelConfig
@@ -38,7 +37,7 @@ class ParallelRollouts(RayRollouts):
         futures = [w.sample.remote(real[part], self.cfg.thought_len, self.call_seed(version, k, rank),
                                    weights, version)
                    for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
-        sampled = ParallelRollout.cat(ray.get(futures))
+        sampled = ParallelRollout.cat(get(futures))
         groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.reward)) if g]
         scored = self.get_scores([w.score.remote(sampled.rows(g), weights, version)
                                   for w, g in zip(self.workers.reward, groups)], version)
