@@ -225,15 +225,16 @@ def test_static_cache_matches_dynamic(case):
     check_static(case, compiled=False)
 
 
-# one compile per mode's code path (single = vocab's code; pause-prompt, continuous and soft-none-cold are
-# covered eagerly above): a CPU compile takes 5-20 s
-@pytest.mark.parametrize("case", ["vocab", "pause-every", "continuous-stop", "soft-gumbel", "soft-dirichlet"])
+# one compile per mode's code path (single = vocab's code, compiled in test_compiled_vocab_step_stops_early;
+# pause-prompt, continuous and soft-none-cold are covered eagerly above): a cold CPU compile takes 10-20 s
+@pytest.mark.parametrize("case", ["pause-every", "continuous-stop", "soft-gumbel", "soft-dirichlet"])
 def test_compiled_step_matches_dynamic(case):
     check_static(case, compiled=True)
 
 
-def test_static_early_stop_at_eos():
-    """Rows that end at different steps (EOS made likely), and a loop that stops before its step budget."""
+def test_compiled_vocab_step_stops_early():
+    """vocab's compiled step: thoughts, rows that end at different steps (EOS made likely), a loop that stops
+    before its step budget, and a second call through the same buffers and graph."""
     policy, mode = make("vocab", max_new_tokens=24)
     with torch.no_grad():
         policy.model.get_input_embeddings().weight[policy.vocab.eos_id] *= 80
@@ -241,4 +242,8 @@ def test_static_early_stop_at_eos():
     lengths = [r.num_steps for r in dynamic]
     assert len(set(lengths)) > 1 and max(lengths) < 24  # EOS ends rows early, at different steps
     assert all(r.token[-1] == policy.vocab.eos_id for r in dynamic if r.num_real < 24)
+    assert sum(r.num_thought for r in dynamic) > 0
     same_rollouts(dynamic, sample(policy.model, mode, PROMPTS * 2, seed=1, compile=True))
+    # a second call of the same batch shape (the sampler's buffers and compiled graph reused)
+    same_rollouts(sample(policy.model, mode, PROMPTS[::-1] * 2, seed=2),
+                  sample(policy.model, mode, PROMPTS[::-1] * 2, seed=2, compile=True))
