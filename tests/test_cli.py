@@ -178,15 +178,19 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 HEAVY = ("ray", "trl", "triton", "thinktok.kernels", "datasets")
 
 
-def probe(code: str, cwd, returncode: int = 0) -> subprocess.CompletedProcess:
-    """A fresh interpreter's run of `code`; `heavy()` in it prints the HEAVY modules it holds so far. cwd: not
-    the repository root, whose kernels/ folder transformers' hub-kernel probe would import as a `kernels`
-    package."""
+def probe(code: str, cwd) -> subprocess.Popen:
+    """A fresh interpreter started on `code` (`finished` reads it); `heavy()` in it prints the HEAVY modules
+    it holds so far. cwd: not the repository root, whose kernels/ folder transformers' hub-kernel probe would
+    import as a `kernels` package."""
     head = f"import sys\ndef heavy():\n    print('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])\n"
-    out = subprocess.run([sys.executable, "-c", head + code], capture_output=True, text=True, timeout=300,
-                         cwd=cwd)
-    assert out.returncode == returncode, out.stderr[-2000:]
-    return out
+    return subprocess.Popen([sys.executable, "-c", head + code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def finished(proc: subprocess.Popen, returncode: int = 0) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == returncode, stderr[-2000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def heavy_after_each(out: subprocess.CompletedProcess) -> list[set[str]]:
@@ -201,10 +205,11 @@ def test_commands_import_only_what_they_use(tmp_path):
     reports after each: modules only accumulate, so each stage's check holds for it and all before it. It ends
     as `python -m thinktok.cli` with a bad flag: exit status 2 and one error line."""
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-    (own,) = heavy_after_each(probe("from transformers import GPT2LMHeadModel\nheavy()", tmp_path))
+    # the two interpreters run at once: each is one core's imports
+    alone = probe("from transformers import GPT2LMHeadModel\nheavy()", tmp_path)
     sample = "main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--out', "
     text, jsonl = sample + "'s.txt'])", sample + "'s.jsonl', '--format', 'jsonl'])"
-    done = probe(
+    staged = probe(
         "from thinktok.cli import main\n"
         "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\nheavy()\n"
         "from thinktok.config import load_config\nfrom thinktok.rl.config import TrainConfig\n"
@@ -218,7 +223,9 @@ def test_commands_import_only_what_they_use(tmp_path):
         "bad += [k for k in AttentionInterface._global_mapping if 'parallel' in k]\nprint('loaded:', bad)\n"
         "import runpy\nsys.argv = ['thinktok', 'sample', '--mode', 'telepathy']\n"
         "runpy.run_module('thinktok.cli', run_name='__main__')\n",
-        tmp_path, returncode=2)
+        tmp_path)
+    (own,) = heavy_after_each(finished(alone))
+    done = finished(staged, returncode=2)
     helped, parsed, sampled = heavy_after_each(done)
     assert helped == set()
     assert parsed <= own & {"triton"} and sampled <= own & {"triton"}

@@ -31,11 +31,15 @@ from thinktok.rl.train import latest_checkpoint, run_train
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """The module's teacher checkpoint, and its one Ray cluster, started here so that its actors run the
-    Triton kernel in the interpreter (TRITON_INTERPRET=1, set by conftest) whatever test comes first."""
+    """The module's teacher checkpoint, and its one Ray cluster, started here so that its actors take the CPU
+    attention path (TRITON_INTERPRET=0 in their environment) whatever test comes first: the Triton kernel
+    in the interpreter costs ~0.6 s a launch, and its tests (test_kernels, test_parallel) run in this process.
+    The learner of one parallel run here trains through it (LEARNER_INTERPRETS)."""
     path = tmp_path_factory.mktemp("teacher") / "t"
     load_policy("tiny", 0, False, seed=3).save(path)
-    init_ray(RayConfig())
+    ray.shutdown()  # a cluster an earlier module left up has the environment it was started with
+    with patch.dict(os.environ, {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "0"}):
+        init_ray(RayConfig())
     yield str(path)
     if ray.is_initialized():
         ray.shutdown()
@@ -165,7 +169,7 @@ def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher, tmp_pat
     workers = start_workers(cfg.ray, (HeldRolloutWorker, rollout_args), reward)
     try:
         weights = [ray.put({"model": policy.model.state_dict(), "mode": {}})]
-        prompts = [[1105, 1635, 4974, 796]] * 48
+        prompts = [[1105, 1635, 4974, 796]] * 6  # the call is held until the kill, whatever its size
         (victim,) = workers.rollout
         pid = ray.get(victim.pid.remote())
         threads = torch.get_num_threads()
@@ -319,8 +323,9 @@ def parallel_config(run_dir, teacher, *overrides):
 # On a CPU-only machine, the learner's attention in each parallel run: "1" the Triton kernel (forward and
 # backward) in the interpreter, about 0.6 s a launch and most of a run's time; "0" the CPU path (the
 # reference's mask through PyTorch's SDPA). The kernel's agreement with the reference is
-# tests/test_kernels.py's and test_parallel.py's; here one run trains through it. The actors interpret the
-# kernel in every run. With CUDA the kernels are compiled and a CPU learner takes the CPU path anyway.
+# tests/test_kernels.py's and test_parallel.py's; here one run trains through it. The actors take the CPU
+# path (the `teacher` fixture's cluster). With CUDA the kernels are compiled and a CPU learner takes the CPU
+# path anyway.
 LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
 # the policy-scored run is also the resume test's uninterrupted run, its workers inline (as the resumed
 # run's); the teacher-scored run is the parallel path through Ray, splitting its windows over two actors
