@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
@@ -105,6 +106,9 @@ def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[in
                               [*overrides, f"ray.num_rollout_workers={n}", f"run_dir={tmp}/{n}",
                                                     f"rl.max_steps={steps}", "eval_every=0",
                                                     f"save_every={steps}"])
+            if cfg.ray.inline:
+                raise UserError("bench train measures scaling over Ray actors: ray.inline runs the workers "
+                                "one after another in the learner's process (drop ray.inline=true)")
             run_train(cfg)
             log = (Path(tmp) / str(n) / "metrics.jsonl").read_text().splitlines()
             lines = [json.loads(x) for x in log][1:]  # the first step is the warm-up

@@ -127,8 +127,9 @@ class Workers:
 def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[type, tuple]) -> Workers:
     """rollout, reward: (worker class, constructor arguments before `device`), one pair per path."""
     if cfg.inline:
-        def start(cls, args, gpus, n):
-            return [InlineWorker(cls, (*args, "cuda" if gpus > 0 else "cpu")) for _ in range(n)]
+        def start(cls, args, gpus, n):  # on this learner process's GPU (accelerate's LOCAL_RANK), if any
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpus > 0 else "cpu"
+            return [InlineWorker(cls, (*args, device)) for _ in range(n)]
     else:
         init_ray(cfg)
         opts = dict(max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts, num_cpus=1)
@@ -181,17 +182,22 @@ class InlineWorker:
     """A worker object in the learner's process with an actor's calling convention (ray.inline):
     `w.sample.remote(*args)` runs at once on deep copies of its arguments and returns a copy of the result,
     as an actor would receive and send them, so neither side sees the other's later in-place changes. The
-    published weights (`SharedWeights`) are not copied: `VersionedWeights` copies them into its modules."""
+    published weights (`SharedWeights`) are not copied: `VersionedWeights` copies them into its modules.
+    A call leaves the learner's random state as it found it (the sampler seeds every generator, CUDA's
+    included, and restores only its own device's)."""
 
     def __init__(self, cls: type, args: tuple):
-        with actor_threads():
-            self.worker = cls(*args)  # its constructor sets the one thread; restored on leaving
+        with actor_threads():  # the constructor sets its one thread; restored on leaving
+            self.worker = cls(*copy.deepcopy(args))
 
     def __getattr__(self, name: str):
+        if name == "worker":  # not yet set (a copy or unpickling under way): not a method to look up
+            raise AttributeError(name)
         method = getattr(self.worker, name)
 
         def remote(*args, **kwargs) -> Finished:
-            with actor_threads():
+            devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+            with actor_threads(), torch.random.fork_rng(devices=devices):
                 torch.set_num_threads(1)
                 try:
                     return Finished(copy.deepcopy(method(*copy.deepcopy(args), **copy.deepcopy(kwargs))))
@@ -199,6 +205,8 @@ class InlineWorker:
                     return Finished(error=e)
 
         return type("InlineMethod", (), {"remote": staticmethod(remote)})
+
+
 def sequential_workers(policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
                        sampling: SamplingConfig,
                        rewards: RewardConfig, task: TaskConfig) -> tuple[tuple, tuple]:
@@ -220,7 +228,8 @@ def chunks(items: list, n: int) -> list[list]:
 
 class SharedWeights(dict):
     """Published weights for inline workers: {name: state dict}, read-only by contract, so a deep copy of a
-    call's arguments shares them (their load copies them)."""
+    call's arguments shares them (their load copies them). On a CPU learner they alias its parameters, which
+    holds still while they are read: inline calls return before the optimizer step."""
 
     def __deepcopy__(self, memo):
         return self

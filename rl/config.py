@@ -31,7 +31,8 @@ class RayConfig:
     start_timeout_s: float = 300.0  # actors not placed by then: a clear error instead of a hang
     # the workers as objects in the learner's process, not Ray actors: the same samples and scores (each call
     # on copies, under an actor's one thread), no Ray at all; for breakpoints and profilers, and small runs
-    # where an actor's start-up (~6 s of imports on a laptop core) outweighs the run. No fault tolerance
+    # where an actor's start-up (~6 s of imports on a laptop core) outweighs the run. No fault tolerance;
+    # with gpus_per_*_worker > 0 every worker sits on the learner process's own GPU
     inline: bool = False
 
 

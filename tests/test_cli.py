@@ -188,7 +188,10 @@ def probe(code: str, cwd) -> subprocess.Popen:
 
 
 def finished(proc: subprocess.Popen, returncode: int = 0) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=300)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # a no-op once it has exited; a hung one does not outlive the test
     assert proc.returncode == returncode, stderr[-2000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -224,8 +227,11 @@ def test_commands_import_only_what_they_use(tmp_path):
         "import runpy\nsys.argv = ['thinktok', 'sample', '--mode', 'telepathy']\n"
         "runpy.run_module('thinktok.cli', run_name='__main__')\n",
         tmp_path)
-    (own,) = heavy_after_each(finished(alone))
-    done = finished(staged, returncode=2)
+    try:
+        (own,) = heavy_after_each(finished(alone))
+        done = finished(staged, returncode=2)
+    finally:
+        staged.kill()  # the other one too, if the first failed
     helped, parsed, sampled = heavy_after_each(done)
     assert helped == set()
     assert parsed <= own & {"triton"} and sampled <= own & {"triton"}

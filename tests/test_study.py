@@ -23,7 +23,7 @@ SFT = str(CONFIGS / "sft_quickstart_answer.yaml")
 TASK = ["task.num_train=64", "task.num_val=8", "task.num_test=8"]
 SFT_TINY = [*TASK, "train.max_steps=4", "train.batch_size=8"]
 RL_TINY = [*TASK, "rl.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2", "eval_every=0",
-           "save_every=2", "ray.num_rollout_workers=1", "ray.inline=true", "sampling.max_new_tokens=4"]
+           "save_every=2", "ray.num_rollout_workers=1", "sampling.max_new_tokens=4"]
 
 
 def study(tmp_path, arms, seeds=(0, 1), **kw) -> StudyConfig:

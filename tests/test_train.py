@@ -327,10 +327,9 @@ def parallel_config(run_dir, teacher, *overrides):
 # path (the `teacher` fixture's cluster). With CUDA the kernels are compiled and a CPU learner takes the CPU
 # path anyway.
 LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
-# the policy-scored run is also the resume test's uninterrupted run, its workers inline (as the resumed
-# run's); the teacher-scored run is the parallel path through Ray, splitting its windows over two actors
-STEPS, WORKERS, INLINE = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}, {"teacher": False,
-                                                                                   "policy": True}
+# the policy-scored run is also the uninterrupted side of the parallel resume (whose cut and resumed run
+# samples inline); the teacher-scored one splits its windows over two rollout actors
+STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
 # Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
 # TRITON_INTERPRET=1 holds, not first inside a run that turned it off
 importlib.import_module("thinktok.kernels")
@@ -340,11 +339,11 @@ def learner_env(scorer: str) -> dict[str, str]:
     return {} if torch.cuda.is_available() else {"TRITON_INTERPRET": LEARNER_INTERPRETS[scorer]}
 
 
-def scored_parallel_config(run_dir, teacher, scorer: str, mixing: str):
+def scored_parallel_config(run_dir, teacher, scorer: str, mixing: str, *overrides):
     """parallel_config for a run of `parallel_runs` (and the resume of the policy-scored one)."""
     return parallel_config(run_dir, teacher, f"parallel.scorer={scorer}", f"parallel.mixing_head={mixing}",
                            f"rl.max_steps={STEPS[scorer]}", f"ray.num_rollout_workers={WORKERS[scorer]}",
-                           f"ray.inline={INLINE[scorer]}")
+                           *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +415,9 @@ def test_parallel_resume_matches_uninterrupted(parallel_runs, tmp_path, teacher,
     whole = parallel_runs("policy", "true")
     for key, value in learner_env("policy").items():  # as the uninterrupted run
         monkeypatch.setenv(key, value)
-    cut = cut_and_resumed(tmp_path / "cut", lambda d: scored_parallel_config(d, teacher, "policy", "true"),
+    # inline workers here, Ray actors in the uninterrupted run: both resume and the inline path are checked
+    cut = cut_and_resumed(tmp_path / "cut",
+                          lambda d: scored_parallel_config(d, teacher, "policy", "true", "ray.inline=true"),
                           ParallelRun, monkeypatch, STEPS["policy"])
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
         for key in ("reward_mean", "loss", "gain_mean", "nll_thought"):
@@ -434,29 +435,37 @@ def policy_mode(policy):
 
 
 class Scribbler:
-    """A worker whose call changes its argument in place, reports its thread count, or fails."""
+    """A worker whose call changes its argument in place, draws from the global generator, reports its
+    thread count and returns its own state; or fails."""
 
     def __init__(self, device: str, threads: int = 1):
         torch.set_num_threads(threads)
+        self.kept = {"calls": 0}
 
-    def score(self, rows: list[dict], fail: bool = False) -> tuple[list[dict], int]:
+    def score(self, rows: list[dict], fail: bool = False) -> tuple[list[dict], int, dict]:
         if fail:
             raise PoisonedStep("reward gold_loglik is nan for rollout 1")
         rows[0]["x"] = 99
-        return rows, torch.get_num_threads()
+        self.kept["calls"] += 1
+        torch.rand(1)
+        return rows, torch.get_num_threads(), self.kept
 
 
 def test_inline_workers_behave_as_actors():
-    """ray.inline: a call gets copies (the caller's rows stay), runs on an actor's one thread, leaves the
-    learner's thread count as it was, and its error surfaces where an actor's does, at `get`."""
+    """ray.inline: a call gets copies (the caller's rows stay) and returns copies (the caller's change of a
+    result stays), runs on an actor's one thread, leaves the learner's thread count and random state as they
+    were, and its error surfaces where an actor's does, at `get`."""
     from thinktok.rl.actors import InlineWorker, Workers, get, put_weights
 
-    threads = torch.get_num_threads()
+    threads, random_state = torch.get_num_threads(), torch.random.get_rng_state()
     worker = InlineWorker(Scribbler, ("cpu",))
     rows = [{"x": 1}]
-    ((changed, inside),) = get([worker.score.remote(rows)])
+    ((changed, inside, kept),) = get([worker.score.remote(rows)])
     assert changed == [{"x": 99}] and rows == [{"x": 1}] and inside == 1
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), random_state)
+    kept["calls"] = 100
+    assert get([worker.score.remote(rows)])[0][2] == {"calls": 2}
+    assert get([copy.deepcopy(worker).score.remote(rows)])[0][2] == {"calls": 3}  # a copy is a worker too
     failed = worker.score.remote(rows, fail=True)  # no raise yet
     with pytest.raises(PoisonedStep, match="^scoring failed at step 4: reward gold_loglik is nan"):
         RayRollouts.get_scores([failed], 4)
