@@ -18,6 +18,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -126,8 +127,8 @@ class Workers:
 
 def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[type, tuple]) -> Workers:
     """rollout, reward: (worker class, constructor arguments before `device`), one pair per path."""
-    if cfg.inline:
-        def start(cls, args, gpus, n):  # on this learner process's GPU (accelerate's LOCAL_RANK), if any
+    if cfg.inline:  # objects in this process, on its own GPU (accelerate's LOCAL_RANK) if any
+        def start(cls, args, gpus, n):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpus > 0 else "cpu"
             return [InlineWorker(cls, (*args, device)) for _ in range(n)]
     else:
@@ -156,9 +157,11 @@ def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[typ
 
 @contextmanager
 def actor_threads():
-    """An actor's one intra-op thread (the workers' default), restored after: an inline call computes with
-    the thread count an actor has, so its floating-point reductions, and samples, are the actor's."""
+    """An actor's one intra-op thread (the workers' default) inside, the caller's count restored after: an
+    inline call computes with an actor's thread count, so its floating-point reductions, and samples, are
+    the actor's."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -187,7 +190,7 @@ class InlineWorker:
     included, and restores only its own device's)."""
 
     def __init__(self, cls: type, args: tuple):
-        with actor_threads():  # the constructor sets its one thread; restored on leaving
+        with actor_threads():
             self.worker = cls(*copy.deepcopy(args))
 
     def __getattr__(self, name: str):
@@ -198,13 +201,35 @@ class InlineWorker:
         def remote(*args, **kwargs) -> Finished:
             devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
             with actor_threads(), torch.random.fork_rng(devices=devices):
-                torch.set_num_threads(1)
                 try:
                     return Finished(copy.deepcopy(method(*copy.deepcopy(args), **copy.deepcopy(kwargs))))
                 except Exception as e:  # raised where an actor's error is: at `get`
                     return Finished(error=e)
 
-        return type("InlineMethod", (), {"remote": staticmethod(remote)})
+        return SimpleNamespace(remote=remote)
+
+
+class SharedWeights(dict):
+    """Published weights for inline workers: {name: state dict}, read-only by contract, so a deep copy of a
+    call's arguments shares them (their load copies them). On a CPU learner they alias its parameters, which
+    hold still while they are read: inline calls return before the optimizer step."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def put_weights(workers: Workers, state: dict) -> list:
+    """A weight version for `VersionedWeights.load`, wrapped in a list so an actor fetches it only when
+    stale: an ObjectRef in Ray's store, or the state itself for inline workers."""
+    inline = any(isinstance(w, InlineWorker) for w in workers.rollout + workers.reward)
+    return [SharedWeights(state) if inline else ray.put(state)]
+
+
+def get(futures: list) -> list:
+    """ray.get for the futures of actor calls; the results of inline workers' calls alike."""
+    if futures and isinstance(futures[0], Finished):
+        return [f.result() for f in futures]
+    return ray.get(futures)
 
 
 def sequential_workers(policy_path: str, teacher_path: str | None, thought: ThoughtConfig,
@@ -224,29 +249,6 @@ def chunks(items: list, n: int) -> list[list]:
         out.append(items[lo:hi])
         lo = hi
     return out
-
-
-class SharedWeights(dict):
-    """Published weights for inline workers: {name: state dict}, read-only by contract, so a deep copy of a
-    call's arguments shares them (their load copies them). On a CPU learner they alias its parameters, which
-    holds still while they are read: inline calls return before the optimizer step."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def put_weights(workers: Workers, state: dict) -> list:
-    """A weight version for `VersionedWeights.load`, wrapped in a list so an actor fetches it only when
-    stale: an ObjectRef in Ray's store, or the state itself for inline workers."""
-    inline = any(isinstance(w, InlineWorker) for w in workers.rollout + workers.reward)
-    return [SharedWeights(state) if inline else ray.put(state)]
-
-
-def get(futures: list) -> list:
-    """ray.get for the futures of actor calls; the results of inline workers' calls alike."""
-    if futures and isinstance(futures[0], Finished):
-        return [f.result() for f in futures]
-    return ray.get(futures)
 
 
 def stop_workers(workers: Workers) -> None:

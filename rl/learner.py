@@ -111,12 +111,11 @@ class RayRollouts:
         workers: the error itself)."""
         try:
             return get(futures)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, PoisonedStep):
-                raise PoisonedStep(f"scoring failed at step {version}: {e.cause}") from None
+        except (ray.exceptions.RayTaskError, PoisonedStep) as e:  # an actor's (its cause) or an inline one's
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            if isinstance(cause, PoisonedStep):
+                raise PoisonedStep(f"scoring failed at step {version}: {cause}") from None
             raise
-        except PoisonedStep as e:  # an inline worker's
-            raise PoisonedStep(f"scoring failed at step {version}: {e}") from None
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         version = trainer.state.global_step

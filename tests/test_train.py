@@ -348,8 +348,8 @@ def scored_parallel_config(run_dir, teacher, scorer: str, mixing: str, *override
 
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory, teacher):
-    """(scorer, mixing head) -> a finished 4-step parallel run, trained once for the module: the policy-scored
-    run with a mixing head is also the uninterrupted side of the parallel resume."""
+    """(scorer, mixing head) -> a finished parallel run (STEPS), trained once for the module: the
+    policy-scored run with a mixing head is also the uninterrupted side of the parallel resume."""
     runs = {}
 
     def get(scorer: str, mixing: str) -> Path:
