@@ -32,7 +32,7 @@ sample: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install
 	$(BIN)/thinktok bench rollout

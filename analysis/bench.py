@@ -132,7 +132,7 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
     scored gain over `lookahead` true tokens, against the base model just reading the text (Quiet-STaR's
     complaint: 0.38 tokens/s with thoughts vs 2.94 without), against the naive form (T separate KV-cached
     rollouts, one per position) and, for the teacher-forced scoring pass, against a dense explicit mask."""
-    from thinktok.kernels import parallel_thought_mask
+    from thinktok.kernels.parallel_thought import parallel_thought_mask
     from thinktok.models.parallel_gpt2 import layout_positions, parallel_hidden
     from thinktok.rl.parallel.config import ParallelConfig
     from thinktok.rl.parallel.rollout import sample_parallel

@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from thinktok.kernels import parallel_thought_attention, parallel_thought_decode
+from thinktok.kernels.parallel_decode import parallel_thought_decode
+from thinktok.kernels.parallel_thought import parallel_thought_attention
 
 NAME = "parallel_thought"
 

@@ -179,9 +179,8 @@ HEAVY = ("ray", "trl", "triton", "thinktok.kernels", "datasets")
 
 
 def probe(code: str, cwd) -> subprocess.Popen:
-    """A fresh interpreter started on `code` (`finished` reads it); `heavy()` in it prints the HEAVY modules
-    it holds so far. cwd: not the repository root, whose kernels/ folder transformers' hub-kernel probe would
-    import as a `kernels` package."""
+    """A fresh interpreter started on `code` in `cwd`, which is on its sys.path (`finished` reads it);
+    `heavy()` in it prints the HEAVY modules it holds so far."""
     head = f"import sys\ndef heavy():\n    print('HEAVY', *[m for m in {HEAVY!r} if m in sys.modules])\n"
     return subprocess.Popen([sys.executable, "-c", head + code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd)
@@ -206,10 +205,13 @@ def test_commands_import_only_what_they_use(tmp_path):
     transformers does it alone. The sequential path (train, sft, eval, a sampled rollout) never imports the
     kernels or registers the parallel attention backend. One fresh interpreter runs the stages in order and
     reports after each: modules only accumulate, so each stage's check holds for it and all before it. It ends
-    as `python -m thinktok.cli` with a bad flag: exit status 2 and one error line."""
-    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    as `python -m thinktok.cli` with a bad flag: exit status 2 and one error line. transformers alone is
+    imported from the repository root, as a script or Ray worker started there does: the root's kernels/
+    folder must not shadow the `kernels` distribution transformers imports (it has no __init__.py)."""
+    root = Path(__file__).parents[1]
+    config = root / "configs" / "quickstart.yaml"
     # the two interpreters run at once: each is one core's imports
-    alone = probe("from transformers import GPT2LMHeadModel\nheavy()", tmp_path)
+    alone = probe("from transformers import GPT2LMHeadModel\nheavy()", root)
     sample = "main(['sample', '--num-samples', '1', '--max-new-tokens', '2', '--out', "
     text, jsonl = sample + "'s.txt'])", sample + "'s.jsonl', '--format', 'jsonl'])"
     staged = probe(

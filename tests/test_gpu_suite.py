@@ -101,14 +101,15 @@ def test_cpu_exit_from_a_source_checkout(tmp_path):
     """The GPU machine's way in (PYTHONPATH, no install): every module imports, and on a CPU the suite says
     there is no GPU in one line, exits 1, no traceback."""
     code = (
-        "import thinktok.rl.rollout as r, thinktok.kernels as k, thinktok.models.thoughts, "
+        "import thinktok.rl.rollout as r, thinktok.kernels.parallel_thought as k, thinktok.models.thoughts, "
         "thinktok.analysis.bench, "
         "thinktok.rl.train; print(r.__file__, k.__file__); "
         "from thinktok.gpu_suite import main; sys.exit(main([]))"
     )
     done = source_checkout(code, tmp_path)
     assert done.returncode == 1, done.stderr
-    assert done.stdout.split() == [str(ROOT / "rl" / "rollout.py"), str(ROOT / "kernels" / "__init__.py")]
+    kernel = ROOT / "kernels" / "parallel_thought.py"
+    assert done.stdout.split() == [str(ROOT / "rl" / "rollout.py"), str(kernel)]
     assert "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
 
 

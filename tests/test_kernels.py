@@ -9,11 +9,10 @@ import torch
 
 import thinktok.kernels.parallel_thought as pt
 import thinktok.kernels.tiles as tiling
-from thinktok.kernels import (
+from thinktok.kernels.parallel_decode import parallel_thought_decode, parallel_thought_decode_reference
+from thinktok.kernels.parallel_thought import (
     parallel_thought_attention,
     parallel_thought_attention_reference,
-    parallel_thought_decode,
-    parallel_thought_decode_reference,
     parallel_thought_mask,
 )
 

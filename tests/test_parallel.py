@@ -4,7 +4,7 @@ positions, and the scored gains against T separate sequential rollouts (the naiv
 import pytest
 import torch
 
-from thinktok.kernels import parallel_thought_mask
+from thinktok.kernels.parallel_thought import parallel_thought_mask
 from thinktok.models.parallel_gpt2 import MixingHead, layout_positions, parallel_hidden
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher

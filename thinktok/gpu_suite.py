@@ -84,11 +84,10 @@ def kernel_errors(out: Path) -> dict:
     the decode step (T=1024, last thought step), per tile setting and dtype."""
     import torch
 
-    from thinktok.kernels import (
+    from thinktok.kernels.parallel_decode import parallel_thought_decode, parallel_thought_decode_reference
+    from thinktok.kernels.parallel_thought import (
         parallel_thought_attention,
         parallel_thought_attention_reference,
-        parallel_thought_decode,
-        parallel_thought_decode_reference,
     )
 
     need_cuda()
