@@ -27,8 +27,11 @@ RL_TINY = [*TASK, "rl.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations
 
 
 def study(tmp_path, arms, seeds=(0, 1), **kw) -> StudyConfig:
+    """A tiny study, each arm evaluated on 4 examples; without the content measures (3 s an arm here) unless
+    `content` says otherwise."""
+    kw.setdefault("content", ContentConfig(enabled=False))
     return StudyConfig(name="t", out_dir=str(tmp_path), seeds=list(seeds), sft_overrides=SFT_TINY,
-                       train_overrides=RL_TINY, arms=arms, **kw)
+                       train_overrides=RL_TINY, arms=arms, eval_limit=4, **kw)
 
 
 @pytest.fixture
@@ -120,7 +123,7 @@ def test_study_runs_every_arm_reports_their_numbers_and_skips_on_restart(tmp_pat
                                                                               "noise=none"]),
             ArmConfig(name="rl", kind="train", config=str(CONFIGS / "rl_discovery.yaml"), init_from="answer",
                       overrides=["thought.num_thinking=4", "thought.slots=2"])]
-    cfg = study(tmp_path, arms, comparisons=[["rl", "answer"]], content=ContentConfig(enabled=False))
+    cfg = study(tmp_path, arms, comparisons=[["rl", "answer"]])
     run_study(cfg, report=True, poll_s=5)
     report = json.loads((tmp_path / "study.json").read_text())
     for arm in ("answer", "distinct", "soft", "rl"):
@@ -186,7 +189,7 @@ def test_an_arm_whose_node_dies_reruns_elsewhere(tmp_path, fresh_ray):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources={"arm_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
-    over = ["train.max_steps=20"]  # long enough to be caught running (the kill comes within 0.1 s)
+    over = ["train.max_steps=8"]  # caught running: the kill comes within 0.1 s, its imports take seconds
     arm = ArmConfig(name="a", config=SFT, overrides=over, resources={"arm_slot": 1})
     cfg = study(tmp_path, [arm], seeds=(0,))
     thread = in_background(cfg, ray_address=cluster.address, report=False)

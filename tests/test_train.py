@@ -332,7 +332,8 @@ LEARNER_INTERPRETS = {"teacher": "1", "policy": "0"}
 STEPS, WORKERS = {"teacher": 2, "policy": 4}, {"teacher": 2, "policy": 1}
 # Triton picks interpreted or compiled kernels when they are defined, so define them now, while conftest's
 # TRITON_INTERPRET=1 holds, not first inside a run that turned it off
-importlib.import_module("thinktok.kernels")
+for kernel in ("parallel_thought", "parallel_decode"):
+    importlib.import_module(f"thinktok.kernels.{kernel}")
 
 
 def learner_env(scorer: str) -> dict[str, str]:
