@@ -47,7 +47,9 @@ def init_ray(cfg: RayConfig) -> None:
     # A local cluster gets generous logical CPUs: actors mostly wait on each other and share the cores, and a
     # later run in the same process (bench train: 1, 2, 4 actors) must still fit.
     cpus = None if cfg.address else max(os.cpu_count() or 1, 64)
-    ray.init(address=cfg.address, num_cpus=cpus,
+    # "local": a new cluster, never one that `ray start` or ray.cluster_utils left on this machine (which
+    # ray.init(address=None) would join, and refuse num_cpus for)
+    ray.init(address=cfg.address or "local", num_cpus=cpus,
              log_to_driver=cfg.verbose, include_dashboard=False, configure_logging=cfg.verbose,
              logging_level=logging.INFO if cfg.verbose else logging.ERROR)
 

@@ -8,10 +8,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs two pytest-xdist workers on two cores: each computes on one thread, and so do the
 # interpreters it starts (before torch loads). Two threads a worker oversubscribe the cores, and OpenMP's
-# spinning made small tests ten times slower.
+# spinning made small tests ten times slower; threads that wait sleep (PASSIVE) for the tests that must
+# compute on two (`two_threads`).
 XDIST = "PYTEST_XDIST_WORKER" in os.environ
 if XDIST:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -125,6 +127,16 @@ def make(case: str, max_new_tokens: int = 6, **sampling):
         boost_thinking(policy)
     mode = make_mode(cfg, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, **sampling))
     return policy, mode
+
+
+@pytest.fixture
+def two_threads():
+    """This process on two intra-op threads for the test, so that a worker's one thread and the restore
+    of the caller's count are visible (under xdist every test process has one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=list(MODE_CASES))

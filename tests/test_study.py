@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import ray
@@ -30,8 +31,9 @@ def study(tmp_path, arms, seeds=(0, 1), **kw) -> StudyConfig:
     """A tiny study, each arm evaluated on 4 examples; without the content measures (3 s an arm here) unless
     `content` says otherwise."""
     kw.setdefault("content", ContentConfig(enabled=False))
+    kw.setdefault("eval_limit", 4)
     return StudyConfig(name="t", out_dir=str(tmp_path), seeds=list(seeds), sft_overrides=SFT_TINY,
-                       train_overrides=RL_TINY, arms=arms, eval_limit=4, **kw)
+                       train_overrides=RL_TINY, arms=arms, **kw)
 
 
 @pytest.fixture
@@ -45,9 +47,12 @@ def fresh_ray():
 def local_ray():
     """One local cluster for the module's local studies (they count it as local: parallel_arms at a time),
     whose idle task workers, torch already imported, the next study reuses. Started from the main thread: one
-    that a study thread started takes Ray 5 s to shut down."""
+    that a study thread started takes Ray 5 s to shut down. Started while RAY_ADDRESS names another cluster
+    (as a `ray start`, or another test process's ray.cluster_utils cluster, would): a local cluster is new,
+    never that one joined (which refuses num_cpus)."""
     ray.shutdown()
-    init_ray(RayConfig())
+    with patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:9"}):
+        init_ray(RayConfig())
     yield
     ray.shutdown()
 

@@ -229,11 +229,10 @@ def test_scorer_errors_keep_their_cause():
     ["rl.algo=grpo", "thought.mode=pause", "thought.num_thinking=2", "rl.beta=0.05",
      "rewards.weights={teacher_kl: 1.0, exact_match: 1.0, gold_loglik: 0.5}", "rewards.thinking_cost=0.01"],
 ])
-def test_algorithms_and_modes(tmp_path, teacher, overrides):
-    threads = torch.get_num_threads()
+def test_algorithms_and_modes(tmp_path, teacher, overrides, two_threads):
     final = run_train(config(tmp_path, teacher, "rl.max_steps=2", "eval_every=0", "ray.num_rollout_workers=1",
                              "ray.inline=true", *overrides))
-    assert torch.get_num_threads() == threads  # the inline workers' one thread did not stay
+    assert torch.get_num_threads() == two_threads  # the inline workers' one thread did not stay
     lines = metrics(tmp_path)
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
     assert all(m["logprob_mismatch"] < 1e-4 for m in lines)  # on-policy in every mode
@@ -452,13 +451,13 @@ class Scribbler:
         return rows, torch.get_num_threads(), self.kept
 
 
-def test_inline_workers_behave_as_actors():
+def test_inline_workers_behave_as_actors(two_threads):
     """ray.inline: a call gets copies (the caller's rows stay) and returns copies (the caller's change of a
     result stays), runs on an actor's one thread, leaves the learner's thread count and random state as they
     were, and its error surfaces where an actor's does, at `get`."""
     from thinktok.rl.actors import InlineWorker, Workers, get, put_weights
 
-    threads, random_state = torch.get_num_threads(), torch.random.get_rng_state()
+    threads, random_state = two_threads, torch.random.get_rng_state()
     worker = InlineWorker(Scribbler, ("cpu",))
     rows = [{"x": 1}]
     ((changed, inside, kept),) = get([worker.score.remote(rows)])
