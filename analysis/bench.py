@@ -14,7 +14,7 @@ from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
-from thinktok.rl.rollout import sample
+from thinktok.rl.rollout import cache_kwarg, sample
 
 from .timing import timed, write_json
 
@@ -156,16 +156,17 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
     def parallel():
         scorer(sample_parallel(model, mode, real, thought_len))
 
+    kv = cache_kwarg(model)
+
     @torch.no_grad()
     def naive():  # the loop one writes without the parallel layout: every position its own KV-cached rollout
         for t in range(num_real - 1):
             o = model(input_ids=real[:, : t + 1], use_cache=True)
             for _ in range(thought_len):
                 tok = torch.multinomial(o.logits[:, -1, lo:hi].float().softmax(-1), 1) + lo
-                o = model(input_ids=tok, past_key_values=o.past_key_values, use_cache=True)
+                o = model(input_ids=tok, use_cache=True, **{kv: getattr(o, kv)})
             if lookahead > 1:
-                model(input_ids=real[:, t + 1 : t + lookahead], past_key_values=o.past_key_values,
-                      use_cache=True)
+                model(input_ids=real[:, t + 1 : t + lookahead], use_cache=True, **{kv: getattr(o, kv)})
 
     seg = thought_len + lookahead - 1
     ids = torch.cat([real, torch.randint(lo, hi, (batch, num_real * seg), device=device)], 1)

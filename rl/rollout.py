@@ -11,6 +11,7 @@ nothing of sequences, caches or batches; keeping the sampler out of models/ keep
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -127,6 +128,12 @@ def rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name `model.forward` takes (and its output returns) the KV cache by: `cache` from transformers
+    5.24 (`past_key_values`, its deprecated alias there, goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel, mode: ThoughtMode, prompts: list[list[int]], seed: int = 0,
@@ -147,6 +154,7 @@ def sample(
     device = model.device
     embed: nn.Embedding = model.get_input_embeddings()
     base, head = model.base_model, model.get_output_embeddings()
+    kv = cache_kwarg(base)
     vocab, sampling = mode.vocab, mode.sampling
     check_ids(prompts, vocab.size)
     ids, mask = left_pad(prompts, vocab.eos_id, device)
@@ -158,8 +166,8 @@ def sample(
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         cache = DynamicCache() if use_cache else None
-        hidden = base(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      use_cache=use_cache).last_hidden_state[:, -1]
+        hidden = base(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                      **{kv: cache}).last_hidden_state[:, -1]
         state = mode.init_state(batch, device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         n_real = torch.zeros(batch, dtype=torch.long, device=device)
@@ -183,7 +191,7 @@ def sample(
                 step_in, step_pos = inputs, torch.cat([pos, new_pos], dim=1)
             pos = torch.cat([pos, new_pos], dim=1)
             hidden = base(inputs_embeds=step_in, attention_mask=mask, position_ids=step_pos,
-                          past_key_values=cache, use_cache=use_cache).last_hidden_state[:, -1]
+                          use_cache=use_cache, **{kv: cache}).last_hidden_state[:, -1]
     return collate_steps(prompts, steps, torch.stack(alive, 1), mode, weight_version)
 
 

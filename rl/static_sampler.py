@@ -7,7 +7,6 @@ dynamic path in rollout.py under the same seed (tested for every mode); `sample(
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from transformers import DynamicCache, PreTrainedModel
 from thinktok.models.thought_modes import ContinuousThoughts, SoftThoughts
 from thinktok.models.thoughts import State, ThoughtMode
 
-from .rollout import RECORDS, Rollout, check_ids, left_pad, rng_devices, to_rollouts
+from .rollout import RECORDS, Rollout, cache_kwarg, check_ids, left_pad, rng_devices, to_rollouts
 
 CHECK_EVERY = 8  # decoding steps between the host's `done.all()` checks on the static path (one sync each)
 
@@ -85,8 +84,7 @@ class StaticSampler:
     def __init__(self, model: PreTrainedModel, mode: ThoughtMode, compile: bool):
         self.model, self.mode = model, mode
         self.buffers: dict[tuple[int, int], DecodeBuffers] = {}
-        params = inspect.signature(model.base_model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 renamed it
+        self.cache_kw = cache_kwarg(model.base_model)
         self.step = self.decode_step
         if compile:
             # every sampler (model, mode, batch and cache-length bucket) is one entry of decode_step's cache
@@ -166,7 +164,7 @@ class StaticSampler:
             torch.manual_seed(seed)
             prefill = DynamicCache()
             hidden = model.base_model(inputs_embeds=embed(ids), attention_mask=mask, position_ids=pos,
-                                      past_key_values=prefill, use_cache=True).last_hidden_state[:, -1]
+                                      use_cache=True, **{self.cache_kw: prefill}).last_hidden_state[:, -1]
             b.cache.load_prefix(prefill)
             state = mode.init_state(batch, device)
             b.valid.fill_(True)
