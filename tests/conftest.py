@@ -7,9 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs two pytest-xdist workers on two cores: each computes on one thread, and so do the
-# interpreters it starts (before torch loads). Two threads a worker oversubscribe the cores, and OpenMP's
-# spinning made small tests ten times slower; threads that wait sleep (PASSIVE) for the tests that must
-# compute on two (`two_threads`).
+# interpreters it starts (before torch loads). Two threads a worker oversubscribed the cores: small tests
+# ran ten times slower (OpenMP's waiting threads spin); for the tests that must compute on two
+# (`two_threads`), waiting threads sleep (PASSIVE).
 XDIST = "PYTEST_XDIST_WORKER" in os.environ
 if XDIST:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -27,8 +27,8 @@ from thinktok.models.thoughts import SamplingConfig, ThoughtConfig  # noqa: E402
 
 torch.set_num_threads(1 if XDIST else 2)
 
-# pytest-xdist (--dist loadfile) hands out whole files in collection order: the longest first (measured, in
-# this order: ~110, ~100, ~100 s, then 15-30 s each), so that the two workers finish together.
+# pytest-xdist (--dist loadfile) hands out whole files in collection order: the longest first (measured on a
+# worker beside the other: 131, 118, 101 s, then 16-26 s each), so that the two workers finish together.
 LONGEST_FIRST = ("test_study.py", "test_train.py", "test_rollout.py", "test_content.py", "test_sft.py",
                  "test_gpu_suite.py", "test_learner.py", "test_parallel.py", "test_cli.py")
 
