@@ -14,6 +14,7 @@ import torch
 from thinktok.checkpoint import find_checkpoint, load_extra_state, load_parallel_info, load_run_info
 from thinktok.envs import TaskConfig, load_task
 from thinktok.errors import UserError
+from thinktok.models.head import head_columns
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig
@@ -105,7 +106,8 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
         raise UserError(f"unknown split {split!r}: expected train, validation or test")
     policy = policy or load_policy(str(ckpt), thought.vocab_tokens, thought.markers)
     policy.model.to(device)
-    mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True))
+    mode = make_mode(thought, policy.vocab, SamplingConfig(max_new_tokens=max_new_tokens, greedy=True),
+                     head_columns(policy.model))
     load_extra_state(ckpt, {"mode": mode})  # what RL learned in the mode itself (a learned sigma)
     result = {"checkpoint": str(ckpt), "task": task_cfg.name, "split": split, "format": fmt,
               "mode": thought.mode}

@@ -22,6 +22,7 @@ import torch
 
 from thinktok.envs import load_task
 from thinktok.errors import UserError
+from thinktok.models.head import head_columns
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thought_modes import make_mode
@@ -57,7 +58,7 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
     teacher_path = ensure_teacher(cfg)
     teacher = Teacher.load(teacher_path) if teacher_path else None
     task = load_task(cfg.task)
-    mode = make_mode(thought, policy.vocab, cfg.sampling)
+    mode = make_mode(thought, policy.vocab, cfg.sampling, head_columns(policy.model))
     reads_policy = set(POLICY_REWARDS) & set(cfg.rewards.weights)
     rewards = RewardModel(cfg.rewards, teacher, task, policy.tokenizer,
                           policy.model if reads_policy else None, mode if reads_policy else None)

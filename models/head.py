@@ -7,10 +7,16 @@ answers and chains of thought, and EOS) plus every thinking token and marker, an
 a logit of `masked_logit` (probability exactly 0 after a softmax, yet finite, so KLs and entropies over the
 full width stay finite). Every log-probability is then that of the restricted distribution.
 
-It lives in the model: the LM head's forward is replaced on the instance, and the text ids are recorded in
-the model's config (`thinktok_head` in config.json), so a checkpoint restores its head wherever thinktok
-loads it (`load_policy`, `Teacher.load`): SFT's loss, both samplers, the recompute, the rewards, the teacher,
-eval, the controls, `signal` and the parallel scorer all see the same distribution without knowing of it.
+It lives in the model: the text ids are recorded in the model's config (`thinktok_head` in config.json), so
+a checkpoint restores its head wherever thinktok loads it (`load_policy`, `Teacher.load`).
+
+Two views of one head. thinktok's own code works in the head's *column space*: `head_logits` computes the
+K allowed rows only, (..., K), and `head_columns` says which token id each column is (K = V for a full head,
+the identity: one code path). The thought modes sample, mask and score over those K columns and map ids at
+the edges (thoughts.py), so no softmax, cumulative sum or entropy ever runs over the other 50k columns. The
+LM head's own forward (what `model(...).logits` and `generate` call) is replaced on the instance to give the
+same distribution at full width, every other column `masked_logit`: Hugging Face code and users' scripts see
+a (..., V) head and need to know nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +79,24 @@ def _scattered_linear(head, hidden: torch.Tensor, cols: torch.Tensor, lo: int, w
     `masked_logit`."""
     out = hidden.new_full((*hidden.shape[:-1], width), masked_logit(hidden.dtype))
     return out.index_copy(-1, cols - lo, _rows(head, hidden, cols))
+
+
+def head_columns(model) -> torch.Tensor:
+    """(K,) the token id of each column `head_logits` returns, ascending: the task head's allowed rows (text
+    ids, then every thinking token and marker), or every row of a full head."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    allowed = getattr(head, "allowed", None)
+    if allowed is not None:
+        return allowed
+    rows = getattr(model, "module", model).get_input_embeddings().weight
+    return torch.arange(rows.shape[0], device=rows.device)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., K) logits over the head's columns (`head_columns`): only those rows are computed."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    allowed = getattr(head, "allowed", None)
+    return head(hidden) if allowed is None else _rows(head, hidden, allowed)
 
 
 def restore_head(model) -> None:

@@ -107,8 +107,8 @@ class ContinuousThoughts(MarkedThoughts):
     Stops after exactly `max_thought_tokens` (or `slots`) thoughts, or (learned_stop) when the policy samples
     <eot>."""
 
-    def __init__(self, cfg, vocab, sampling):
-        super().__init__(cfg, vocab, sampling)
+    def __init__(self, cfg, vocab, sampling, columns=None):
+        super().__init__(cfg, vocab, sampling, columns)
         self.log_sigma = nn.Parameter(torch.tensor(math.log(cfg.sigma) if cfg.sigma > 0 else 0.0),
                                       requires_grad=cfg.learn_sigma)
 
@@ -152,10 +152,10 @@ class SoftThoughts(MarkedThoughts):
 
     def thought(self, logits, hidden, state, embed):
         v, cfg = self.vocab, self.cfg
-        text_logits = logits[:, : v.real_size]
-        k = cfg.soft_top_k or v.real_size
-        ids = text_logits.topk(k, dim=-1).indices  # (B, k)
-        p = self.soft_probs(logits, ids)
+        k = cfg.soft_top_k or self.n_text
+        cols = logits[:, : self.n_text].topk(k, dim=-1).indices  # (B, k) text columns
+        p = self.soft_probs(logits, cols)
+        ids = self.token_of(cols)
         if self.sampling.greedy or cfg.noise == "none":
             w = p
         elif cfg.noise == "gumbel":  # the distribution whose density soft_logprob scores
@@ -178,7 +178,9 @@ class SoftThoughts(MarkedThoughts):
         return select(stop, self.forced(eot, embed), soft), stop
 
 
-def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig) -> ThoughtMode:
+def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig,
+              columns: torch.Tensor | None = None) -> ThoughtMode:
+    """columns: the head's (`head_columns(model)` of the model the mode samples from; None = a full head)."""
     cfg.validate()
     cls = {"none": VocabThoughts, "vocab": SlotThoughts if cfg.slots else VocabThoughts,
            "single": VocabThoughts, "pause": PauseThoughts,
@@ -186,12 +188,12 @@ def make_mode(cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig
     if cfg.vocab_tokens != vocab.num_thinking or cfg.markers != vocab.markers:
         raise UserError(f"mode {cfg.mode} needs {cfg.vocab_tokens} thinking tokens (markers={cfg.markers}); "
                          f"the model's vocabulary has {vocab.num_thinking} (markers={vocab.markers})")
-    return cls(cfg, vocab, sampling)
+    return cls(cfg, vocab, sampling, columns)
 
 
 def with_sampling(mode: ThoughtMode, sampling: SamplingConfig, device) -> ThoughtMode:
     """The same mode, its learned parameters (a continuous mode's sigma) included, under other sampling
     settings: pass@k and the text measures sample at temperature 1 from a mode evaluated greedily."""
-    out = type(mode)(mode.cfg, mode.vocab, sampling).to(device)
+    out = type(mode)(mode.cfg, mode.vocab, sampling, mode.columns).to(device)
     out.load_state_dict(mode.state_dict())
     return out

@@ -204,27 +204,63 @@ class State:
 class ThoughtMode(nn.Module):
     """Shared distributions (used by both `step` and `action_logprobs`) and the discrete text step."""
 
-    def __init__(self, cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig):
+    def __init__(self, cfg: ThoughtConfig, vocab: ThinkingVocab, sampling: SamplingConfig,
+                 columns: torch.Tensor | None = None):
+        """columns: (K,) the token id of each logit column the model's head gives (`head_columns`, ascending:
+        text ids, then every thinking token and marker); None = every vocabulary id (a full head)."""
         super().__init__()
         cfg.validate()
         sampling.validate()
         self.cfg, self.vocab, self.sampling = cfg, vocab, sampling
-        cols = torch.arange(vocab.size)
-        # column masks over the expanded vocabulary, built once (the token step runs every decoding step)
-        self.register_buffer(
-            "think_cols", (cols >= vocab.real_size) & (cols < vocab.real_size + vocab.num_thinking),
-            persistent=False)
-        self.register_buffer("marker_cols", cols >= vocab.real_size + vocab.num_thinking, persistent=False)
+        cols = torch.arange(vocab.size) if columns is None else torch.as_tensor(columns).cpu()
+        if len(cols) < vocab.size - vocab.real_size or not torch.equal(
+                cols[len(cols) - (vocab.size - vocab.real_size):], torch.arange(vocab.real_size, vocab.size)):
+            raise UserError(f"the head's columns must end with every thinking token and marker (ids "
+                            f"{vocab.real_size}..{vocab.size - 1}); got {cols[-4:].tolist()}")
+        # the column layout: the n_text text columns first, then the thinking tokens, then the markers
+        self.n_text = len(cols) - (vocab.size - vocab.real_size)
+        self.think_col = self.n_text  # the column of <think0>
+        self.eot_col = None if vocab.eot_id is None else vocab.eot_id - vocab.real_size + self.n_text
+        self.full = len(cols) == vocab.size  # columns are token ids: no mapping at the edges
+        self.register_buffer("columns", cols, persistent=False)
+        k = torch.arange(len(cols))
+        # column masks, built once (the token step runs every decoding step)
+        self.register_buffer("think_cols", (k >= self.n_text) & (k < self.n_text + vocab.num_thinking),
+                             persistent=False)
+        self.register_buffer("marker_cols", k >= self.n_text + vocab.num_thinking, persistent=False)
         self.register_buffer("gumbel_tau", torch.tensor(cfg.gumbel_tau), persistent=False)
         self.warpers = [w for w in (TopKLogitsWarper(sampling.top_k) if sampling.top_k else None,
                                     TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1 else None) if w]
 
+    # ---- ids at the edges ----------------------------------------------------------------------
+    def token_of(self, col: torch.Tensor) -> torch.Tensor:
+        """Column indices -> token ids."""
+        return col if self.full else self.columns[col]
+
+    def column_of(self, token: torch.Tensor) -> torch.Tensor:
+        """Token ids (every one in the head) -> column indices. An id outside the head is an error: its
+        log-prob would be -inf."""
+        if self.full:
+            return token
+        col = torch.searchsorted(self.columns, token).clamp_max(len(self.columns) - 1)
+        outside = self.columns[col] != token
+        if outside.any():
+            raise UserError(f"token id {token[outside][0].item()} is outside the model's task head: the head "
+                            "was built from other data than these rollouts")
+        return col
+
+    def check_width(self, logits: torch.Tensor) -> None:
+        if logits.shape[-1] != len(self.columns):
+            raise UserError(f"the model's head gives {logits.shape[-1]} logit columns but this thought mode "
+                            f"was built for {len(self.columns)}: build it with make_mode(..., "
+                            "head_columns(model)) for the model it samples from")
+
     # ---- distributions -------------------------------------------------------------------------
     def token_logprobs(self, logits: torch.Tensor, allow_think: torch.Tensor,
                        keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, V) logits, (N,) bool -> (N, V) log-probs of the sampling distribution for a token step.
+        """(N, K) logits, (N,) bool -> (N, K) log-probs of the sampling distribution for a token step.
 
-        keep (N,): ids the top-k/top-p filter never removes. The recompute passes the recorded tokens: a
+        keep (N,): columns the top-k/top-p filter never removes. The recompute passes the recorded tokens: a
         logit that differs from the sampler's in the last bit can move a sampled token just past the
         filter's edge, which would make its log-prob -inf and abort the step."""
         logits = logits.float() / self.sampling.temperature
@@ -238,27 +274,30 @@ class ThoughtMode(nn.Module):
         return F.log_softmax(logits, dim=-1)
 
     def think_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, V) -> (N, num_thinking): a fixed slot's distribution, the thinking columns alone at the
+        """(N, K) -> (N, num_thinking): a fixed slot's distribution, the thinking columns alone at the
         sampling temperature (no top-k/top-p: N is small and every thinking token stays reachable)."""
-        v = self.vocab
-        return F.log_softmax(logits[:, v.think_start : v.think_start + v.num_thinking].float()
+        return F.log_softmax(logits[:, self.think_col : self.think_col + self.vocab.num_thinking].float()
                              / self.sampling.temperature, dim=-1)
 
     def text_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, V) -> (N, V_text): the plain text distribution (text columns only, temperature 1, no filter).
-        What rewards score text with, whatever the sampling settings."""
-        return F.log_softmax(logits[:, : self.vocab.real_size].float(), dim=-1)
+        """(N, K) -> (N, n_text): the plain text distribution (text columns only, temperature 1, no filter).
+        What rewards score text with, whatever the sampling settings; `text_logprob_of` reads a token's."""
+        return F.log_softmax(logits[:, : self.n_text].float(), dim=-1)
+
+    def text_logprob_of(self, text_logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """(N, n_text) `text_logprobs`, (N,) text token ids -> (N,) their log-probs."""
+        return text_logp.gather(1, self.column_of(token)[:, None])[:, 0]
 
     def stop_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned stop: (log P(<eot>), log P(not <eot>)) under the full softmax, each (N,)."""
         lse = torch.logsumexp(logits.float(), -1)
-        eot = self.vocab.eot_id
+        eot = self.eot_col
         rest = torch.cat([logits[:, :eot], logits[:, eot + 1 :]], -1).float()
         return logits[:, eot].float() - lse, torch.logsumexp(rest, -1) - lse
 
-    def soft_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Renormalised mixture distribution over the chosen ids: (N, V), (N, k) -> (N, k)."""
-        return F.softmax(logits.float().gather(-1, ids) / self.cfg.soft_temperature, dim=-1)
+    def soft_probs(self, logits: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Renormalised mixture distribution over the chosen columns: (N, K), (N, k) -> (N, k)."""
+        return F.softmax(logits.float().gather(-1, cols) / self.cfg.soft_temperature, dim=-1)
 
     def soft_logprob(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Density of the mixture weights w given the clean probabilities p, both (N, k): (N,).
@@ -283,16 +322,19 @@ class ThoughtMode(nn.Module):
                         with_entropy=False):
         """Recompute: log-prob of N recorded steps from the logits/hidden at the positions that chose them.
 
-        action, token: (N,); logits: (N, V); hidden: (N, D); vector: (N, D); soft_ids, soft_w: (N, k).
-        Differentiable in logits and hidden (and sigma when learned). with_entropy: also return (N,) entropy
-        of the token distribution at token steps (0 at vector/soft steps), for the learner's logs.
+        action, token: (N,) (token ids); logits: (N, K) over the head's columns; hidden: (N, D); vector:
+        (N, D); soft_ids, soft_w: (N, k). Differentiable in logits and hidden (and sigma when learned).
+        with_entropy: also return (N,) entropy of the token distribution at token steps (0 at vector/soft
+        steps), for the learner's logs.
         """
+        self.check_width(logits)
         out = torch.zeros(action.shape[0], device=logits.device)
         entropy = torch.zeros_like(out)
         tok = (action == Action.TEXT) | (action == Action.ANY)
         if tok.any():
-            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY, keep=token[tok])
-            out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, token[tok, None])[:, 0])
+            col = self.column_of(token[tok])
+            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY, keep=col)
+            out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, col[:, None])[:, 0])
             if with_entropy:
                 entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
         slot = action == Action.THINK
@@ -312,7 +354,7 @@ class ThoughtMode(nn.Module):
                                 accumulate=True)
         soft = action == Action.SOFT
         if soft.any():
-            p = self.soft_probs(logits[soft], soft_ids[soft])
+            p = self.soft_probs(logits[soft], self.column_of(soft_ids[soft]))
             out = out.index_put((soft.nonzero()[:, 0],), self.soft_logprob(p, soft_w[soft]))
         return (out, entropy) if with_entropy else out
 
@@ -323,10 +365,11 @@ class ThoughtMode(nn.Module):
 
     def sample_token(self, logits: torch.Tensor, allow_think: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
-        """(B, V) -> sampled ids (B,) and their log-probs (B,)."""
+        """(B, K) -> sampled token ids (B,) and their log-probs (B,)."""
+        self.check_width(logits)
         lp = self.token_logprobs(logits, allow_think)
-        tok = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
-        return tok[:, 0], lp.gather(1, tok)[:, 0]
+        col = lp.argmax(-1, keepdim=True) if self.sampling.greedy else inverse_cdf(lp.exp())
+        return self.token_of(col[:, 0]), lp.gather(1, col)[:, 0]
 
     def text_step(self, logits: torch.Tensor, embed: nn.Embedding) -> StepOut:
         """A text token sampled with the thinking tokens masked out, for every row."""
@@ -347,8 +390,10 @@ class ThoughtMode(nn.Module):
 
 
 def inverse_cdf(p: torch.Tensor) -> torch.Tensor:
-    """(N, V) probabilities -> (N, 1) sampled ids, from one uniform per row against the cumulative sum (fp64).
-    torch.multinomial draws an exponential per entry: on a CPU that was most of a decoding step at V = 50k."""
+    """(N, K) probabilities -> (N, 1) sampled columns, from one uniform per row against the cumulative sum
+    (fp64). torch.multinomial draws an exponential per entry: on a CPU that was most of a decoding step at
+    V = 50k. Columns of probability 0 add nothing to the sum, so the draw is the same over any superset of the
+    columns (a task head's K or all V) under the same uniform."""
     cdf = p.double().cumsum(-1)
     total = cdf[:, -1:]
     # the first id whose cumulative mass exceeds u * total: never a zero-probability id (u * total < total)

@@ -25,6 +25,7 @@ import ray
 import torch
 from torch import nn
 
+from thinktok.models.head import head_columns
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
@@ -73,7 +74,8 @@ class VersionedWeights:
 def policy_copy(policy_path: str, thought: ThoughtConfig, sampling: SamplingConfig, device: str):
     """(model in eval mode, thought mode) on `device`, from the run's initial policy."""
     policy = load_policy(policy_path, thought.vocab_tokens, thought.markers)
-    return policy.model.to(device).eval(), make_mode(thought, policy.vocab, sampling).to(device)
+    mode = make_mode(thought, policy.vocab, sampling, head_columns(policy.model))
+    return policy.model.to(device).eval(), mode.to(device)
 
 
 class RolloutWorker:

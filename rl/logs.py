@@ -14,7 +14,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from thinktok.analysis.evaluate import evaluate_policy
 from thinktok.analysis.render import to_html, to_json, to_jsonl
-from thinktok.models.thought_modes import make_mode
+from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import SamplingConfig
 
 from .config import TrainConfig
@@ -73,10 +73,9 @@ class RunLogger(TrainerCallback):
     def evaluate_sequential(self, step: int, model: nn.Module) -> tuple[dict, list[dict]]:
         """Greedy accuracy on validation prompts, with the controls, and sampled rollouts."""
         mode = self.extra_modules["mode"]
-        greedy = make_mode(self.cfg.thought, self.policy.vocab,
-                           SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}))
-        greedy.load_state_dict(mode.state_dict())
-        result = evaluate_policy(self.policy, greedy.to(model.device), self.task, "validation",
+        greedy = with_sampling(mode, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}),
+                               model.device)
+        result = evaluate_policy(self.policy, greedy, self.task, "validation",
                                  limit=self.cfg.eval_examples)
         rows = list(self.task.dataset["validation"])[: self.cfg.samples_per_eval]
         rollouts = sample(model, mode, [self.policy.tokenizer(r["prompt"]).input_ids for r in rows],

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from thinktok.errors import UserError
+from thinktok.models.head import head_logits
 from thinktok.models.thoughts import Action, StepOut, ThoughtMode
 
 if TYPE_CHECKING:  # transformers' modeling module imports torch._dynamo, and with it Triton
@@ -153,7 +154,7 @@ def sample(
     model.eval()
     device = model.device
     embed: nn.Embedding = model.get_input_embeddings()
-    base, head = model.base_model, model.get_output_embeddings()
+    base = model.base_model
     kv = cache_kwarg(base)
     vocab, sampling = mode.vocab, mode.sampling
     check_ids(prompts, vocab.size)
@@ -172,7 +173,7 @@ def sample(
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         n_real = torch.zeros(batch, dtype=torch.long, device=device)
         for _ in range(sampling.max_new_tokens + mode.max_thought_steps(sampling.max_new_tokens)):
-            out = mode.step(head(hidden), hidden, state, embed)
+            out = mode.step(head_logits(model, hidden), hidden, state, embed)
             steps.append(out)
             alive.append(~done)
             real = (out.token >= 0) & (out.token < vocab.real_size)
@@ -250,17 +251,20 @@ def step_inputs(r: Rollout, embed: nn.Embedding) -> torch.Tensor:
 class Recomputed(NamedTuple):
     logprob: torch.Tensor  # (B, S_max) per-step log-probs, 0 past each rollout's end
     valid: torch.Tensor  # (B, S_max) bool
-    entropy: torch.Tensor  # (B, S_max) entropy of the token distribution at token steps, 0 elsewhere
+    entropy: torch.Tensor | None  # (B, S_max) entropy of the token distribution at token steps, 0 elsewhere
     hidden: torch.Tensor  # (B, S_max, D) last hidden state at the position that chose each step
-    # with text=True: (N_text, V_text) log-softmax of the plain text distribution (temperature 1, no filter)
-    # at every text step, rollouts in order (what rewards and the KL term read); else None
+    # with text=True: (N_text, n_text) log-softmax of the plain text distribution (temperature 1, no filter,
+    # over the head's text columns) at every text step, rollouts in order (what rewards and the KL term
+    # read; `own_text_logprobs` picks each rollout's tokens); else None
     text_logp: torch.Tensor | None = None
 
 
 def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout],
-                       text: bool = False) -> Recomputed:
+                       text: bool = False, entropy: bool = True) -> Recomputed:
     """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs. Differentiable:
-    this is what the learner trains on. `model` may be a DDP/accelerate wrapper: its forward is called."""
+    this is what the learner trains on. `model` may be a DDP/accelerate wrapper: its forward is called (so
+    that a data-parallel backward reduces), for the last hidden state only; the head then runs at the
+    positions that chose a step, over its own columns."""
     core = model.module if hasattr(model, "module") else model
     device = core.device
     embed = core.get_input_embeddings()
@@ -268,11 +272,13 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
                        step_inputs(r, embed)[:-1]]) for r in rollouts]
     inputs = pad_sequence(seqs, batch_first=True)  # (B, W, D), right-padded: true positions as sampled
     mask = pad_sequence([torch.ones(len(s), dtype=torch.long, device=device) for s in seqs], batch_first=True)
-    out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True)
+    # logits_to_keep=1: the LM head's own (full-width) logits at one position only; ours come from `h`
+    out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     # the position that chose step s of rollout b is P_b - 1 + s
     rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)
     cols = torch.cat([len(r.prompt_ids) - 1 + torch.arange(r.num_steps) for r in rollouts]).to(device)
-    h, logits = out.hidden_states[-1][rows, cols], out.logits[rows, cols]  # (N, D), (N, V)
+    h = out.hidden_states[-1][rows, cols]  # (N, D)
+    logits = head_logits(core, h)  # (N, K)
 
     def cat(name):  # one field of every rollout, concatenated over steps
         if getattr(rollouts[0], name) is None:
@@ -280,7 +286,9 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
         return torch.cat([getattr(r, name) for r in rollouts]).to(device)
 
     lp, ent = mode.action_logprobs(cat("action"), cat("token"), logits, h, cat("vector"), cat("soft_ids"),
-                                   cat("soft_w"), with_entropy=True)
+                                   cat("soft_w"), with_entropy=True) if entropy else (
+        mode.action_logprobs(cat("action"), cat("token"), logits, h, cat("vector"), cat("soft_ids"),
+                             cat("soft_w")), None)
     steps = max(r.num_steps for r in rollouts)
     step_idx = torch.cat([torch.arange(r.num_steps) for r in rollouts]).to(device)
 
@@ -289,14 +297,16 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
             (rows, step_idx), x)
 
     text_logp = mode.text_logprobs(logits[cat("is_real")]) if text else None
-    return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)), grid(ent), grid(h), text_logp)
+    return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)),
+                      None if ent is None else grid(ent), grid(h), text_logp)
 
 
-def own_text_logprobs(text_logp: torch.Tensor, rollouts: list[Rollout]) -> list[torch.Tensor]:
+def own_text_logprobs(mode: ThoughtMode, text_logp: torch.Tensor,
+                      rollouts: list[Rollout]) -> list[torch.Tensor]:
     """A recompute's text log-probs (`Recomputed.text_logp`) -> log pi_text of each rollout's own text tokens:
     one (num_real,) tensor per rollout, on text_logp's device, differentiable when it is."""
     ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(text_logp.device)
-    return list(text_logp.gather(1, ids[:, None])[:, 0].split([r.num_real for r in rollouts]))
+    return list(mode.text_logprob_of(text_logp, ids).split([r.num_real for r in rollouts]))
 
 
 def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode,
@@ -304,8 +314,8 @@ def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode,
     """log pi(y_t | x, y_<t, thoughts) of each rollout's text tokens under the plain text distribution (text
     columns renormalised, temperature 1, no top-k/top-p): one (num_real,) CPU tensor per rollout."""
     with torch.no_grad():
-        text_logp = recompute_logprobs(model, mode, rollouts, text=True).text_logp
-    return [lp.cpu() for lp in own_text_logprobs(text_logp, rollouts)]
+        text_logp = recompute_logprobs(model, mode, rollouts, text=True, entropy=False).text_logp
+    return [lp.cpu() for lp in own_text_logprobs(mode, text_logp, rollouts)]
 
 
 def gold_answer_loglik(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout], gold: list,
@@ -315,5 +325,5 @@ def gold_answer_loglik(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     layout of `with_gold`, under the plain text distribution. The one scoring of the gold answer: the
     gold_loglik and thought_gain rewards (under no_grad) and the learner's latent term (differentiable)."""
     forced = [with_gold(r, torch.as_tensor(g), mode.cfg.every, thoughts) for r, g in zip(rollouts, gold)]
-    text_logp = recompute_logprobs(model, mode, forced, text=True).text_logp
-    return torch.stack([lp.mean() for lp in own_text_logprobs(text_logp, forced)])
+    text_logp = recompute_logprobs(model, mode, forced, text=True, entropy=False).text_logp
+    return torch.stack([lp.mean() for lp in own_text_logprobs(mode, text_logp, forced)])

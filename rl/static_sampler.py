@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from thinktok.models.head import head_logits
 from thinktok.models.thought_modes import ContinuousThoughts, SoftThoughts
 from thinktok.models.thoughts import State, ThoughtMode
 
@@ -106,7 +107,7 @@ class StaticSampler:
         if isinstance(mode, ContinuousThoughts):
             records["vector"] = z(batch, steps, dim, dtype=torch.float32)
         if isinstance(mode, SoftThoughts):
-            k = mode.cfg.soft_top_k or mode.vocab.real_size
+            k = mode.cfg.soft_top_k or mode.n_text
             records |= {"soft_ids": z(batch, steps, k), "soft_w": z(batch, steps, k, dtype=torch.float32)}
         slot = z(1)
         b = DecodeBuffers(z(batch, dim, dtype=model.dtype), z(batch), z(batch), z(batch),
@@ -124,8 +125,7 @@ class StaticSampler:
         embedding at cache slot `b.slot` and keep the new last hidden state."""
         model, mode, vocab, sampling = self.model, self.mode, self.mode.vocab, self.mode.sampling
         state = State(b.n_thought.clone(), b.phase.clone(), b.run.clone())
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        out = mode.step(head(b.hidden), b.hidden, state, embed)
+        out = mode.step(head_logits(model, b.hidden), b.hidden, state, model.get_input_embeddings())
         for name, rec in b.records.items():
             rec.index_copy_(1, b.step, getattr(out, name).to(rec.dtype).unsqueeze(1))
         b.alive.index_copy_(1, b.step, ~b.done[:, None])

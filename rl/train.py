@@ -27,6 +27,7 @@ from thinktok.checkpoint import RunTrainer, atomic_save, find_checkpoint, load_e
 from thinktok.config import save_config
 from thinktok.envs import load_task
 from thinktok.errors import UserError
+from thinktok.models.head import head_columns
 from thinktok.models.policy import freeze_rows, load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.sft import WallClock, ensure_checkpoint
@@ -136,7 +137,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     # data and the rollout path
     task = load_task(cfg.task)
     path = PATHS[cfg.rollout](cfg, policy, task, str(init_dir), teacher)
-    extra = {"mode": make_mode(thought, policy.vocab, cfg.sampling), **path.extra_modules}
+    extra = {"mode": make_mode(thought, policy.vocab, cfg.sampling, head_columns(policy.model)),
+             **path.extra_modules}
     if rl.algo == "ppo":
         extra["value_head"] = value_head(policy.model.config.hidden_size)
     # workers

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from thinktok.envs import TaskConfig, load_task
 from thinktok.errors import UserError
-from thinktok.models.head import head_name, labelled_logits, restrict_head, task_text_ids
+from thinktok.models.head import head_columns, head_name, labelled_logits, restrict_head, task_text_ids
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thought_modes import make_mode
@@ -79,7 +79,7 @@ def test_sft_loss_is_the_restricted_cross_entropy():
 def test_sampler_and_recompute_use_the_restricted_distribution(static):
     policy, task = task_policy()
     mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=8, slots=2), policy.vocab,
-                     SamplingConfig(max_new_tokens=6))
+                     SamplingConfig(max_new_tokens=6), head_columns(policy.model))
     prompts = [policy.tokenizer(r["prompt"]).input_ids for r in task.dataset["test"]]
     rollouts = sample(policy.model, mode, prompts, seed=1, static=static)
     allowed = set(policy.model.config.thinktok_head["text_ids"]) | set(range(policy.vocab.real_size,

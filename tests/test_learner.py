@@ -317,7 +317,7 @@ def test_one_teacher_kl_update_moves_the_policy_toward_the_teacher(tmp_path):
     """Seed 004's reward: one GRPO update on single-token rollouts rewarded by teacher_kl lowers the exact
     KL(pi || q) of the first token. Both heads are restricted to eight text tokens, the teacher made sharp
     (its final norm x20), so KL starts at ~5.6 nats; a flipped reward raises it (checked: 5.6 -> 8.6)."""
-    from thinktok.models.head import restrict_head
+    from thinktok.models.head import head_columns, restrict_head
     from thinktok.models.teacher import Teacher
     from thinktok.rl.rewards import RewardConfig, RewardModel
 
@@ -325,7 +325,7 @@ def test_one_teacher_kl_update_moves_the_policy_toward_the_teacher(tmp_path):
     policy, _ = policy_and_mode(dict(mode="none", num_thinking=0))
     restrict_head(policy.model, ids, policy.vocab.real_size)
     mode = make_mode(ThoughtConfig(mode="none", num_thinking=0), policy.vocab,
-                     SamplingConfig(max_new_tokens=1, stop_at_eos=False))
+                     SamplingConfig(max_new_tokens=1, stop_at_eos=False), head_columns(policy.model))
     teacher = load_policy("tiny", 0, False, seed=1).model
     restrict_head(teacher, ids, policy.vocab.real_size)
     with torch.no_grad():

@@ -174,6 +174,7 @@ def run_sample(a) -> None:
     from rich.console import Console
 
     from thinktok.analysis.render import to_html, to_json, to_jsonl, to_rich
+    from thinktok.models.head import head_columns
     from thinktok.models.policy import load_policy
     from thinktok.models.thought_modes import make_mode
     from thinktok.models.thoughts import SamplingConfig
@@ -191,7 +192,7 @@ def run_sample(a) -> None:
     sampling.validate()
     policy = load_policy(model_path, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
     model = policy.model.to(a.device)
-    mode = make_mode(cfg, policy.vocab, sampling).to(a.device)
+    mode = make_mode(cfg, policy.vocab, sampling, head_columns(model)).to(a.device)
     texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
     if parallel:
         records = [sample_window(model, mode, policy.tokenizer, t, cfg.max_thought_tokens, a.seed + i)

@@ -189,6 +189,7 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
     from thinktok.analysis.evaluate import evaluate, evaluate_policy, evaluate_text
     from thinktok.checkpoint import load_run_info
     from thinktok.envs import load_task
+    from thinktok.models.head import head_columns
     from thinktok.models.policy import load_policy
     from thinktok.models.thought_modes import make_mode
     from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
@@ -197,7 +198,7 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
         task_cfg = load_run_info(init)[0]
         thought = load_config(ThoughtConfig, None, list(arm.overrides))
         policy = load_policy(init, thought.vocab_tokens, thought.markers, init=thought.init, seed=seed)
-        mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True))
+        mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True), head_columns(policy.model))
         if task_cfg.name == "text":  # e.g. fresh thinking rows on a text checkpoint: the before-RL baseline
             result = evaluate_text(policy, mode, load_task(task_cfg), cfg.split, cfg.teacher, cfg.eval_limit)
         else:
