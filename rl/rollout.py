@@ -248,6 +248,38 @@ def step_inputs(r: Rollout, embed: nn.Embedding) -> torch.Tensor:
     return out
 
 
+def recompute_inputs(rollouts: list[Rollout], embed: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the recompute feeds: (B, W, D) input embeddings, each rollout's prompt then every step's input
+    but the last, right-padded (true positions as sampled), and the (B, W) attention mask. One embedding
+    lookup for the batch (and one for soft mixtures): each lookup's backward writes a dense (V, D) gradient,
+    and one per rollout cost more than the rest of the step."""
+    device, dtype = embed.weight.device, embed.weight.dtype
+
+    def padded(parts):  # per rollout: (prompt part, step part) -> (B, W, ...) right-padded with zeros
+        return pad_sequence([torch.cat([a, b]) for a, b in parts], batch_first=True).to(device)
+
+    ids = padded([(torch.tensor(r.prompt_ids), r.token[:-1].clamp_min(0)) for r in rollouts])  # (B, W)
+    mask = padded([(torch.ones(len(r.prompt_ids), dtype=torch.long),
+                    torch.ones(r.num_steps - 1, dtype=torch.long)) for r in rollouts])
+    inputs = embed(ids)
+
+    def at_steps(action: Action) -> torch.Tensor:  # (B, W) bool: positions fed by steps of `action`
+        return padded([(torch.zeros(len(r.prompt_ids), dtype=torch.bool), r.action[:-1] == action)
+                       for r in rollouts])
+
+    if rollouts[0].vector is not None:
+        vec = padded([(torch.zeros(len(r.prompt_ids), r.vector.shape[1]), r.vector[:-1]) for r in rollouts])
+        inputs = torch.where(at_steps(Action.VECTOR)[..., None], vec.to(dtype), inputs)
+    if rollouts[0].soft_ids is not None:
+        k = rollouts[0].soft_ids.shape[1]
+        soft_ids = padded([(torch.zeros(len(r.prompt_ids), k, dtype=torch.long), r.soft_ids[:-1])
+                           for r in rollouts])
+        soft_w = padded([(torch.zeros(len(r.prompt_ids), k), r.soft_w[:-1]) for r in rollouts])
+        mix = torch.einsum("bwk,bwkd->bwd", soft_w, embed(soft_ids).float()).to(dtype)
+        inputs = torch.where(at_steps(Action.SOFT)[..., None], mix, inputs)
+    return inputs, mask
+
+
 class Recomputed(NamedTuple):
     logprob: torch.Tensor  # (B, S_max) per-step log-probs, 0 past each rollout's end
     valid: torch.Tensor  # (B, S_max) bool
@@ -267,11 +299,7 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     positions that chose a step, over its own columns."""
     core = model.module if hasattr(model, "module") else model
     device = core.device
-    embed = core.get_input_embeddings()
-    seqs = [torch.cat([embed(torch.tensor(r.prompt_ids, device=device)),
-                       step_inputs(r, embed)[:-1]]) for r in rollouts]
-    inputs = pad_sequence(seqs, batch_first=True)  # (B, W, D), right-padded: true positions as sampled
-    mask = pad_sequence([torch.ones(len(s), dtype=torch.long, device=device) for s in seqs], batch_first=True)
+    inputs, mask = recompute_inputs(rollouts, core.get_input_embeddings())
     # logits_to_keep=1: the LM head's own (full-width) logits at one position only; ours come from `h`
     out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
     # the position that chose step s of rollout b is P_b - 1 + s
