@@ -65,9 +65,11 @@ class VersionedWeights:
     def load(self, weights: list, version: int) -> None:
         """weights: [ObjectRef] of {name: state dict}, wrapped in a list so Ray fetches it only when stale."""
         if self.modules and version != self.version:  # a worker without policy modules fetches nothing
-            state = weights[0] if isinstance(weights[0], SharedWeights) else ray.get(weights[0])
+            shared = isinstance(weights[0], SharedWeights)
+            state = weights[0] if shared else ray.get(weights[0])
             for name, module in self.modules.items():
-                module.load_state_dict(state[name])
+                # inline: the module takes the learner's tensors themselves (assign), nothing is copied
+                module.load_state_dict(state[name], assign=shared)
             self.version = version
 
 
@@ -214,19 +216,23 @@ class InlineWorker:
 
 
 class SharedWeights(dict):
-    """Published weights for inline workers: {name: state dict}, read-only by contract, so a deep copy of a
-    call's arguments shares them (their load copies them). On a CPU learner they alias its parameters, which
-    hold still while they are read: inline calls return before the optimizer step."""
+    """Published weights for inline workers: {name: state dict} of the learner's own tensors, read-only by
+    contract, so a deep copy of a call's arguments shares them and a worker's load assigns them to its
+    modules without a copy. They hold still while they are read: inline calls return before the optimizer
+    step, and the next version is published (and assigned) again."""
 
     def __deepcopy__(self, memo):
         return self
 
 
-def put_weights(workers: Workers, state: dict) -> list:
-    """A weight version for `VersionedWeights.load`, wrapped in a list so an actor fetches it only when
-    stale: an ObjectRef in Ray's store, or the state itself for inline workers."""
-    inline = any(isinstance(w, InlineWorker) for w in workers.rollout + workers.reward)
-    return [SharedWeights(state) if inline else ray.put(state)]
+def put_weights(workers: Workers, modules: dict[str, nn.Module]) -> list:
+    """A weight version of `modules` for `VersionedWeights.load`, wrapped in a list so an actor fetches it
+    only when stale: CPU copies in Ray's object store (put once, however many actors read it), or the
+    modules' own tensors for inline workers."""
+    if any(isinstance(w, InlineWorker) for w in workers.rollout + workers.reward):
+        return [SharedWeights({name: m.state_dict() for name, m in modules.items()})]
+    return [ray.put({name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                     for name, m in modules.items()})]
 
 
 def get(futures: list) -> list:

@@ -10,8 +10,9 @@ from torch import nn
 
 from thinktok.models.thoughts import Action
 
-from .learner import RecomputeBatch, ThoughtGRPOTrainer, pad_to
-from .rollout import recompute_logprobs
+from .learner import ThoughtGRPOTrainer
+from .rollout import Recomputed
+from .step import Batch, padded
 
 
 def value_head(hidden_size: int) -> nn.Linear:
@@ -44,28 +45,26 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.value_head = self.extra_modules["value_head"]
 
-    def set_advantages(self, inputs: list[dict], out: dict) -> None:
-        """out["advantages"]: GAE over the per-step rewards, whitened over action steps; out["returns"]."""
-        rollouts = out["rollout"]
-        with torch.no_grad():
-            rec = recompute_logprobs(self.model, self.thought_mode, rollouts)
-            values = self.value_head(rec.hidden.float())[..., 0]  # (B, S)
-        rewards = torch.zeros_like(values)
-        for i, r in enumerate(x["per_step"] for x in inputs):
-            rewards[i, : len(r)] = r.to(values.device)
-        adv, returns = gae(rewards, values, rec.valid, self.gamma, self.lam)
-        action = rec.valid.clone()
-        for i, r in enumerate(rollouts):
-            action[i, : r.num_steps] &= (r.action != Action.FORCED).to(action.device)
-        mean, std = adv[action].mean(), adv[action].std().clamp_min(1e-6)  # whitened over action steps
-        width = out["completion_ids"].shape[1]
-        out["advantages"] = pad_to((adv - mean) / std * action, width)
-        out["returns"] = pad_to(returns, width)
+    def values(self, rec: Recomputed) -> torch.Tensor:
+        """(B, S) V(h) at the positions that chose each step, differentiable in the value head only."""
+        return self.value_head(rec.hidden.detach().float())[..., 0]
 
-    def extra_loss(self, batch: RecomputeBatch, inputs: dict) -> torch.Tensor:
-        rec = batch.recomputed
-        values = self.value_head(rec.hidden.detach().float())[..., 0]
-        returns = inputs["returns"][:, : values.shape[1]]
-        value_loss = ((values - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
+    def returns(self, batch: Batch, rec: Recomputed) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE over the per-step rewards against the current values: (B, S) advantages and returns."""
+        with torch.no_grad():
+            values = self.values(rec)
+        rewards = padded(batch.per_step).to(values.device)
+        return gae(rewards, values, rec.valid, self.gamma, self.lam)
+
+    def advantages(self, batch: Batch, rec: Recomputed) -> torch.Tensor:
+        """(B, S): GAE, whitened over the action steps (forced steps get 0)."""
+        adv, _ = self.returns(batch, rec)
+        action = padded([r.action != Action.FORCED for r in batch.rollouts]).to(adv.device) & rec.valid
+        mean, std = adv[action].mean(), adv[action].std().clamp_min(1e-6)
+        return (adv - mean) / std * action
+
+    def extra_loss(self, model, rec: Recomputed, batch: Batch) -> torch.Tensor:
+        _, returns = self.returns(batch, rec)
+        value_loss = ((self.values(rec) - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
         self.log_metric("value_loss", value_loss.item())
-        return super().extra_loss(batch, inputs) + self.vf_coef * 0.5 * value_loss
+        return super().extra_loss(model, rec, batch) + self.vf_coef * 0.5 * value_loss

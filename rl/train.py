@@ -34,10 +34,11 @@ from thinktok.sft import WallClock, ensure_checkpoint
 
 from .actors import sequential_workers, start_workers, stop_workers
 from .config import TrainConfig
-from .learner import RayRollouts, ThoughtGRPOTrainer, check_trl, rollout_reward
+from .learner import ThoughtGRPOTrainer, check_trl
 from .logs import RewardProgress, RunLogger, truncate_after
 from .ppo import ThoughtPPOTrainer, value_head
 from .rewards import gold_answer
+from .step import Collector
 
 
 class GRPORun(RunTrainer, ThoughtGRPOTrainer):
@@ -54,7 +55,7 @@ class RolloutPath:
 
     prompts: dict  # TRL's prompt strings -> task rows (sequential) or window token ids (parallel)
     workers: tuple  # (rollout, reward) worker classes and arguments, for start_workers
-    rollout_func: partial  # takes the started workers
+    collector: partial  # stages 1-3 of the step (rl/step.py); takes the started workers
     trainer: type
     trainer_kwargs: dict
     extra_modules: dict[str, nn.Module]  # beside the thought mode (a mixing head)
@@ -70,8 +71,8 @@ def sequential_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str 
     trainer, kwargs = (PPORun, dict(gamma=cfg.rl.gamma, lam=cfg.rl.lam, vf_coef=cfg.rl.vf_coef)) \
         if cfg.rl.algo == "ppo" else (GRPORun, {})
     return RolloutPath(prompts, workers,
-                       partial(RayRollouts, tokenizer=policy.tokenizer, rows_by_prompt=prompts,
-                                                 seed=cfg.seed, gold_by_prompt=gold),
+                       partial(Collector, tokenizer=policy.tokenizer, rows_by_prompt=prompts, seed=cfg.seed,
+                               gold_by_prompt=gold),
                        trainer, {**kwargs, "kl_coef": cfg.rl.beta, "latent_coef": cfg.rl.latent_coef}, {},
                        cfg.sampling.max_new_tokens + cfg.thought.budget + 2)
 
@@ -80,7 +81,7 @@ def parallel_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str | 
     from thinktok.models.parallel_gpt2 import MixingHead
 
     from .parallel.actors import parallel_workers
-    from .parallel.learner import ParallelRollouts, ParallelRun
+    from .parallel.learner import ParallelCollector, ParallelRun
     from .parallel.rollout import task_windows
 
     p = cfg.parallel
@@ -88,7 +89,7 @@ def parallel_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str | 
     prompts = {f"window {i}": w for i, w in enumerate(windows["train"])}
     heads = {"mixing_head": MixingHead(policy.model.config.hidden_size)} if p.mixing_head else {}
     return RolloutPath(prompts, parallel_workers(init_dir, teacher, cfg.thought, cfg.sampling, p),
-                       partial(ParallelRollouts, windows_by_prompt=prompts, cfg=p, seed=cfg.seed),
+                       partial(ParallelCollector, windows_by_prompt=prompts, cfg=p, seed=cfg.seed),
                        ParallelRun, {"parallel": p}, heads, p.num_real * p.thought_len, windows["validation"])
 
 
@@ -145,7 +146,6 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     workers = start_workers(cfg.ray, *path.workers)
     # the learner
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental: we pin trl for it
     if not cfg.ray.verbose:  # TRL 1.16 calls transformers APIs that 5.x deprecates: not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = GRPOConfig(
@@ -162,9 +162,8 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     kl_ref = load_policy(str(init_dir), thought.vocab_tokens, thought.markers).model if rl.beta else None
     logger = RunLogger(cfg, extra, policy, task, path.val_windows)
     trainer = path.trainer(
-        model=policy.model, reward_funcs=[rollout_reward], args=args, processing_class=policy.tokenizer,
-        train_dataset=Dataset.from_dict({"prompt": list(path.prompts)}),
-        rollout_func=path.rollout_func(workers),
+        model=policy.model, args=args, processing_class=policy.tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": list(path.prompts)}), collector=path.collector(workers),
         callbacks=[WallClock(rl.max_seconds), logger], extra_modules=extra, algo=rl.algo, kl_ref=kl_ref,
         run_cfg=cfg, vocab=policy.vocab, init_rows=policy.init_rows, **path.trainer_kwargs)
     trainer.remove_callback(ProgressCallback)

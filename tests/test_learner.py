@@ -6,7 +6,7 @@ the KL is over text steps only; extra parameters are clipped; the mode sits on t
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from conftest import boost_thinking
 from thinktok.errors import UserError
@@ -14,9 +14,10 @@ from thinktok.models.policy import load_policy
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
 from thinktok.rl.advantages import group_advantages
-from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, rollout_reward
+from thinktok.rl.learner import ThoughtGRPOTrainer
 from thinktok.rl.ppo import ThoughtPPOTrainer, value_head
 from thinktok.rl.rollout import recompute_logprobs, sample
+from thinktok.rl.step import Batch, Collector, padded
 
 PROMPTS = {"p0": [1105, 1635, 4974, 796], "p1": [15496]}
 
@@ -34,23 +35,20 @@ GOLD = {"p0": [1065, 2078], "p1": [11, 995]}  # answers for the latent term
 
 def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0,
                   latent_coef=0.0, **grpo_args):
-    """The real trainer classes with a local rollout_func: sample here, `reward(rollout)` at the last step.
+    """The real trainer classes with a local collector: sample here, `reward(rollout)` at the last step.
     grpo_args: GRPOConfig fields over the defaults below."""
 
-    def rollout_func(prompts, trainer):
-        rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=trainer.state.global_step)
-        trainer.model.train()  # sample() leaves the model in eval mode; the Ray path samples on copies
+    def collector(prompts, trainer, version):
+        rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=version)
         per_step = []
         for r in rollouts:
             steps = torch.zeros(r.num_steps)
             steps[-1] = reward(r)
             per_step.append(steps)
-        return {"prompt_ids": [r.prompt_ids for r in rollouts],
-                "completion_ids": [r.token.clamp_min(0).tolist() for r in rollouts],
-                "logprobs": [r.logprob.tolist() for r in rollouts],
-                "env_mask": [(r.action != Action.FORCED).long().tolist() for r in rollouts],
-                "reward": [float(s.sum()) for s in per_step],
-                "rollout": rollouts, "per_step": per_step, "gold": [GOLD[p] for p in prompts]}
+        return Batch(rollouts, torch.stack([s.sum() for s in per_step]),
+                     padded([r.logprob for r in rollouts]),
+                     padded([(r.action != Action.FORCED).long() for r in rollouts]), per_step,
+                     [GOLD[p] for p in prompts])
 
     defaults = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
                     per_device_train_batch_size=len(PROMPTS) * group, num_generations=group, max_steps=1,
@@ -62,9 +60,8 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
     modules = {"mode": mode,
                **({"value_head": value_head(policy.model.config.hidden_size)} if algo == "ppo" else {})}
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
-    return cls(model=policy.model, reward_funcs=[rollout_reward], args=args,
-               processing_class=policy.tokenizer,
-               train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), rollout_func=rollout_func,
+    return cls(model=policy.model, args=args, processing_class=policy.tokenizer,
+               train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), collector=collector,
                extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
 
 
@@ -79,19 +76,24 @@ def p_think_first(policy) -> float:
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_advantages_are_the_shared_group_advantages(tmp_path, algo):
     """The learner's advantages are `group_advantages` of the rollouts' rewards (as `thinktok signal`
-    computes them): TRL's own for grpo, TRL's unscaled times G/(G-1) (leave-one-out) for rloo."""
+    computes them), and by hand: grpo (r - group mean) / (group std + 1e-4) as TRL's scale_rewards="group",
+    rloo r_i minus the mean of the group's other rewards."""
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size) + r.num_steps,
                             algo=algo)
-    def batch():  # TRL's order: each prompt's group in turn
-        return [{"prompt": p} for p in PROMPTS for _ in range(8)]
-
-    inputs = batch()
-    ours = trainer._generate_and_score_completions(inputs)["advantages"]
-    rewards = torch.tensor([x["reward"] for x in inputs])
+    prompts = [p for p in PROMPTS for _ in range(8)]  # TRL's order: each prompt's group in turn
+    batch = trainer.collector(prompts, trainer, 0)
+    ours = trainer.advantages(batch, None)
+    rewards = batch.reward
     assert rewards.std() > 0 and torch.allclose(ours, group_advantages(rewards, 8, algo))
-    trl = GRPOTrainer._generate_and_score_completions(trainer, batch())  # the same rollouts: same step seed
-    assert torch.allclose(ours, trl["advantages"] * (8 / 7 if algo == "rloo" else 1), atol=1e-6)
+    hand = []
+    for g in rewards.reshape(2, 8).tolist():
+        for i, r in enumerate(g):
+            others = [x for j, x in enumerate(g) if j != i]
+            mean = sum(g) / 8
+            std = (sum((x - mean) ** 2 for x in g) / 7) ** 0.5
+            hand.append(r - sum(others) / 7 if algo == "rloo" else (r - mean) / (std + 1e-4))
+    assert torch.allclose(ours, torch.tensor(hand), atol=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
@@ -100,9 +102,9 @@ def test_one_update_makes_the_better_discrete_action_likelier(tmp_path, algo):
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
     before = p_think_first(policy)
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size), algo=algo)
-    rollouts = trainer.rollout_func(list(PROMPTS) * 8, trainer)
+    batch = trainer.collector(list(PROMPTS) * 8, trainer, 0)
     # both actions sampled: the group baseline has something to compare
-    assert 0 < sum(rollouts["reward"]) < 16
+    assert 0 < batch.reward.sum() < 16
     trainer.train()
     assert p_think_first(policy) > before + 0.01, (before, p_think_first(policy))
 
@@ -150,21 +152,23 @@ def test_one_update_moves_continuous_thoughts_toward_the_rewarded_direction(tmp_
     assert first_thought_mean(policy, u) > before + 0.01, (before, first_thought_mean(policy, u))
 
 
-def generated_batch(trainer):
-    """One generation batch through TRL's own pipeline (advantages, masks, sampler log-probs), train mode."""
+def step_loss(trainer, batch):
+    """Stages 4-6 of rl_step on a collected batch: the loss, before its backward."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
-    return trainer._generate_and_score_completions([{"prompt": p} for p in list(PROMPTS) * 8])
+    rec = trainer.recompute(trainer.model, batch)
+    return trainer.objective(rec, trainer.advantages(batch, rec), batch)
 
 
-def hand_loss(trainer, inputs, old_shift: float, eps: float = 0.2) -> torch.Tensor:
+def hand_loss(trainer, batch, old_shift: float, eps: float = 0.2) -> torch.Tensor:
     """TRL's clipped surrogate (loss_type dapo) over the action steps, written out: the behaviour log-probs
     are the sampler's, shifted by old_shift; forced steps take no part, in the sum or in the normaliser."""
-    rollouts = inputs["rollout"]
+    rollouts = batch.rollouts
     lp = recompute_logprobs(trainer.model, trainer.thought_mode, rollouts).logprob
+    advantages = group_advantages(batch.reward, 8, "grpo")
     total, count = 0.0, 0
     for b, r in enumerate(rollouts):
-        a = inputs["advantages"][b]
+        a = advantages[b]
         for s in range(r.num_steps):
             if r.action[s] == Action.FORCED:
                 continue
@@ -183,24 +187,23 @@ def test_stale_batch_is_corrected_against_the_sampler(tmp_path):
     clip acts. Forced (pause) steps carry nothing: garbage behaviour log-probs there change nothing."""
     policy, mode = policy_and_mode(dict(mode="pause", num_thinking=1, num_pause=2))
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.real_ids[0] % 5))
-    inputs = generated_batch(trainer)
-    assert inputs["advantages"].abs().sum() > 0
-    fresh = trainer._compute_loss(trainer.model, inputs)
+    batch = trainer.collector(list(PROMPTS) * 8, trainer, 0)
+    assert group_advantages(batch.reward, 8, "grpo").abs().sum() > 0
+    fresh = step_loss(trainer, batch)
     assert trainer._metrics["train"]["logprob_mismatch"][-1] < 1e-4  # on-policy: sampler == learner
-    assert fresh.item() == pytest.approx(hand_loss(trainer, inputs, 0.0).item(), abs=1e-5)
+    assert fresh.item() == pytest.approx(hand_loss(trainer, batch, 0.0).item(), abs=1e-5)
 
-    stale = dict(inputs)
-    action = inputs["tool_mask"].bool()
-    stale["sampling_per_token_logps"] = torch.where(action, inputs["sampling_per_token_logps"] - 1.0, -7.0)
+    action = batch.mask.bool()
+    stale = Batch(**{**vars(batch), "sampled": torch.where(action, batch.sampled - 1.0, -7.0)})
     trainer.model.zero_grad()
-    loss = trainer._compute_loss(trainer.model, stale)
+    loss = step_loss(trainer, stale)
     assert trainer._metrics["train"]["logprob_mismatch"][-1] == pytest.approx(1.0, abs=1e-4)
-    assert loss.item() == pytest.approx(hand_loss(trainer, inputs, -1.0).item(), abs=1e-5)
+    assert loss.item() == pytest.approx(hand_loss(trainer, batch, -1.0).item(), abs=1e-5)
     assert abs(loss.item() - fresh.item()) > 1e-3
     loss.backward()
     ours = grads(trainer.model)
     trainer.model.zero_grad()
-    hand_loss(trainer, inputs, -1.0).backward()
+    hand_loss(trainer, batch, -1.0).backward()
     assert torch.allclose(ours, grads(trainer.model), atol=1e-6)
 
 
@@ -211,9 +214,7 @@ def test_text_kl_is_exact_over_text_steps_only(tmp_path):
     trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, kl_ref=ref, kl_coef=0.1)
     rollouts = sample(policy.model, mode, list(PROMPTS.values()) * 4, seed=1)
     assert sum(r.num_thought for r in rollouts) > 0
-    batch = RecomputeBatch(policy.model, rollouts,
-                           recompute_logprobs(policy.model, mode, rollouts, text=True))
-    got = trainer.text_kl(batch)
+    got = trainer.text_kl(recompute_logprobs(policy.model, mode, rollouts, text=True), rollouts)
     terms = []
     with torch.no_grad():
         for r in rollouts:
@@ -277,11 +278,11 @@ def test_another_trl_version_is_refused(tmp_path, monkeypatch):
 
 
 def test_call_seeds_differ_across_learner_ranks():
-    rollouts = RayRollouts(None, None, {}, seed=3)
+    rollouts = Collector(None, None, {}, seed=3)
     seeds = {rollouts.call_seed(v, c, rank) for v in range(3) for c in range(4) for rank in range(4)}
     assert len(seeds) == 3 * 4 * 4
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)  # what torch.manual_seed takes
-    assert rollouts.call_seed(2, 3, 1) == RayRollouts(None, None, {}, seed=3).call_seed(2, 3, 1)
+    assert rollouts.call_seed(2, 3, 1) == Collector(None, None, {}, seed=3).call_seed(2, 3, 1)
 
 
 def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
@@ -307,7 +308,9 @@ def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
         return torch.stack(out).mean().item()
 
     before = hand()
-    assert trainer.latent_nll(policy.model, rollouts, gold).item() == pytest.approx(before, abs=1e-5)
+    batch = Batch(rollouts, torch.zeros(len(rollouts)), padded([r.logprob for r in rollouts]),
+                  padded([torch.ones(r.num_steps, dtype=torch.long) for r in rollouts]), gold=gold)
+    assert trainer.extra_loss(policy.model, None, batch).item() == pytest.approx(before, abs=1e-5)
     trainer.train()
     assert hand() < before - 1e-3
     assert trainer.state.log_history[0]["latent_nll"] > 0

@@ -23,7 +23,7 @@ from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
 from thinktok.rl.actors import RolloutWorker, init_ray, sequential_workers, start_workers, stop_workers
 from thinktok.rl.config import RayConfig, TrainConfig
-from thinktok.rl.learner import RayRollouts
+from thinktok.rl.step import Collector
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
 from thinktok.rl.train import latest_checkpoint, run_train
@@ -216,9 +216,9 @@ def test_scorer_errors_keep_their_cause():
         raise ValueError("a bug in the reward worker")
 
     with pytest.raises(PoisonedStep, match="^scoring failed at step 3: reward gold_loglik is nan"):
-        RayRollouts.get_scores([poisoned.remote()], 3)
+        Collector.get_scores([poisoned.remote()], 3)
     with pytest.raises(ValueError, match="a bug in the reward worker") as caught:
-        RayRollouts.get_scores([buggy.remote()], 3)
+        Collector.get_scores([buggy.remote()], 3)
     assert not isinstance(caught.value, PoisonedStep)
     assert "in buggy" in str(caught.value)  # the worker's traceback, down to the raising line
 
@@ -263,11 +263,13 @@ def test_gae_by_hand():
 
 
 def test_logps_override_matches_trl_base_method(tmp_path):
-    """For discrete thinking tokens with no mask in force, our recompute is exactly TRL's own log-probs."""
+    """For discrete thinking tokens with no mask in force, our recompute is exactly TRL's own log-probs (the
+    base method our override replaces)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from thinktok.rl.learner import RecomputeBatch, ThoughtGRPOTrainer
+    from thinktok.rl.learner import ThoughtGRPOTrainer
+    from thinktok.rl.rollout import recompute_logprobs
 
     policy, mode = make("vocab", max_new_tokens=5)
     mode.cfg.max_thought_tokens = 50
@@ -277,11 +279,9 @@ def test_logps_override_matches_trl_base_method(tmp_path):
     assert sum(r.num_thought for r in rollouts) > 0
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=2, num_generations=2, report_to=[])
-    trainer = ThoughtGRPOTrainer(model=policy.model,
-                                 reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
-                                 args=args, processing_class=policy.tokenizer,
+    trainer = ThoughtGRPOTrainer(model=policy.model, args=args, processing_class=policy.tokenizer,
                                  train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
-                                 rollout_func=lambda p, t: None, extra_modules={"mode": mode})
+                                 collector=None, extra_modules={"mode": mode})
     width = max(len(r.prompt_ids) for r in rollouts)
     steps = max(r.num_steps for r in rollouts)
     ids = torch.zeros(2, width + steps, dtype=torch.long)
@@ -290,8 +290,7 @@ def test_logps_override_matches_trl_base_method(tmp_path):
         ids[i, width - len(r.prompt_ids) : width] = torch.tensor(r.prompt_ids)
         ids[i, width : width + r.num_steps] = r.token
         mask[i, width - len(r.prompt_ids) : width + r.num_steps] = 1
-    ours, _, _ = trainer._get_per_token_logps_and_entropies(RecomputeBatch(policy.model, rollouts), ids,
-                                                            mask, steps)
+    ours = recompute_logprobs(policy.model, mode, rollouts).logprob
     base, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, policy.model, ids, mask, steps)
     # steps sampled from the plain softmax over text + thinking tokens (ANY: under the thought budget) are
     # what TRL computes; past the budget our distribution masks thinking tokens and TRL's cannot know it
@@ -468,11 +467,12 @@ def test_inline_workers_behave_as_actors(two_threads):
     assert get([copy.deepcopy(worker).score.remote(rows)])[0][2] == {"calls": 3}  # a copy is a worker too
     failed = worker.score.remote(rows, fail=True)  # no raise yet
     with pytest.raises(PoisonedStep, match="^scoring failed at step 4: reward gold_loglik is nan"):
-        RayRollouts.get_scores([failed], 4)
-    state = {"model": {"w": torch.ones(2)}}
-    (published,) = put_weights(Workers([worker], []), state)
-    # the state itself, not a Ray ObjectRef, and shared by the copies of a call's arguments
-    assert published == state and copy.deepcopy([published])[0] is published
+        Collector.get_scores([failed], 4)
+    module = torch.nn.Linear(2, 1)
+    (published,) = put_weights(Workers([worker], []), {"model": module})
+    # the module's own tensors, not a Ray ObjectRef or a copy, shared by the copies of a call's arguments
+    assert published["model"]["weight"].data_ptr() == module.weight.data_ptr()
+    assert copy.deepcopy([published])[0] is published
 
 
 def test_config_refuses_what_the_learner_cannot_do(tmp_path, teacher):

@@ -1,4 +1,4 @@
-"""The parallel path's learner: `ParallelRollouts` (TRL's rollout_func) and `ParallelGRPOTrainer`.
+"""The parallel path's learner: `ParallelCollector` (stages 1-3 of rl_step) and `ParallelGRPOTrainer`.
 
 A TRL row is one window with a thought at every position (completion = the T*L thought tokens); the advantage
 is per position (its gain minus the mean over the G thoughts sampled there) and the log-probs come from one
@@ -8,56 +8,57 @@ beside the REINFORCE term). The mixing head, when there is one, is the extra mod
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from thinktok.checkpoint import RunTrainer
 from thinktok.rl.actors import Workers, chunks, get
-from thinktok.rl.learner import RayRollouts, RecomputeBatch, ThoughtGRPOTrainer, check_finite, pad_to
+from thinktok.rl.learner import ThoughtGRPOTrainer
+from thinktok.rl.step import Batch, Collector, check_finite, fan_out
 
 from .config import ParallelConfig
 from .rollout import ParallelRollout
-from .scorer import position_advantages, score
+from .scorer import Scored, position_advantages, score
 
 
-class ParallelRollouts(RayRollouts):
-    """rollout_func for parallel thoughts: windows -> rollout workers (a thought at every position) ->
-    scoring workers (per-position gains) -> TRL rows of T*L thought tokens each."""
+class ParallelCollector(Collector):
+    """Stages 1-3 for parallel thoughts: windows -> rollout workers (a thought at every position) ->
+    scoring workers (per-position gains) -> rows of T*L thought tokens each, one per window."""
 
     def __init__(self, workers: Workers, windows_by_prompt: dict[str, list[int]], cfg: ParallelConfig,
                  seed: int):
         super().__init__(workers, None, windows_by_prompt, seed)
         self.cfg = cfg
 
-    def __call__(self, prompts: list[str], trainer) -> dict:
-        version = trainer.state.global_step
+    def __call__(self, prompts: list[str], trainer, version: int) -> Batch:
         weights = self.publish(trainer, version)
-        real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
-        parts = [p for p in chunks(list(range(len(prompts))), len(self.workers.rollout)) if p]
         rank = trainer.accelerator.process_index
-        futures = [w.sample.remote(real[part], self.cfg.thought_len, self.call_seed(version, k, rank),
-                                   weights, version)
-                   for k, (w, part) in enumerate(zip(self.workers.rollout, parts))]
-        sampled = ParallelRollout.cat(get(futures))
-        groups = [g for g in chunks(list(range(len(prompts))), len(self.workers.reward)) if g]
-        scored = self.get_scores([w.score.remote(sampled.rows(g), weights, version)
-                                  for w, g in zip(self.workers.reward, groups)], version)
+        real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
+        every = list(range(len(prompts)))
+        sampling = fan_out(self.workers.rollout, "sample", chunks(every, len(self.workers.rollout)),
+                           lambda k, part: (real[part], self.cfg.thought_len,
+                                            self.call_seed(version, k, rank), weights, version))
+        sampled = ParallelRollout.cat(get(sampling))
+        scoring = fan_out(self.workers.reward, "score", chunks(every, len(self.workers.reward)),
+                          lambda k, part: (sampled.rows(part), weights, version))
+        scored = self.get_scores(scoring, version)
         batch = ParallelRollout.cat([part for part, _ in scored])
         check_finite("reward", batch.gain, version)
         r, t, l = batch.thoughts.shape
         stats = {k: sum(s[k] for _, s in scored) / len(scored) for k in scored[0][1]}
         stats.update(gain_mean=batch.gain[:, :-1].mean().item(), thought_tokens=t * l,
                      weight_version=batch.weight_version)
-        scored_positions = torch.ones(r, t, l, dtype=torch.long)
-        scored_positions[:, -1] = 0  # the last position has no next token: its thought is not an action here
-        return {
-            "prompt_ids": batch.real.tolist(),
-            "completion_ids": batch.thoughts.reshape(r, -1).tolist(),
-            "logprobs": batch.logprob.reshape(r, -1).tolist(),
-            "env_mask": scored_positions.reshape(r, -1).tolist(),
-            "reward": batch.gain[:, :-1].mean(1).tolist(),  # for TRL's logs; advantages are per position
-            "rollout": [batch.rows([i]) for i in range(r)],  # one record per TRL row, shuffled with the batch
-            "scorer_stats": stats,  # not a list: TRL hands every row the same dict
-        }
+        mask = torch.ones(r, t, l, dtype=torch.long)
+        mask[:, -1] = 0  # the last position has no next token: its thought is not an action here
+        return Batch(rollouts=[batch.rows([i]) for i in range(r)], reward=batch.gain[:, :-1].mean(1),
+                     sampled=batch.logprob.reshape(r, -1), mask=mask.reshape(r, -1), stats=stats)
+
+
+class ParallelRecomputed(NamedTuple):
+    logprob: torch.Tensor  # (R, T*L) log-probs of the sampled thought tokens
+    entropy: torch.Tensor  # (R, T*L)
+    scored: Scored  # the pass itself (the post-thought NLL)
 
 
 class ParallelGRPOTrainer(ThoughtGRPOTrainer):
@@ -69,35 +70,30 @@ class ParallelGRPOTrainer(ThoughtGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.mixing_head = self.extra_modules.get("mixing_head")
 
-    def set_advantages(self, inputs: list[dict], out: dict) -> None:
-        """out["advantages"]: each position's advantage (`position_advantages`) on its L thought tokens."""
-        batch = ParallelRollout.cat(out["rollout"])  # TRL's row order, before the shuffle
-        r, t, l = batch.thoughts.shape
-        g = self.num_generations
-        adv = position_advantages(batch.gain, g, self.algo, self.parallel.positive_only)  # (R, T)
-        per_token = adv[..., None].expand(r, t, l).reshape(r, t * l)
-        out["advantages"] = pad_to(per_token, out["completion_ids"].shape[1]).to(out["advantages"].device)
+    def recompute(self, model, batch: Batch) -> ParallelRecomputed:
+        """One parallel pass for the log-probs of the sampled thoughts (and the NLL term); the gain was
+        scored by the scoring workers."""
+        rollout = ParallelRollout.cat(batch.rollouts).to(self.accelerator.device)
+        scored = score(model, self.thought_mode, rollout, self.parallel.lookahead, self.mixing_head,
+                       post=self.parallel.nll_coef > 0, base=False)
+        r = len(batch.rollouts)
+        return ParallelRecomputed(scored.thought_logprob.reshape(r, -1),
+                                  scored.thought_entropy.reshape(r, -1), scored)
 
-    def log_rollouts(self, inputs: list[dict]) -> None:
-        for k, v in inputs[0]["scorer_stats"].items():  # the scorers' statistics, from rollout_func
-            self.log_metric(f"rollout/{k}", v)
+    def advantages(self, batch: Batch, rec: ParallelRecomputed) -> torch.Tensor:
+        """(R, T*L): each position's advantage (`position_advantages`) on its L thought tokens."""
+        rollout = ParallelRollout.cat(batch.rollouts)
+        r, t, l = rollout.thoughts.shape
+        adv = position_advantages(rollout.gain, self.num_generations, self.algo, self.parallel.positive_only)
+        return adv[..., None].expand(r, t, l).reshape(r, t * l).to(self.accelerator.device)
 
-    def extra_loss(self, batch: RecomputeBatch, inputs: dict) -> torch.Tensor:
-        loss = super().extra_loss(batch, inputs)
+    def extra_loss(self, model, rec: ParallelRecomputed, batch: Batch) -> torch.Tensor:
+        loss = super().extra_loss(model, rec, batch)
         if self.parallel.nll_coef:
-            nll = batch.recomputed.nll()
+            nll = rec.scored.nll()
             self.log_metric("nll_post_thought", nll.item())
             loss = loss + self.parallel.nll_coef * nll
         return loss
-
-    def recompute(self, batch: RecomputeBatch) -> tuple:
-        """-> (the scored pass, (R, T*L) log-probs and entropies of the sampled thoughts) from one parallel
-        pass; the gain was scored by the scoring workers: only the log-probs and the NLL term here."""
-        rollout = ParallelRollout.cat(batch.rollouts).to(self.accelerator.device)
-        scored = score(batch.model, self.thought_mode, rollout, self.parallel.lookahead, self.mixing_head,
-                       post=self.parallel.nll_coef > 0, base=False)
-        r = len(batch.rollouts)
-        return scored, scored.thought_logprob.reshape(r, -1), scored.thought_entropy.reshape(r, -1)
 
 
 class ParallelRun(RunTrainer, ParallelGRPOTrainer):
