@@ -40,7 +40,7 @@ import torch
 from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action, ThoughtMode
 
-from .rollout import Rollout, gold_answer_loglik, opening_thoughts, text_token_logprobs
+from .rollout import ArraysWhenPickled, Rollout, gold_answer_loglik, opening_thoughts, text_token_logprobs
 
 if TYPE_CHECKING:  # the teacher module imports TRL: not for parsing a config
     from thinktok.models.teacher import Teacher
@@ -79,7 +79,7 @@ class RewardConfig:
 
 
 @dataclass
-class Rewards:
+class Rewards(ArraysWhenPickled):
     per_step: list[torch.Tensor]  # (S_b,) per rollout
     total: torch.Tensor  # (B,) = per_step sums
     parts: dict[str, torch.Tensor]  # mode -> (B,) unweighted scalars, for logging

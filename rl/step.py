@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from thinktok.errors import PoisonedStep
 from thinktok.models.thoughts import Action
 
-from .actors import Workers, chunks, get, put_weights
+from .actors import Publisher, Workers, chunks, get
 from .rollout import Rollout
 
 
@@ -88,14 +88,15 @@ class Collector:
                  gold_by_prompt: dict[str, list[int]] | None = None):
         self.workers, self.tokenizer, self.rows, self.seed = workers, tokenizer, rows_by_prompt, seed
         self.gold = gold_by_prompt
+        self.publisher = Publisher(workers) if workers is not None else None
         self.weights_ref, self.published = None, -1
 
     def publish(self, trainer, version: int) -> list:
-        """Weights of `version` (the model and every extra module), published once per version
-        (`put_weights`: an ObjectRef in a list, so that workers fetch it only when their copy is stale)."""
+        """Weights of `version` (the model and every extra module), published once per version (`Publisher`:
+        Ray objects in a list, so that workers fetch them only when their copy is stale)."""
         if version != self.published:
             model = trainer.accelerator.unwrap_model(trainer.model)
-            self.weights_ref = put_weights(self.workers, {"model": model, **trainer.extra_modules})
+            self.weights_ref = self.publisher({"model": model, **trainer.extra_modules}, version)
             self.published = version
         return self.weights_ref
 

@@ -111,6 +111,22 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """The run: built by `build_run`, then TRL's loop, resumed from the newest checkpoint when asked."""
+    trainer, workers, resume_from = build_run(cfg, resume)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        final = latest_checkpoint(cfg.out_dir)
+        if final is None or step_of(final) != trainer.state.global_step:
+            trainer._save_checkpoint(trainer.model, None)
+            final = latest_checkpoint(cfg.out_dir)
+    finally:
+        stop_workers(workers)
+    return final
+
+
+def build_run(cfg: TrainConfig, resume: bool = False):
+    """-> (the trainer, its started workers, the checkpoint to resume from or None); the run directory holds
+    the resolved config, the initial policy and (resumed) the logs cut at the checkpoint."""
     # config and run directory
     cfg.validate()
     check_trl()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
@@ -168,18 +184,9 @@ def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
         run_cfg=cfg, vocab=policy.vocab, init_rows=policy.init_rows, **path.trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
-    # the loop (TRL's), resumed from the newest checkpoint when asked
     if resume_from is not None:
         load_extra_state(resume_from, extra)
         for name in ("metrics.jsonl", "evals.jsonl"):
             truncate_after(out / name, step_of(resume_from))
         print(f"resuming from {resume_from} (step {step_of(resume_from)})")
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        final = latest_checkpoint(out)
-        if final is None or step_of(final) != trainer.state.global_step:
-            trainer._save_checkpoint(trainer.model, None)
-            final = latest_checkpoint(out)
-    finally:
-        stop_workers(workers)
-    return final
+    return trainer, workers, resume_from

@@ -23,9 +23,9 @@ from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
 from thinktok.rl.actors import RolloutWorker, init_ray, sequential_workers, start_workers, stop_workers
 from thinktok.rl.config import RayConfig, TrainConfig
-from thinktok.rl.step import Collector
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
+from thinktok.rl.step import Collector
 from thinktok.rl.train import latest_checkpoint, run_train
 
 
@@ -454,7 +454,7 @@ def test_inline_workers_behave_as_actors(two_threads):
     """ray.inline: a call gets copies (the caller's rows stay) and returns copies (the caller's change of a
     result stays), runs on an actor's one thread, leaves the learner's thread count and random state as they
     were, and its error surfaces where an actor's does, at `get`."""
-    from thinktok.rl.actors import InlineWorker, Workers, get, put_weights
+    from thinktok.rl.actors import InlineWorker, Publisher, Workers, get
 
     threads, random_state = two_threads, torch.random.get_rng_state()
     worker = InlineWorker(Scribbler, ("cpu",))
@@ -469,10 +469,50 @@ def test_inline_workers_behave_as_actors(two_threads):
     with pytest.raises(PoisonedStep, match="^scoring failed at step 4: reward gold_loglik is nan"):
         Collector.get_scores([failed], 4)
     module = torch.nn.Linear(2, 1)
-    (published,) = put_weights(Workers([worker], []), {"model": module})
+    (published,) = Publisher(Workers([worker], []))({"model": module}, 0)
     # the module's own tensors, not a Ray ObjectRef or a copy, shared by the copies of a call's arguments
     assert published["model"]["weight"].data_ptr() == module.weight.data_ptr()
     assert copy.deepcopy([published])[0] is published
+
+
+def test_published_deltas_bring_any_worker_to_the_version():
+    """Actors get a base and, per version, the rows that moved from it: a worker one version behind, one
+    several behind whose rows moved and moved back, and a fresh one of other weights all end with the
+    learner's exact state; a new base once half the embedding rows moved."""
+    from thinktok.rl.actors import Publisher, VersionedWeights, Workers
+
+    init_ray(RayConfig())
+    learner = load_policy("tiny", 4, False, seed=0).model
+    workers = {name: load_policy("tiny", 4, False, seed=seed).model for name, seed in
+               (("steady", 0), ("behind", 0), ("fresh", 3))}
+    loaders = {name: VersionedWeights({"model": m}) for name, m in workers.items()}
+    publish = Publisher(Workers(["an actor"], []))
+    wte, block = learner.transformer.wte.weight, learner.transformer.h[0].mlp.c_fc.weight
+    base_row = wte[5].detach().clone()
+
+    def check(names, version):
+        weights = publish({"model": learner}, version)
+        for name in names:
+            loaders[name].load(weights, version)
+            for k, v in workers[name].state_dict().items():
+                assert torch.equal(v, learner.state_dict()[k]), (name, version, k)
+
+    check(["steady", "behind"], 0)
+    with torch.no_grad():
+        wte[5] += 1.0
+        wte[7] -= 0.5
+        block.mul_(1.1)
+    check(["steady"], 1)
+    with torch.no_grad():
+        wte[5] = base_row  # back to its base value: "steady" holds version 1's row 5
+        wte[9] += 2.0
+    check(["steady", "behind", "fresh"], 2)
+    assert publish.base_version == 0
+    with torch.no_grad():
+        wte[: len(wte) // 2 + 1] += 0.1
+    check(["steady", "behind"], 3)
+    check(["steady", "fresh"], 4)
+    assert publish.base_version == 4
 
 
 def test_config_refuses_what_the_learner_cannot_do(tmp_path, teacher):

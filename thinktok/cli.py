@@ -143,11 +143,13 @@ def add_summary(sub) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, as ratios against a baseline run in the same process")
-    p.add_argument("what", help="rollout | parallel | attention | train | head")
-    p.add_argument("config", nargs="?", default="configs/quickstart.yaml",
-                   help="train: the experiment to time")
+    p.add_argument("what", help="rl | rollout | parallel | attention | train | head")
+    p.add_argument("config", nargs="?", default=None,
+                   help="train: the experiment to time (default configs/quickstart.yaml); rl: one of its "
+                        "three configs (default: all)")
     p.add_argument("overrides", nargs="*", help="train: key=value overrides")
-    p.add_argument("--steps", type=int, default=6, help="train: RL steps per actor count")
+    p.add_argument("--steps", type=int, default=6, help="train: RL steps per actor count; rl: timed steps")
+    p.add_argument("--warm-up", type=int, default=3, help="rl: untimed steps first")
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -357,7 +359,11 @@ def run_signal(a) -> None:
 
 
 def run_bench(a) -> None:
-    if a.what == "rollout":
+    if a.what == "rl":
+        from thinktok.analysis.bench_rl import CONFIGS, bench_rl
+
+        bench_rl((a.config,) if a.config else CONFIGS, a.steps, a.warm_up, Path(a.out))
+    elif a.what == "rollout":
         from thinktok.analysis.bench import bench_rollout
 
         bench_rollout(a.model, a.batch, a.new_tokens, a.repeats, device(a), a.dtype, Path(a.out))
@@ -369,7 +375,7 @@ def run_bench(a) -> None:
     elif a.what == "train":
         from thinktok.analysis.bench import bench_train
 
-        bench_train(a.config, a.overrides, a.steps, (1, 2, 4), Path(a.out))
+        bench_train(a.config or "configs/quickstart.yaml", a.overrides, a.steps, (1, 2, 4), Path(a.out))
     elif a.what == "attention":
         from thinktok.kernels.bench import bench_attention
 
@@ -379,7 +385,7 @@ def run_bench(a) -> None:
 
         bench_head(a.model, a.batch, a.repeats, a.device, Path(a.out))
     else:
-        raise UsageError(f"unknown benchmark {a.what!r}: expected rollout, parallel, attention, train or "
+        raise UsageError(f"unknown benchmark {a.what!r}: expected rl, rollout, parallel, attention, train or "
                          "head")
 
 
