@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl.trainer.utils import selective_log_softmax
 
-from .head import restore_head
+from .head import head_columns, head_logits, masked_logit, restore_head
 
 
 class Teacher:
@@ -57,6 +57,12 @@ class Teacher:
         device = self.model.device
         ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True).to(device)  # (B, W), right pad
         mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True).to(device)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()  # (B, W, V)
-        lp = selective_log_softmax(logits[:, :-1], ids[:, 1:])  # (B, W-1): token i+1 given :i+1
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = head_logits(self.model, hidden).float()  # (B, W-1, K): over the head's columns only
+        cols, target = head_columns(self.model), ids[:, 1:]
+        col = torch.searchsorted(cols, target).clamp_max(len(cols) - 1)
+        lp = selective_log_softmax(logits, col)  # (B, W-1): token i+1 given :i+1
+        # a token outside a task head: the restricted head's (finite) masked logit, as at full width
+        outside = masked_logit(logits.dtype) - torch.logsumexp(logits, -1)
+        lp = torch.where(cols[col] == target, lp, outside)
         return [lp[i, start[i] - 1 : len(s) - 1].cpu() for i, s in enumerate(seqs)]

@@ -113,6 +113,22 @@ def test_checkpoint_keeps_its_head(tmp_path):
     assert torch.allclose(teacher.model.get_output_embeddings()(hidden), want, atol=1e-6)
 
 
+def test_a_task_head_teacher_scores_over_its_columns():
+    """A teacher with a task head: log q of each token, over the allowed rows only, as computed from the weight
+    matrix; a token outside its head gets the masked logit's log-prob, as the full-width head gives it."""
+    policy, task = task_policy(num_thinking=0)
+    teacher = Teacher(policy.model)
+    tok = policy.tokenizer
+    ids = tok(task.dataset["train"][0]["prompt"]).input_ids + [tok(" 7").input_ids[0], tok(" the").input_ids[0]]
+    got = teacher.token_logprobs([ids], [2])[0]
+    hidden = policy.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    ref, _ = reference_logprobs(policy, hidden)
+    want = ref[torch.arange(1, len(ids) - 2), torch.tensor(ids[2:-1])]
+    assert torch.allclose(got[:-1], want, atol=1e-5)
+    full = F.log_softmax(policy.model(torch.tensor([ids])).logits[0, -2].float(), -1)[ids[-1]]
+    assert got[-1] < -1e5 and got[-1].item() == pytest.approx(full.item(), rel=1e-6)
+
+
 def test_task_head_refused_for_text():
     with pytest.raises(UserError, match="text task"):
         SFTConfig(task=TaskConfig(name="text"), model=ModelConfig(head="task")).validate()

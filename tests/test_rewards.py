@@ -42,8 +42,8 @@ def test_teacher_sees_no_thinking_token_and_is_frozen(teacher):
     policy, mode, rollouts = rollouts_for(seed=0)
     assert sum(r.num_thought for r in rollouts) > 0
     seen = []
-    hook = teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()),
-                                                   with_kwargs=True)
+    hook = teacher.model.base_model.register_forward_pre_hook(  # where the teacher's input ids enter
+        lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
     RewardModel(RewardConfig(), teacher).score(rollouts)
     hook.remove()
     ids = torch.cat([s.flatten() for s in seen])
