@@ -33,6 +33,7 @@ from thinktok.errors import UserError
 from .vocab import ThinkingVocab
 
 MODES = ("none", "vocab", "single", "continuous", "soft", "pause")
+ENGINES = ("dynamic", "compiled")
 
 
 class Action(IntEnum):
@@ -53,8 +54,14 @@ class SamplingConfig:
     max_new_tokens: int = 32  # real (text) tokens per rollout
     stop_at_eos: bool = True  # end a rollout at its first text EOS
     greedy: bool = False  # argmax tokens, noiseless continuous/soft thoughts (evaluation)
+    # how RL's rollout workers decode (the same draws either way): dynamic (a growing KV cache) | compiled (a
+    # preallocated cache, each step through torch.compile; CUDA graphs on a GPU). Compiling costs seconds per
+    # worker, once; docs/benchmarks.md says where it pays
+    engine: str = "dynamic"
 
     def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown sampling.engine {self.engine!r}: expected {' or '.join(ENGINES)}")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:

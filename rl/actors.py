@@ -109,7 +109,8 @@ class RolloutWorker:
 
     def sample(self, prompts: list[list[int]], seed: int, weights: list, version: int) -> list[Rollout]:
         self.weights.load(weights, version)
-        return sample(self.model, self.mode, prompts, seed=seed, weight_version=version)
+        return sample(self.model, self.mode, prompts, seed=seed, weight_version=version,
+                      compile=self.mode.sampling.engine == "compiled")
 
     def pid(self) -> int:
         return os.getpid()

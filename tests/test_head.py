@@ -114,12 +114,14 @@ def test_checkpoint_keeps_its_head(tmp_path):
 
 
 def test_a_task_head_teacher_scores_over_its_columns():
-    """A teacher with a task head: log q of each token, over the allowed rows only, as computed from the weight
-    matrix; a token outside its head gets the masked logit's log-prob, as the full-width head gives it."""
+    """A teacher with a task head: log q of each token, over the allowed rows only, as computed from the
+    weight matrix; a token outside its head gets the masked logit's log-prob, as the full-width head gives
+    it."""
     policy, task = task_policy(num_thinking=0)
     teacher = Teacher(policy.model)
     tok = policy.tokenizer
-    ids = tok(task.dataset["train"][0]["prompt"]).input_ids + [tok(" 7").input_ids[0], tok(" the").input_ids[0]]
+    ids = tok(task.dataset["train"][0]["prompt"]).input_ids + [tok(" 7").input_ids[0],
+                                                                tok(" the").input_ids[0]]
     got = teacher.token_logprobs([ids], [2])[0]
     hidden = policy.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0]
     ref, _ = reference_logprobs(policy, hidden)
