@@ -58,7 +58,7 @@ class ForceText(ModeWrapper):
         real = (out.token >= 0) & (out.token < self.vocab.real_size)
         i = state.extra["text_fed"].clamp_max(self.gold.shape[1] - 1)
         gold = self.gold.gather(1, i[:, None])[:, 0]  # (B,)
-        lp = self.mode.text_logprob_of(self.mode.text_logprobs(logits), gold)
+        lp = self.mode.text_token_logprob(logits, gold)
         out.token = torch.where(real, gold, out.token)
         out.embeds = torch.where(real[:, None], embed(gold).to(out.embeds.dtype), out.embeds)
         out.logprob = torch.where(real, lp, out.logprob)

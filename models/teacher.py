@@ -57,12 +57,16 @@ class Teacher:
         device = self.model.device
         ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True).to(device)  # (B, W), right pad
         mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True).to(device)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        logits = head_logits(self.model, hidden).float()  # (B, W-1, K): over the head's columns only
-        cols, target = head_columns(self.model), ids[:, 1:]
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, W, D)
+        # the head only where a scored token is predicted: position i predicts token i + 1, i >= start - 1
+        counts = [len(s) - b for s, b in zip(seqs, start)]
+        rows = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]).to(device)
+        at = torch.cat([torch.arange(b - 1, len(s) - 1) for s, b in zip(seqs, start)]).to(device)
+        logits = head_logits(self.model, hidden[rows, at]).float()  # (N, K): over the head's columns only
+        cols, target = head_columns(self.model), ids[rows, at + 1]
         col = torch.searchsorted(cols, target).clamp_max(len(cols) - 1)
-        lp = selective_log_softmax(logits, col)  # (B, W-1): token i+1 given :i+1
+        lp = selective_log_softmax(logits, col)  # (N,)
         # a token outside a task head: the restricted head's (finite) masked logit, as at full width
         outside = masked_logit(logits.dtype) - torch.logsumexp(logits, -1)
         lp = torch.where(cols[col] == target, lp, outside)
-        return [lp[i, start[i] - 1 : len(s) - 1].cpu() for i, s in enumerate(seqs)]
+        return list(lp.cpu().split(counts))

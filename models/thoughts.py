@@ -288,12 +288,14 @@ class ThoughtMode(nn.Module):
 
     def text_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, K) -> (N, n_text): the plain text distribution (text columns only, temperature 1, no filter).
-        What rewards score text with, whatever the sampling settings; `text_logprob_of` reads a token's."""
+        What rewards score text with, whatever the sampling settings (`text_token_logprob`: one token's)."""
         return F.log_softmax(logits[:, : self.n_text].float(), dim=-1)
 
-    def text_logprob_of(self, text_logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """(N, n_text) `text_logprobs`, (N,) text token ids -> (N,) their log-probs."""
-        return text_logp.gather(1, self.column_of(token)[:, None])[:, 0]
+    def text_token_logprob(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits, (N,) text token ids -> (N,) their `text_logprobs`, as a gather minus a logsumexp
+        (no (N, n_text) log-softmax written)."""
+        text = logits[:, : self.n_text].float()
+        return text.gather(1, self.column_of(token)[:, None])[:, 0] - torch.logsumexp(text, -1)
 
     def stop_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Learned stop: (log P(<eot>), log P(not <eot>)) under the full softmax, each (N,)."""

@@ -70,8 +70,12 @@ class VersionedWeights:
         if not self.modules or version == self.version:  # a worker without policy modules fetches nothing
             return
         if isinstance(weights[0], SharedWeights):
-            for name, module in self.modules.items():  # the module takes the learner's tensors (assign)
-                module.load_state_dict(weights[0][name], assign=True)
+            for name, module in self.modules.items():
+                # the module takes the learner's tensors (assign) once: the optimizer updates them in place,
+                # and a compiled sampler's graph stays valid only while its parameters stay the same objects
+                mine = module.state_dict()
+                if any(mine[k].data_ptr() != v.data_ptr() for k, v in weights[0][name].items()):
+                    module.load_state_dict(weights[0][name], assign=True)
         else:
             base_ref, base_version, delta_ref = weights
             if self.base != base_version:

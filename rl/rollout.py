@@ -316,27 +316,34 @@ class Recomputed(NamedTuple):
     entropy: torch.Tensor | None  # (B, S_max) entropy of the token distribution at token steps, 0 elsewhere
     hidden: torch.Tensor  # (B, S_max, D) last hidden state at the position that chose each step
     # with text=True: (N_text, n_text) log-softmax of the plain text distribution (temperature 1, no filter,
-    # over the head's text columns) at every text step, rollouts in order (what rewards and the KL term
-    # read; `own_text_logprobs` picks each rollout's tokens); else None
+    # over the head's text columns) at every text step, rollouts in order (what the KL term reads); else None
     text_logp: torch.Tensor | None = None
+
+
+def choosing_hidden(model: PreTrainedModel, rollouts: list[Rollout]) -> torch.Tensor:
+    """(N, D): the last hidden state at the position that chose each step (every step of every rollout, in
+    order), from one teacher-forced forward (no cache). `model` may be a DDP/accelerate wrapper: its forward
+    is called, so that a data-parallel backward reduces."""
+    core = model.module if hasattr(model, "module") else model
+    inputs, mask = recompute_inputs(rollouts, core.get_input_embeddings())
+    # logits_to_keep=1: the LM head's own (full-width) logits at one position only; ours come from the hidden
+    out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    # the position that chose step s of rollout b is P_b - 1 + s
+    rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(core.device)
+    cols = torch.cat([len(r.prompt_ids) - 1 + torch.arange(r.num_steps) for r in rollouts]).to(core.device)
+    return out.hidden_states[-1][rows, cols]
 
 
 def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout],
                        text: bool = False, entropy: bool = True) -> Recomputed:
-    """One teacher-forced forward (no cache) over finished rollouts -> per-step log-probs. Differentiable:
-    this is what the learner trains on. `model` may be a DDP/accelerate wrapper: its forward is called (so
-    that a data-parallel backward reduces), for the last hidden state only; the head then runs at the
-    positions that chose a step, over its own columns."""
+    """One teacher-forced forward over finished rollouts -> per-step log-probs (and entropies; with text,
+    the text distributions at text steps). Differentiable: this is what the learner trains on. The head runs
+    at the positions that chose a step only, over its own columns."""
     core = model.module if hasattr(model, "module") else model
     device = core.device
-    inputs, mask = recompute_inputs(rollouts, core.get_input_embeddings())
-    # logits_to_keep=1: the LM head's own (full-width) logits at one position only; ours come from `h`
-    out = model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-    # the position that chose step s of rollout b is P_b - 1 + s
-    rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)
-    cols = torch.cat([len(r.prompt_ids) - 1 + torch.arange(r.num_steps) for r in rollouts]).to(device)
-    h = out.hidden_states[-1][rows, cols]  # (N, D)
+    h = choosing_hidden(model, rollouts)  # (N, D)
     logits = head_logits(core, h)  # (N, K)
+    rows = torch.cat([torch.full((r.num_steps,), i) for i, r in enumerate(rollouts)]).to(device)
 
     def cat(name):  # one field of every rollout, concatenated over steps
         if getattr(rollouts[0], name) is None:
@@ -359,21 +366,23 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
                       None if ent is None else grid(ent), grid(h), text_logp)
 
 
-def own_text_logprobs(mode: ThoughtMode, text_logp: torch.Tensor,
+def own_text_logprobs(model: PreTrainedModel, mode: ThoughtMode,
                       rollouts: list[Rollout]) -> list[torch.Tensor]:
-    """A recompute's text log-probs (`Recomputed.text_logp`) -> log pi_text of each rollout's own text tokens:
-    one (num_real,) tensor per rollout, on text_logp's device, differentiable when it is."""
-    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(text_logp.device)
-    return list(mode.text_logprob_of(text_logp, ids).split([r.num_real for r in rollouts]))
+    """log pi_text(y_t | x, y_<t, thoughts) of each rollout's own text tokens under the plain text
+    distribution (text columns renormalised, temperature 1, no top-k/top-p): one (num_real,) tensor per
+    rollout, differentiable. The head runs at the text steps only."""
+    core = model.module if hasattr(model, "module") else model
+    real = torch.cat([r.is_real for r in rollouts]).to(core.device)
+    logits = head_logits(core, choosing_hidden(model, rollouts)[real])  # (N_text, K)
+    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(core.device)
+    return list(mode.text_token_logprob(logits, ids).split([r.num_real for r in rollouts]))
 
 
 def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode,
                         rollouts: list[Rollout]) -> list[torch.Tensor]:
-    """log pi(y_t | x, y_<t, thoughts) of each rollout's text tokens under the plain text distribution (text
-    columns renormalised, temperature 1, no top-k/top-p): one (num_real,) CPU tensor per rollout."""
+    """`own_text_logprobs` without gradients, on the CPU: what the rewards read."""
     with torch.no_grad():
-        text_logp = recompute_logprobs(model, mode, rollouts, text=True, entropy=False).text_logp
-    return [lp.cpu() for lp in own_text_logprobs(mode, text_logp, rollouts)]
+        return [lp.cpu() for lp in own_text_logprobs(model, mode, rollouts)]
 
 
 def gold_answer_loglik(model: PreTrainedModel, mode: ThoughtMode, rollouts: list[Rollout], gold: list,
@@ -383,5 +392,4 @@ def gold_answer_loglik(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
     layout of `with_gold`, under the plain text distribution. The one scoring of the gold answer: the
     gold_loglik and thought_gain rewards (under no_grad) and the learner's latent term (differentiable)."""
     forced = [with_gold(r, torch.as_tensor(g), mode.cfg.every, thoughts) for r, g in zip(rollouts, gold)]
-    text_logp = recompute_logprobs(model, mode, forced, text=True, entropy=False).text_logp
-    return torch.stack([lp.mean() for lp in own_text_logprobs(mode, text_logp, forced)])
+    return torch.stack([lp.mean() for lp in own_text_logprobs(model, mode, forced)])

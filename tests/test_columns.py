@@ -12,7 +12,7 @@ from thinktok.errors import UserError
 from thinktok.models.head import head_columns
 from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import ThoughtConfig
-from thinktok.rl.rollout import gold_answer_loglik, recompute_logprobs, sample
+from thinktok.rl.rollout import gold_answer_loglik, own_text_logprobs, recompute_logprobs, sample
 
 GOLDEN = torch.load(PATH)
 
@@ -37,7 +37,8 @@ def test_same_draws_and_logprobs_as_the_full_width_sampler(case, head):
     rec = recompute_logprobs(policy.model, mode, rollouts, text=True)
     assert close(rec.logprob, want["logprob"]) and close(rec.entropy, want["entropy"], 1e-5)
     own = torch.tensor(want["own_text"])
-    assert close(mode.text_logprob_of(rec.text_logp, own), want["text_logp_own"])
+    assert close(rec.text_logp.gather(1, mode.column_of(own)[:, None])[:, 0], want["text_logp_own"])
+    assert close(torch.cat(own_text_logprobs(policy.model, mode, rollouts)), want["text_logp_own"])
     assert close(gold_answer_loglik(policy.model, mode, rollouts, GOLD), want["gold_loglik"])
     if head == "task":  # the distributions themselves were computed over the head's columns only
         k = len(head_columns(policy.model))
