@@ -21,7 +21,7 @@ from thinktok.config import load_config
 from thinktok.errors import PoisonedStep
 from thinktok.models.policy import load_policy
 from thinktok.models.thoughts import Action
-from thinktok.rl.actors import RolloutWorker, init_ray, sequential_workers, start_workers, stop_workers
+from thinktok.rl.actors import Publisher, RolloutWorker, init_ray, sequential_workers, start_workers, stop_workers
 from thinktok.rl.config import RayConfig, TrainConfig
 from thinktok.rl.ppo import gae
 from thinktok.rl.rollout import sample
@@ -168,7 +168,8 @@ def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher, tmp_pat
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     workers = start_workers(cfg.ray, (HeldRolloutWorker, rollout_args), reward)
     try:
-        weights = [ray.put({"model": policy.model.state_dict(), "mode": {}})]
+        mode = policy_mode(policy)  # num_thinking=8, a full head: the workers' mode
+        weights = Publisher(workers)({"model": policy.model, "mode": mode}, 1)
         prompts = [[1105, 1635, 4974, 796]] * 6  # the call is held until the kill, whatever its size
         (victim,) = workers.rollout
         pid = ray.get(victim.pid.remote())
