@@ -109,7 +109,7 @@ def control_modes(mode: ThoughtMode, shuffled: list[torch.Tensor], embed: nn.Emb
         table[i, : len(d)] = d
     counts = torch.tensor([len(d) for d in shuffled], device=fixed.device)
     text_only = replace(mode.cfg, max_thought_tokens=0, slots=0, learned_stop=False)
-    no_thoughts = VocabThoughts(text_only, mode.vocab, mode.sampling)
+    no_thoughts = VocabThoughts(text_only, mode.vocab, mode.sampling, mode.columns)
     return {"no_thoughts": no_thoughts.to(fixed.device),
             "pause": ReplayThoughts(mode, table[:, :1], torch.zeros_like(counts), fixed),
             "shuffled_thoughts": ReplayThoughts(mode, table, counts, fixed)}

@@ -8,6 +8,7 @@ import torch
 
 from conftest import MODE_CASES
 from golden import GOLD, HEADS, PATH, PROMPTS, build
+from thinktok.analysis.controls import control_modes, derange, thought_inputs
 from thinktok.errors import UserError
 from thinktok.models.head import head_columns
 from thinktok.models.thought_modes import make_mode
@@ -61,3 +62,19 @@ def test_ids_outside_the_head_are_refused():
     rollouts[0].action[-1] = 1
     with pytest.raises(UserError, match="outside the model's task head"):
         recompute_logprobs(policy.model, mode, rollouts)
+
+
+def test_the_eval_controls_sample_over_a_task_head():
+    """The controls are modes of their own (analysis/controls.py): each must be built over the model's head,
+    and the no-thoughts control must sample text only."""
+    policy, _ = build("vocab", "task")
+    mode = make_mode(ThoughtConfig(**MODE_CASES["vocab"]), policy.vocab, _.sampling,
+                     head_columns(policy.model))
+    embed = policy.model.get_input_embeddings()
+    rollouts = sample(policy.model, mode, PROMPTS, seed=0)
+    controls = control_modes(mode, derange(thought_inputs(rollouts, mode, embed)), embed)
+    for name, control in controls.items():
+        out = sample(policy.model, control, PROMPTS, seed=0)
+        allowed = set(head_columns(policy.model).tolist())
+        assert all(set(r.token.tolist()) <= allowed for r in out), name
+    assert all(r.num_thought == 0 for r in sample(policy.model, controls["no_thoughts"], PROMPTS, seed=0))
