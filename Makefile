@@ -1,6 +1,6 @@
 # The two commands of the README. Each sets itself up on a fresh machine: a virtual environment in
 # .venv, torch first (TORCH pins the build: the CPU wheel here; pass TORCH=torch for your CUDA build),
-# then thinktok and its dependencies.
+# then thinktok and its dependencies at the versions of constraints.txt (the ranges are pyproject's).
 PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -12,16 +12,22 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: quickstart sample test install bench gpu-suite
+.PHONY: quickstart sample test install lock bench gpu-suite
 
-$(BIN)/thinktok: pyproject.toml
+$(BIN)/thinktok: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(BIN)/thinktok
+
+# constraints.txt: the versions of everything but torch and triton in this venv, once `make test` passed
+lock:
+	{ sed -n '1,/^# here/p' constraints.txt; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-)[=_-]'; } > constraints.new
+	mv constraints.new constraints.txt
 
 # RL on the embedded default (local Ray, CPU, tiny model); each call writes a new run directory
 quickstart: install

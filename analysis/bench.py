@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from thinktok.compat import cache_kwarg
 from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
-from thinktok.rl.rollout import cache_kwarg, sample
+from thinktok.rl.sampler import sample
 
 from .timing import timed, write_json
 
@@ -221,7 +222,7 @@ def bench_head(model_name: str, batch: int, repeats: int, device: str, out: Path
     same model, batch and data, in one process."""
     from thinktok.envs import TaskConfig, load_task
     from thinktok.models.head import restrict_head, task_text_ids
-    from thinktok.rl.rollout import recompute_logprobs
+    from thinktok.rl.recompute import recompute_logprobs
     from thinktok.sft import SFTConfig, collate, encode, label_loss
 
     task = load_task(TaskConfig(digits=2, spaced=True, reverse=True, num_train=batch, num_val=1, num_test=1))

@@ -26,6 +26,7 @@ from thinktok.models.vocab import row_movement
 
 from .controls import CONTROLS
 from .evaluate import evaluate
+from .format import fmt, mean_std
 
 
 def movement(ckpt: Path, policy: Policy) -> dict:
@@ -112,16 +113,13 @@ def summary(run_dirs: list[str]) -> dict:
     runs = [start_end(Path(d)) for d in run_dirs]
     out = {"runs": list(run_dirs), "steps": [r["steps"] for r in runs]}
     for when in ("start", "end"):
-        vals = {c: torch.tensor([r[when][c] for r in runs], dtype=torch.float64) for c in SUMMARY_COLUMNS}
-        out[when] = {c: {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0,
-                         "values": v.tolist()}
-                     for c, v in vals.items()}
+        vals = {c: [float(r[when][c]) for r in runs] for c in SUMMARY_COLUMNS}
+        out[when] = {c: dict(zip(("mean", "std"), mean_std(v)), values=v) for c, v in vals.items()}
     table = Table("", "learned thoughts", "no thoughts", "pause", "shuffled thoughts", "thought steps",
                   title=f"held-out accuracy (validation), {len(runs)} run(s): mean ± std")
     for when in ("start", "end"):
         step = "/".join(sorted({str(s[0 if when == "start" else 1]) for s in out["steps"]}))
-        table.add_row(f"{when} (step {step})", *(f"{out[when][c]['mean']:.3f} ± {out[when][c]['std']:.3f}"
-                                                 for c in SUMMARY_COLUMNS))
+        table.add_row(f"{when} (step {step})", *(fmt(out[when][c]) for c in SUMMARY_COLUMNS))
     Console(width=160).print(table)
     return out
 

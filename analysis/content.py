@@ -35,7 +35,9 @@ from thinktok.errors import UserError
 from thinktok.models.thought_modes import with_sampling
 from thinktok.models.thoughts import StepOut, ThoughtMode
 from thinktok.models.vocab import row_movement
-from thinktok.rl.rollout import Rollout, sample, step_inputs
+from thinktok.rl.recompute import step_inputs
+from thinktok.rl.rollout import Rollout
+from thinktok.rl.sampler import sample
 
 from .controls import ModeWrapper, is_thought_input
 from .render import nearest_tokens, step_records

@@ -22,7 +22,8 @@ from torch import nn
 
 from thinktok.models.thought_modes import VocabThoughts
 from thinktok.models.thoughts import Action, State, StepOut, ThoughtMode
-from thinktok.rl.rollout import Rollout, step_inputs
+from thinktok.rl.recompute import step_inputs
+from thinktok.rl.rollout import Rollout
 
 CONTROLS = ("no_thoughts", "pause", "shuffled_thoughts")
 

@@ -16,9 +16,9 @@ from thinktok.envs import TaskConfig, load_task
 from thinktok.errors import UserError
 from thinktok.models.head import head_columns
 from thinktok.models.policy import load_policy
+from thinktok.models.thought_config import SamplingConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig
-from thinktok.rl.rollout import sample
+from thinktok.rl.sampler import sample
 
 from .content import ContentConfig, content_measures
 from .controls import CONTROLS, control_modes, derange, thought_inputs

@@ -18,6 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from thinktok.models.thoughts import Action
 from thinktok.rl.rollout import Rollout
 
+from .format import html_page
+
 STYLES = {"prompt": "bold white", "real": "cyan", "thought": "bold magenta"}
 CSS_COLOURS = {"prompt": "#222", "real": "#0a6ebd", "thought": "#c2185b"}
 
@@ -98,10 +100,9 @@ def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
         body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_real"]} text, '
                     f'{rec["num_thought"]} thought steps</h3><pre>{"".join(spans)}</pre></div>')
     legend = " ".join(f'<span class="{k}">{k}</span>' for k in CSS_COLOURS)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}pre{{white-space:pre-wrap;font-size:14px}}{css}"
-            f".thought{{font-weight:bold}}</style></head><body><h2>{html.escape(title)}</h2><p>{legend}</p>"
-            f"{''.join(body)}</body></html>\n")
+    style = f"body{{font-family:sans-serif;margin:2em}}pre{{white-space:pre-wrap;font-size:14px}}{css}" \
+            ".thought{font-weight:bold}"
+    return html_page(title, f"<h2>{html.escape(title)}</h2><p>{legend}</p>{''.join(body)}", style)
 
 
 def parallel_to_json(real: torch.Tensor, thoughts: torch.Tensor, logprob: torch.Tensor, tokenizer) -> dict:

@@ -27,13 +27,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .content import describe
 from .controls import CONTROLS
+from .format import ROLLOUT_STYLE, fmt, html_page, mean_std
 from .text_report import placement_figure, text_rollouts_page, text_section, text_summary
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -122,12 +117,6 @@ def paired(records: list[dict], a: str, b: str, metric: str = "accuracy") -> dic
     return {"a": a, "b": b, "metric": metric, "mean_points": mean, "per_seed": diffs, "agree": agree,
             "seeds": len(seeds),
             "text": f"{a} vs {b}: {mean:+.{digits}f} {unit}, seeds agree {agree}/{len(seeds)}"}
-
-
-def fmt(stat: dict | None, scale: float = 1.0, digits: int = 3) -> str:
-    if stat is None:
-        return "-"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
 def table(summary: dict) -> str:
@@ -307,13 +296,9 @@ def rollouts_page(summary: dict, title: str) -> str:
                 "<th>answer</th><th>gold</th><th>right</th><th>reward (exact match)</th></tr>")
         heading = f"<h2>{h.escape(name)} (seed {c['first_seed']})</h2>"
         parts.append(f"{heading}<table>{head}{''.join(rows)}</table>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
-             "pre{margin:0;white-space:pre-wrap}.thought{color:#c2185b}sub{color:#777}")
     body = "".join(parts) or "<p>No arm has annotated rollouts.</p>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{h.escape(title)} rollouts</title>"
-            f"<style>{style}</style></head><body><h1>{h.escape(title)}: annotated rollouts</h1>{body}"
-            "</body></html>\n")
+    return html_page(f"{title} rollouts", f"<h1>{h.escape(title)}: annotated rollouts</h1>{body}",
+                     ROLLOUT_STYLE)
 
 
 def write_report(cfg, records: list[dict], failed: dict) -> dict:
@@ -386,5 +371,4 @@ def markdown_to_html(text: str, title: str) -> str:
         body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{h.escape(title)}</title>" \
-           f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    return html_page(title, "".join(body), style)

@@ -29,7 +29,7 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.rl.advantages import group_advantages
 from thinktok.rl.config import TrainConfig
 from thinktok.rl.rewards import POLICY_REWARDS, RewardConfig, RewardModel
-from thinktok.rl.rollout import sample
+from thinktok.rl.sampler import sample
 from thinktok.rl.train import ensure_teacher
 from thinktok.sft import ensure_checkpoint
 

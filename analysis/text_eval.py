@@ -30,9 +30,12 @@ import torch
 from torch import nn
 
 from thinktok.errors import UserError
+from thinktok.models.thought_config import SamplingConfig
 from thinktok.models.thought_modes import with_sampling
-from thinktok.models.thoughts import SamplingConfig, StepOut, ThoughtMode
-from thinktok.rl.rollout import Rollout, recompute_logprobs, sample
+from thinktok.models.thoughts import StepOut, ThoughtMode
+from thinktok.rl.recompute import recompute_logprobs
+from thinktok.rl.rollout import Rollout
+from thinktok.rl.sampler import sample
 
 from .controls import CONTROLS, ModeWrapper, control_modes, derange, thought_inputs
 from .render import step_records

@@ -19,6 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from .controls import CONTROLS
+from .format import ROLLOUT_STYLE, fmt, html_page
 
 
 def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
@@ -52,7 +53,6 @@ def text_summary(evs: list[dict], seeds: list[int], stat) -> dict:
 
 def text_section(summary: dict) -> list[str]:
     """Markdown: the table, what each column is, and the parallel arms' own numbers."""
-    from .report import fmt  # report.py imports this module at its top
 
     rows = {k: r for k, r in summary.items() if "text" in r}
     parallel = {k: r for k, r in summary.items() if "nll_thought" in r}
@@ -147,10 +147,6 @@ def text_rollouts_page(summary: dict, title: str) -> str:
                 "<th>thought steps</th><th>reward (− per-token KL)</th></tr>")
         parts.append(f"<h2>{h.escape(name)} (seed {r['text']['first_seed']})</h2><table>{head}{''.join(rows)}"
                      "</table>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
-             "pre{margin:0;white-space:pre-wrap}.thought{color:#c2185b}sub{color:#777}")
     body = "".join(parts) or "<p>No arm has text rollouts.</p>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{h.escape(title)} text rollouts</title>"
-            f"<style>{style}</style></head><body><h1>{h.escape(title)}: own continuations</h1>{body}"
-            "</body></html>\n")
+    return html_page(f"{title} text rollouts", f"<h1>{h.escape(title)}: own continuations</h1>{body}",
+                     ROLLOUT_STYLE)

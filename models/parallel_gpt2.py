@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from thinktok.compat import attn_implementation
 from thinktok.kernels.parallel_decode import parallel_thought_decode
 from thinktok.kernels.parallel_thought import parallel_thought_attention
 
@@ -82,9 +83,7 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
     The call still goes through `model` itself (logits for one row only), so a DDP-wrapped learner syncs
     its gradients."""
     config = getattr(model, "module", model).config
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
+    with attn_implementation(config, NAME):
         pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
         # an all-ones mask only tells transformers there is no padding (windows hold EOS ids); the registered
         # mask function turns it into nothing
@@ -93,8 +92,6 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
                     num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1]
-    finally:
-        config._attn_implementation = previous
 
 
 class MixingHead(nn.Module):

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from trl.trainer.utils import selective_log_softmax
+
+from thinktok.compat import selective_log_softmax
 
 from .head import head_columns, head_logits, masked_logit, restore_head
 

@@ -19,7 +19,8 @@ from torch.distributions import Dirichlet, Normal
 
 from thinktok.errors import UserError
 
-from .thoughts import Action, SamplingConfig, StepOut, ThoughtConfig, ThoughtMode, inverse_cdf, select
+from .thought_config import SamplingConfig, ThoughtConfig
+from .thoughts import Action, StepOut, ThoughtMode, inverse_cdf, select
 from .vocab import ThinkingVocab
 
 

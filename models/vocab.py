@@ -21,13 +21,13 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
-from thinktok.checkpoint import VOCAB_FILE
 from thinktok.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: importing transformers' model classes loads torch._dynamo and Triton
     from transformers import PreTrainedModel
 
 BOT, EOT = "<bot>", "<eot>"
+VOCAB_FILE = "thinktok_vocab.json"  # the layout below, in every checkpoint (thinktok/checkpoint.py)
 
 
 def think_token(i: int) -> str:

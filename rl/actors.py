@@ -29,13 +29,14 @@ from torch import nn
 
 from thinktok.models.head import head_columns
 from thinktok.models.policy import load_policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import load_base_tokenizer
 
 from .config import RayConfig
 from .rewards import POLICY_REWARDS, RewardConfig, RewardModel, Rewards
-from .rollout import Rollout, sample
+from .rollout import Rollout
+from .sampler import sample
 
 if TYPE_CHECKING:
     from thinktok.envs import TaskConfig

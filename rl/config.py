@@ -9,7 +9,7 @@ from pathlib import Path
 
 from thinktok.envs import TaskConfig
 from thinktok.errors import UserError
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig, check_trainable
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig, check_trainable
 
 from .parallel.config import ParallelConfig
 from .rewards import GOLD_REWARDS, RewardConfig
@@ -55,17 +55,10 @@ class RLConfig:
     gamma: float = 1.0  # ppo
     lam: float = 0.95  # ppo
     vf_coef: float = 0.5  # ppo
-    # weight versions a rollout may lag the learner. Only 0: rollouts are always sampled with the learner's
-    # current weights (the sampler's log-probs are the behaviour policy of the importance ratio, but nothing
-    # here samples ahead of the learner yet)
-    max_staleness: int = 0
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
             raise UserError(f"unknown algo {self.algo!r}: expected one of {', '.join(ALGOS)}")
-        if self.max_staleness != 0:
-            raise UserError(f"rl.max_staleness={self.max_staleness}: asynchronous (stale) rollouts are not "
-                             "implemented; every rollout uses the learner's current weights (set 0)")
         if self.num_generations < 2:
             raise UserError("num_generations must be >= 2 (group baselines need two samples)")
 

@@ -2,19 +2,9 @@
 
 transformers' Trainer runs the loop (optimizer, schedule, clipping, logging, checkpoints, resume); each
 step is `rl_step`: the collector's rollouts and rewards, then the recompute, advantages and loss below.
-Every use of TRL 1.16.0's private internals is in this module (rl/ppo.py and rl/parallel/learner.py
-override the public methods below instead); `check_trl` refuses any other TRL version at start-up:
-
-  GRPOTrainer.training_step  override (transformers' hook): the whole step is `rl_step`; TRL's generation
-      and reward pipeline (_prepare_inputs, _generate_and_score_completions) never runs
-  GRPOTrainer._compute_loss  called by `objective`: TRL's clipped surrogate (its loss_type, epsilon, clip
-      logs) over our log-probs, advantages and loss mask; batch keys it reads: prompt_ids, prompt_mask,
-      completion_ids, completion_mask, advantages, old_per_token_logps, num_items_in_batch
-  GRPOTrainer._get_per_token_logps_and_entropies  override: hands `_compute_loss` the log-probs and
-      entropies our recompute already computed (`Precomputed`), the only densities that fit vector actions
-      and thought budgets
-  GRPOTrainer._metrics  appended to by `log_metric`: our metrics reach TRL's logs (metrics.jsonl)
-  transformers' Trainer._clip_grad_norm  override: the extra modules' parameters are clipped with the model's
+Its overrides of TRL's and transformers' private methods (training_step, _compute_loss,
+_get_per_token_logps_and_entropies, _metrics, _clip_grad_norm) are listed, with what each does and why, in
+thinktok/compat.py, which checks the installed versions at start-up.
 
   * The behaviour policy is the sampler's: its recorded log-probs are TRL's old log-probs, so the ratio is
     pi_learner / pi_sampler (1 up to float error when on-policy, as here; a mismatch, e.g. bf16 workers
@@ -40,24 +30,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import trl
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
+from thinktok.compat import check_libraries
 from thinktok.errors import UserError
 
 from .advantages import group_advantages
-from .rollout import Recomputed, gold_answer_loglik, recompute_logprobs
+from .recompute import Recomputed, gold_answer_loglik, recompute_logprobs
 from .step import Batch, rl_step
-
-TRL_VERSION = "1.16.0"  # the TRL whose private methods this module overrides (pyproject.toml pins it)
-
-
-def check_trl() -> None:
-    """The installed TRL is the one this module's overrides were written against, or a clear error."""
-    if trl.__version__ != TRL_VERSION:
-        raise UserError(f"thinktok's learner overrides private methods of TRL {TRL_VERSION} (rl/learner.py), "
-                        f"but TRL {trl.__version__} is installed: pip install trl=={TRL_VERSION}")
 
 
 def rewards_come_from_the_collector(*_, **__):
@@ -83,7 +64,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     def __init__(self, model, args: GRPOConfig, *rest, collector, extra_modules: dict[str, nn.Module],
                  algo: str = "grpo", kl_ref: nn.Module | None = None, kl_coef: float = 0.0,
                  latent_coef: float = 0.0, **kwargs):
-        check_trl()
+        check_libraries()
         # refused before TRL builds anything (with its own beta it would load a reference model)
         if args.num_iterations != 1 or args.steps_per_generation != 1 or args.beta != 0:
             raise UserError("thinktok's learner trains each batch once, on-policy, with its own text-step "

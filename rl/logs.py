@@ -14,11 +14,11 @@ from transformers.trainer_callback import ProgressCallback
 
 from thinktok.analysis.evaluate import evaluate_policy
 from thinktok.analysis.render import to_html, to_json, to_jsonl
+from thinktok.models.thought_config import SamplingConfig
 from thinktok.models.thought_modes import with_sampling
-from thinktok.models.thoughts import SamplingConfig
 
 from .config import TrainConfig
-from .rollout import sample
+from .sampler import sample
 
 
 class RunLogger(TrainerCallback):

@@ -11,7 +11,7 @@ from torch import nn
 from thinktok.models.thoughts import Action
 
 from .learner import ThoughtGRPOTrainer
-from .rollout import Recomputed
+from .recompute import Recomputed
 from .step import Batch, padded
 
 

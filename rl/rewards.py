@@ -40,7 +40,8 @@ import torch
 from thinktok.errors import PoisonedStep, UserError
 from thinktok.models.thoughts import Action, ThoughtMode
 
-from .rollout import ArraysWhenPickled, Rollout, gold_answer_loglik, opening_thoughts, text_token_logprobs
+from .recompute import gold_answer_loglik, text_token_logprobs
+from .rollout import ArraysWhenPickled, Rollout, opening_thoughts
 
 if TYPE_CHECKING:  # the teacher module imports TRL: not for parsing a config
     from thinktok.models.teacher import Teacher

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from thinktok.compat import cache_kwarg
 from thinktok.models.head import head_logits
 from thinktok.models.thought_modes import ContinuousThoughts, SoftThoughts
 from thinktok.models.thoughts import State, ThoughtMode
 
-from .rollout import RECORDS, Rollout, cache_kwarg, check_ids, left_pad, rng_devices, to_rollouts
+from .decoding import RECORDS, check_ids, finished, left_pad, rng_devices, to_rollouts
+from .rollout import Rollout
 
 # decoding steps between the host's `done.all()` checks: one sync each on a GPU; on a CPU a check is free,
 # and stopping at once saves the steps a batch would decode after every rollout ended
@@ -28,8 +30,8 @@ class StaticKV:
     """A KV cache preallocated to the rollout's maximum length, (B, H, max_len, Dh) per layer, written in
     place at slot `slot` (a (1,) tensor the step advances): fixed shapes, no torch.cat per step, so the
     decoding step can be compiled and captured. Duck-typed: GPT-2's attention only calls `update`
-    (transformers 5.17 to 5.24), and the 4D mask the sampler passes means the mask code never asks a cache
-    for its length."""
+    (transformers 5.17 to 5.25: thinktok/compat.py), and the 4D mask the sampler passes means the mask code
+    never asks a cache for its length."""
 
     def __init__(self, config, batch: int, max_len: int, slot: torch.Tensor, dtype, device):
         heads = config.num_attention_heads
@@ -61,7 +63,7 @@ class DecodeBuffers:
     phase: torch.Tensor
     run: torch.Tensor
     done: torch.Tensor  # (B,) bool
-    n_real: torch.Tensor  # (B,) text tokens so far
+    n_text: torch.Tensor  # (B,) text tokens so far
     valid: torch.Tensor  # (B, L) bool: cache slots that hold a real key (prompt padding is False)
     pos: torch.Tensor  # (B,) position id of the step's input
     slot: torch.Tensor  # (1,) cache slot of the step's input
@@ -131,18 +133,14 @@ class StaticSampler:
         for name, rec in b.records.items():
             rec.index_copy_(1, b.step, getattr(out, name).to(rec.dtype).unsqueeze(1))
         b.alive.index_copy_(1, b.step, ~b.done[:, None])
-        real = (out.token >= 0) & (out.token < vocab.real_size)
-        n_real = b.n_real + real
-        done = b.done | (n_real >= sampling.max_new_tokens)
-        if sampling.stop_at_eos:
-            done = done | (real & (out.token == vocab.eos_id))
+        n_text, done = finished(out.token, b.n_text, b.done, vocab.real_size, vocab.eos_id, sampling)
         allowed = b.valid & (torch.arange(b.valid.shape[1], device=b.valid.device) <= b.slot)  # (B, L)
         hidden = model.base_model(inputs_embeds=out.embeds[:, None],
                                   attention_mask=additive_mask(allowed[:, None], model.dtype),
                                   position_ids=b.pos[:, None], use_cache=True,
                                   **{self.cache_kw: b.cache}).last_hidden_state
         for buf, new in ((b.n_thought, state.n_thought), (b.phase, state.phase), (b.run, state.run),
-                         (b.done, done), (b.n_real, n_real), (b.hidden, hidden[:, -1])):
+                         (b.done, done), (b.n_text, n_text), (b.hidden, hidden[:, -1])):
             buf.copy_(new)
         for counter in (b.pos, b.slot, b.step):
             counter.add_(1)
@@ -174,7 +172,7 @@ class StaticSampler:
             for buf, new in ((b.hidden, hidden), (b.n_thought, state.n_thought), (b.phase, state.phase),
                              (b.run, state.run), (b.pos, pos[:, -1] + 1)):
                 buf.copy_(new)
-            for buf, value in ((b.done, False), (b.n_real, 0), (b.slot, width), (b.step, 0)):
+            for buf, value in ((b.done, False), (b.n_text, 0), (b.slot, width), (b.step, 0)):
                 buf.fill_(value)
             for s in range(steps):
                 self.step(b)
@@ -186,8 +184,7 @@ class StaticSampler:
 
 
 # (id(model), id(mode), compile) -> sampler. A sampler holds its model and mode (so their ids stay theirs
-# while
-# cached) and its buffers: the few most recent are kept, a rollout worker uses one.
+# while cached) and its buffers: the few most recent are kept, a rollout worker uses one.
 _SAMPLERS: OrderedDict[tuple[int, int, bool], StaticSampler] = OrderedDict()
 MAX_SAMPLERS = 8
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from trl import GRPOConfig
 
 from thinktok.checkpoint import RunTrainer, atomic_save, find_checkpoint, load_extra_state, step_of
+from thinktok.compat import check_libraries
 from thinktok.config import save_config
 from thinktok.envs import load_task
 from thinktok.errors import UserError
@@ -34,7 +35,7 @@ from thinktok.sft import WallClock, ensure_checkpoint
 
 from .actors import sequential_workers, start_workers, stop_workers
 from .config import TrainConfig
-from .learner import ThoughtGRPOTrainer, check_trl
+from .learner import ThoughtGRPOTrainer
 from .logs import RewardProgress, RunLogger, truncate_after
 from .ppo import ThoughtPPOTrainer, value_head
 from .rewards import gold_answer
@@ -110,15 +111,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return find_checkpoint(out) if list((out / "trainer").glob("checkpoint-*")) else None
 
 
+class SaveAtEnd(TrainerCallback):
+    """The last step is saved, whether max_steps, max_seconds or a stop from another callback ended the run
+    (the Trainer saves every save_every steps only). After WallClock in the callbacks: it reads its stop."""
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_save |= control.should_training_stop or state.global_step >= state.max_steps
+
+
 def run_train(cfg: TrainConfig, resume: bool = False) -> Path:
     """The run: built by `build_run`, then TRL's loop, resumed from the newest checkpoint when asked."""
     trainer, workers, resume_from = build_run(cfg, resume)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         final = latest_checkpoint(cfg.out_dir)
-        if final is None or step_of(final) != trainer.state.global_step:
-            trainer._save_checkpoint(trainer.model, None)
-            final = latest_checkpoint(cfg.out_dir)
     finally:
         stop_workers(workers)
     return final
@@ -129,7 +135,7 @@ def build_run(cfg: TrainConfig, resume: bool = False):
     the resolved config, the initial policy and (resumed) the logs cut at the checkpoint."""
     # config and run directory
     cfg.validate()
-    check_trl()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
+    check_libraries()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(out) if resume else None
@@ -180,8 +186,8 @@ def build_run(cfg: TrainConfig, resume: bool = False):
     trainer = path.trainer(
         model=policy.model, args=args, processing_class=policy.tokenizer,
         train_dataset=Dataset.from_dict({"prompt": list(path.prompts)}), collector=path.collector(workers),
-        callbacks=[WallClock(rl.max_seconds), logger], extra_modules=extra, algo=rl.algo, kl_ref=kl_ref,
-        run_cfg=cfg, vocab=policy.vocab, init_rows=policy.init_rows, **path.trainer_kwargs)
+        callbacks=[WallClock(rl.max_seconds), SaveAtEnd(), logger], extra_modules=extra, algo=rl.algo,
+        kl_ref=kl_ref, run_cfg=cfg, vocab=policy.vocab, init_rows=policy.init_rows, **path.trainer_kwargs)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RewardProgress)
     if resume_from is not None:

@@ -22,8 +22,8 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter; it m
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from thinktok.models.policy import load_policy  # noqa: E402
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig  # noqa: E402
 from thinktok.models.thought_modes import make_mode  # noqa: E402
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig  # noqa: E402
 
 torch.set_num_threads(1 if XDIST else 2)
 

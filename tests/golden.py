@@ -10,7 +10,8 @@ import torch
 from conftest import MODE_CASES, make
 from thinktok.envs import TaskConfig, load_task
 from thinktok.models.head import restrict_head, task_text_ids
-from thinktok.rl.rollout import gold_answer_loglik, recompute_logprobs, sample
+from thinktok.rl.recompute import gold_answer_loglik, recompute_logprobs
+from thinktok.rl.sampler import sample
 
 PATH = Path(__file__).parent / "data" / "golden_rollouts.pt"
 PROMPTS = [[1105, 1635, 4974, 796], [16, 1635, 718, 796], [1105, 1635]]  # task-head ids, different lengths

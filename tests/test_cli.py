@@ -46,7 +46,7 @@ def test_text_and_html_show_thinking_tokens(tmp_path, monkeypatch):
     assert main(["sample", "--num-thinking", "8", "--max-thought-tokens", "3", "--num-samples", "3",
                  "--format", "html", "--out", str(html)]) == 0
     page = html.read_text()
-    assert page.startswith("<!DOCTYPE html>") and '<span class="thought"' in page and "&lt;think" in page
+    assert page.startswith("<!doctype html>") and '<span class="thought"' in page and "&lt;think" in page
     text = tmp_path / "s.txt"
     assert main(["sample", "--num-thinking", "8", "--max-thought-tokens", "3", "--num-samples", "3",
                  "--out", str(text)]) == 0
@@ -141,7 +141,7 @@ def test_sample_reads_the_checkpoints_thought_settings(tmp_path, capsys):
     the run-info layout gets an error naming the missing file."""
     from thinktok.checkpoint import RUN_INFO, save_run_info
     from thinktok.envs import TaskConfig
-    from thinktok.models.thoughts import ThoughtConfig
+    from thinktok.models.thought_config import ThoughtConfig
 
     policy = load_policy("tiny", 8, False)
     policy.save(tmp_path / "ckpt")

@@ -11,15 +11,19 @@ from golden import GOLD, HEADS, PATH, PROMPTS, build
 from thinktok.analysis.controls import control_modes, derange, thought_inputs
 from thinktok.errors import UserError
 from thinktok.models.head import head_columns
+from thinktok.models.thought_config import ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import ThoughtConfig
-from thinktok.rl.rollout import gold_answer_loglik, own_text_logprobs, recompute_logprobs, sample
+from thinktok.rl.recompute import gold_answer_loglik, own_text_logprobs, recompute_logprobs
+from thinktok.rl.sampler import sample
 
 GOLDEN = torch.load(PATH)
 
 
-def close(a, b, tol=1e-6):
-    """Absolute, relative for large densities (a Gaussian over D dims sums D terms)."""
+def close(a, b, tol=1e-5):
+    """Absolute, relative for large densities (a Gaussian over D dims sums D terms). 1e-5: the reference was
+    written on another machine, and fp32 matmuls differ between CPUs' kernels by ~1e-6 (measured on a second
+    2-core machine: up to 2.7e-6 in a log-prob, and in a continuous thought's hidden state); the draws
+    themselves must be identical."""
     return ((a - b).abs() <= tol * torch.clamp(b.abs(), min=1.0)).all()
 
 
@@ -36,7 +40,7 @@ def test_same_draws_and_logprobs_as_the_full_width_sampler(case, head):
             got, ref = getattr(r, name), w[name]
             assert (got is None) == (ref is None) and (got is None or close(got.float(), ref.float()))
     rec = recompute_logprobs(policy.model, mode, rollouts, text=True)
-    assert close(rec.logprob, want["logprob"]) and close(rec.entropy, want["entropy"], 1e-5)
+    assert close(rec.logprob, want["logprob"]) and close(rec.entropy, want["entropy"], 1e-4)
     own = torch.tensor(want["own_text"])
     assert close(rec.text_logp.gather(1, mode.column_of(own)[:, None])[:, 0], want["text_logp_own"])
     assert close(torch.cat(own_text_logprobs(policy.model, mode, rollouts)), want["text_logp_own"])

@@ -48,7 +48,7 @@ def test_every_shipped_config_loads_and_validates():
     from pathlib import Path
 
     from thinktok.rl.config import TrainConfig
-    from thinktok.study import StudyConfig
+    from thinktok.study_config import StudyConfig
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert len(configs) >= 6

@@ -25,10 +25,12 @@ from thinktok.analysis.content import (
 )
 from thinktok.analysis.controls import thought_inputs
 from thinktok.models.policy import Policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
+from thinktok.models.thoughts import Action
 from thinktok.models.vocab import ThinkingVocab
-from thinktok.rl.rollout import Rollout, sample
+from thinktok.rl.rollout import Rollout
+from thinktok.rl.sampler import sample
 
 WORDS = [f" {d}" for d in range(10)] + [" =", "<eos>"]  # the text vocabulary: ids 0..11
 EOS, N = 11, 10  # end of text; thinking tokens <think0..9> are ids 12..21

@@ -12,9 +12,9 @@ from thinktok.analysis.controls import control_modes, derange, thought_inputs
 from thinktok.analysis.evaluate import evaluate_policy
 from thinktok.envs.base import norm
 from thinktok.models.policy import load_policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
-from thinktok.rl.rollout import sample
+from thinktok.rl.sampler import sample
 
 DIGITS = [f" {d}" for d in range(10)]
 

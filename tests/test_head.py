@@ -11,9 +11,11 @@ from thinktok.errors import UserError
 from thinktok.models.head import head_columns, head_name, labelled_logits, restrict_head, task_text_ids
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
-from thinktok.rl.rollout import recompute_logprobs, sample
+from thinktok.models.thoughts import Action
+from thinktok.rl.recompute import recompute_logprobs
+from thinktok.rl.sampler import sample
 from thinktok.sft import ModelConfig, SFTConfig, label_loss
 
 TASK = TaskConfig(name="multiplication", digits=2, spaced=True, reverse=True, num_train=50, num_val=5,

@@ -11,12 +11,14 @@ from trl import GRPOConfig
 from conftest import boost_thinking
 from thinktok.errors import UserError
 from thinktok.models.policy import load_policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig
+from thinktok.models.thoughts import Action
 from thinktok.rl.advantages import group_advantages
 from thinktok.rl.learner import ThoughtGRPOTrainer
 from thinktok.rl.ppo import ThoughtPPOTrainer, value_head
-from thinktok.rl.rollout import recompute_logprobs, sample
+from thinktok.rl.recompute import recompute_logprobs
+from thinktok.rl.sampler import sample
 from thinktok.rl.step import Batch, Collector, padded
 
 PROMPTS = {"p0": [1105, 1635, 4974, 796], "p1": [15496]}
@@ -272,7 +274,7 @@ def test_another_trl_version_is_refused(tmp_path, monkeypatch):
 
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8))
     monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(UserError, match=r"private methods of TRL 1\.16\.0 .* but TRL 1\.17\.0 is installed: "
+    with pytest.raises(UserError, match=r"TRL 1\.17\.0 is installed, thinktok supports TRL 1\.16\.0 only.*"
                                         r"pip install trl==1\.16\.0"):
         local_trainer(tmp_path, policy, mode, lambda r: 0.0)
 

@@ -8,8 +8,8 @@ from thinktok.kernels.parallel_thought import parallel_thought_mask
 from thinktok.models.parallel_gpt2 import MixingHead, layout_positions, parallel_hidden
 from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.rl.parallel.config import ParallelConfig
 from thinktok.rl.parallel.rollout import sample_parallel, text_windows
 from thinktok.rl.parallel.scorer import ParallelScorer, position_advantages, score, true_targets

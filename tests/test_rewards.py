@@ -14,7 +14,7 @@ from thinktok.models.policy import load_policy
 from thinktok.models.teacher import Teacher
 from thinktok.models.thoughts import Action
 from thinktok.rl.rewards import RewardConfig, RewardModel
-from thinktok.rl.rollout import sample
+from thinktok.rl.sampler import sample
 
 TASK = load_task(TaskConfig(name="multiplication", num_train=4, num_val=1, num_test=1))
 ROWS = TASK.dataset["train"].to_list()[:3]

@@ -9,7 +9,7 @@ from thinktok.cli import main
 from thinktok.config import load_config
 from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
-from thinktok.models.thoughts import ThoughtConfig
+from thinktok.models.thought_config import ThoughtConfig
 from thinktok.sft import (
     CurriculumConfig,
     SFTConfig,

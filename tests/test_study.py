@@ -17,7 +17,8 @@ import ray
 from thinktok.analysis.content import ContentConfig
 from thinktok.rl.actors import init_ray
 from thinktok.rl.config import RayConfig
-from thinktok.study import ArmConfig, StudyConfig, run_study
+from thinktok.study import run_study
+from thinktok.study_config import ArmConfig, StudyConfig
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 SFT = str(CONFIGS / "sft_quickstart_answer.yaml")

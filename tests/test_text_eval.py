@@ -12,10 +12,10 @@ import torch
 from conftest import RuleBase, RuleModel
 from thinktok.analysis.text_eval import ForceText, placement, ranks, spearman, text_measures, token_table
 from thinktok.models.policy import Policy
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
 from thinktok.models.vocab import ThinkingVocab
-from thinktok.rl.rollout import sample
+from thinktok.rl.sampler import sample
 
 WORDS = [f" {d}" for d in range(10)] + ["<eos>"]  # text ids 0..10
 EOS, N = 10, 2  # thinking tokens <think0>, <think1>: ids 11, 12

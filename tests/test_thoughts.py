@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import make
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig, check_trainable
 from thinktok.models.thought_modes import make_mode
-from thinktok.models.thoughts import Action, SamplingConfig, ThoughtConfig, check_trainable
+from thinktok.models.thoughts import Action
 from thinktok.models.vocab import ThinkingVocab
 
 V = ThinkingVocab(real_size=10, num_thinking=3, markers=False, eos_id=9)
@@ -88,7 +89,7 @@ def test_soft_densities_by_hand():
 
 def test_soft_mixture_is_weighted_embedding():
     policy, m = make("soft-gumbel")
-    from thinktok.rl.rollout import sample
+    from thinktok.rl.sampler import sample
 
     r = sample(policy.model, m, [[1105, 1635]])[0]
     assert r.action[0] == Action.FORCED and r.token[0] == policy.vocab.bot_id

@@ -2,14 +2,14 @@
 
 A checkpoint is Hugging Face format (model + tokenizer with thinking tokens, loads with
 `AutoModelForCausalLM`) plus:
-  thinktok_vocab.json      the thinking vocabulary's layout (models/vocab.py)
+  thinktok_vocab.json      the thinking vocabulary's layout (models/vocab.py, which names the file)
   thinktok_init_rows.pt    the new rows as initialised (row-movement measures)
   thinktok_run.yaml        which task, format and thought mode the weights were trained for (and the parallel
                            settings), so that `sample`, `eval` and `compare` need no other input
   thinktok_extra.pt        RL checkpoints: the learner's extra modules (thought mode, value head, mixing head)
   thinking_rows.json       SFT checkpoints: each thinking row's movement and gradient norm over training
-Written atomically: a temp directory renamed into place. Only file names and yaml at import: models/ imports
-the names, and the loaders import the configs they build when called.
+Written atomically: a temp directory renamed into place. Only file names and yaml at import: models/policy.py
+imports the names, and the loaders import the configs they build (from models/, envs/, rl/) when called.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import yaml
 
 from thinktok.errors import UserError
 
-VOCAB_FILE = "thinktok_vocab.json"
 INIT_ROWS_FILE = "thinktok_init_rows.pt"
 RUN_INFO = "thinktok_run.yaml"
 EXTRA_STATE = "thinktok_extra.pt"
@@ -33,7 +32,7 @@ ROWS_FILE = "thinking_rows.json"
 def save_run_info(directory: Path, task, format: str, thought, parallel=None) -> None:
     """format: the SFT text format, "rl", or "parallel" (then `parallel` holds the parallel-thought settings).
     task: TaskConfig; thought: ThoughtConfig or None (a plain LM); parallel: ParallelConfig or None."""
-    from thinktok.models.thoughts import ThoughtConfig
+    from thinktok.models.thought_config import ThoughtConfig
 
     thought = thought if thought is not None else ThoughtConfig(mode="none", num_thinking=0)
     info = {"task": dataclasses.asdict(task), "format": format, "thought": dataclasses.asdict(thought)}
@@ -55,7 +54,7 @@ def load_run_info(directory: Path):
     """-> (TaskConfig, format, ThoughtConfig) the checkpoint was trained with."""
     from thinktok.config import from_dict
     from thinktok.envs import TaskConfig
-    from thinktok.models.thoughts import ThoughtConfig
+    from thinktok.models.thought_config import ThoughtConfig
 
     info = read_run_info(directory)
     return from_dict(TaskConfig, info["task"]), info["format"], from_dict(ThoughtConfig, info["thought"])

@@ -35,7 +35,7 @@ from thinktok.envs import FORMATS, TaskConfig, load_task
 from thinktok.errors import UserError
 from thinktok.models.head import HEADS, head_name, labelled_logits, restrict_head, task_text_ids
 from thinktok.models.policy import Policy, freeze_rows, load_policy
-from thinktok.models.thoughts import ThoughtConfig
+from thinktok.models.thought_config import ThoughtConfig
 from thinktok.models.vocab import row_movement
 
 from .checkpoint import ROWS_FILE, save_run_info

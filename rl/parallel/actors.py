@@ -10,7 +10,7 @@ import torch
 
 from thinktok.models.parallel_gpt2 import MixingHead
 from thinktok.models.teacher import Teacher
-from thinktok.models.thoughts import SamplingConfig, ThoughtConfig
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
 from thinktok.rl.actors import RolloutWorker, VersionedWeights, policy_copy
 
 from .config import ParallelConfig

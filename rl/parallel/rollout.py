@@ -12,7 +12,7 @@ from thinktok.errors import UserError
 from thinktok.models.head import column_logits
 from thinktok.models.parallel_gpt2 import ParallelCache, parallel_hidden
 from thinktok.models.thoughts import ThoughtMode
-from thinktok.rl.rollout import rng_devices
+from thinktok.rl.decoding import rng_devices
 
 from .config import ParallelConfig
 
