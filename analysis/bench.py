@@ -127,7 +127,7 @@ def bench_train(config: str, overrides: list[str], steps: int, workers: tuple[in
     return results
 
 
-def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int, lookahead: int, repeats: int,
+def bench_parallel(model_name: str, batch: int, num_text: int, thought_len: int, lookahead: int, repeats: int,
                    device: str, dtype: str, out: Path) -> dict:
     """`thinktok bench parallel`: real tokens per second that get a thought of `thought_len` tokens and a
     scored gain over `lookahead` true tokens, against the base model just reading the text (Quiet-STaR's
@@ -144,11 +144,11 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
     policy = load_policy(model_name, cfg.vocab_tokens, cfg.markers, dtype=torch_dtype)
     model = policy.model.to(device).eval()
     mode = make_mode(cfg, policy.vocab, SamplingConfig()).to(device)
-    real = torch.randint(0, policy.vocab.real_size, (batch, num_real),
+    real = torch.randint(0, policy.vocab.text_size, (batch, num_text),
                          generator=torch.Generator().manual_seed(0)).to(device)
-    scorer = ParallelScorer(ParallelConfig(num_real=num_real, thought_len=thought_len, lookahead=lookahead),
+    scorer = ParallelScorer(ParallelConfig(num_text=num_text, thought_len=thought_len, lookahead=lookahead),
                             model, mode)
-    lo, hi = policy.vocab.real_size, policy.vocab.real_size + policy.vocab.num_thinking
+    lo, hi = policy.vocab.text_size, policy.vocab.text_size + policy.vocab.num_thinking
 
     @torch.no_grad()
     def base():
@@ -161,7 +161,7 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
 
     @torch.no_grad()
     def naive():  # the loop one writes without the parallel layout: every position its own KV-cached rollout
-        for t in range(num_real - 1):
+        for t in range(num_text - 1):
             o = model(input_ids=real[:, : t + 1], use_cache=True)
             for _ in range(thought_len):
                 tok = torch.multinomial(o.logits[:, -1, lo:hi].float().softmax(-1), 1) + lo
@@ -170,40 +170,40 @@ def bench_parallel(model_name: str, batch: int, num_real: int, thought_len: int,
                 model(input_ids=real[:, t + 1 : t + lookahead], use_cache=True, **{kv: getattr(o, kv)})
 
     seg = thought_len + lookahead - 1
-    ids = torch.cat([real, torch.randint(lo, hi, (batch, num_real * seg), device=device)], 1)
+    ids = torch.cat([real, torch.randint(lo, hi, (batch, num_text * seg), device=device)], 1)
 
     @torch.no_grad()
     def scored_pass():
-        parallel_hidden(model, ids, num_real, seg)
+        parallel_hidden(model, ids, num_text, seg)
 
-    mask = parallel_thought_mask(num_real, seg, device)
+    mask = parallel_thought_mask(num_text, seg, device)
     dense = torch.zeros(mask.shape, dtype=torch_dtype, device=device).masked_fill(~mask, float("-inf"))[
         None, None]
-    positions = layout_positions(num_real, seg, device)[None]
+    positions = layout_positions(num_text, seg, device)[None]
 
     @torch.no_grad()
     def dense_pass():
         model.base_model(input_ids=ids, position_ids=positions, attention_mask=dense)
 
-    tokens = batch * num_real
+    tokens = batch * num_text
     secs = {name: timed(fn, repeats, device) for name, fn in
             (("base", base), ("parallel", parallel), ("naive", naive), ("scored_pass", scored_pass),
              ("dense_pass", dense_pass))}
-    results = {"model": model_name, "batch": batch, "num_real": num_real, "thought_len": thought_len,
+    results = {"model": model_name, "batch": batch, "num_text": num_text, "thought_len": thought_len,
                "lookahead": lookahead, "device": device, "dtype": dtype, "seconds": secs,
                "tokens_per_s": {k: tokens / v for k, v in secs.items() if k in ("base", "parallel", "naive")},
                "parallel_vs_base": secs["base"] / secs["parallel"],
                "parallel_vs_naive": secs["naive"] / secs["parallel"],
                "kernel_vs_dense_mask": secs["dense_pass"] / secs["scored_pass"]}
     # the work itself: per window, T prefix + T*L sampled thought tokens, then T + T*(L+n-1) scored tokens
-    processed = batch * num_real * (2 + 2 * thought_len + lookahead - 1)
+    processed = batch * num_text * (2 + 2 * thought_len + lookahead - 1)
     results["processed_tokens_per_s_vs_base"] = processed / secs["parallel"] / results["tokens_per_s"]["base"]
     tps = results["tokens_per_s"]
     print(f"real tokens/s with a {thought_len}-token thought scored over {lookahead}: parallel "
           f"{tps['parallel']:.1f}, naive {tps['naive']:.1f}; base model reading the text: {tps['base']:.1f}")
     print(f"parallel = {results['parallel_vs_base']:.3f}x the base model's reading speed, "
           f"{results['parallel_vs_naive']:.1f}x the naive per-position loop; it processes "
-          f"{processed // (batch * num_real)} tokens per real token, at "
+          f"{processed // (batch * num_text)} tokens per real token, at "
           f"{results['processed_tokens_per_s_vs_base']:.2f}x the base model's tokens/s")
     print(f"scoring pass, parallel-thought attention vs dense explicit mask: "
           f"{results['kernel_vs_dense_mask']:.2f}x"
@@ -232,7 +232,7 @@ def bench_head(model_name: str, batch: int, repeats: int, device: str, out: Path
     for head in ("full", "task"):
         policy = load_policy(model_name, thought.vocab_tokens, thought.markers, seed=0)
         if head == "task":
-            restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.real_size)
+            restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.text_size)
         model = policy.model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         sft_cfg = SFTConfig(format="cot")

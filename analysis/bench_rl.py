@@ -54,7 +54,7 @@ class Reference:
         self.teacher = teacher
         head = model.get_output_embeddings()
         self.cols = getattr(head, "allowed", torch.arange(vocab.size))  # (K,) token id of each column
-        self.n_text = int((self.cols < vocab.real_size).sum())
+        self.n_text = int((self.cols < vocab.text_size).sum())
         self.opt = torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
 
     def logits(self, h):  # (..., D) -> (..., K): the head's rows only
@@ -92,7 +92,7 @@ class Reference:
             alive.append(~done)
             toks.append(tok)
             lps.append(lp.gather(1, col)[:, 0])
-            is_text = tok < self.v.real_size
+            is_text = tok < self.v.text_size
             n_thought += ~is_text
             n_text += is_text
             done = done | (n_text >= self.s.max_text) | (is_text & (tok == self.v.eos_id))
@@ -121,7 +121,7 @@ class Reference:
         """(N,) log pi of every recorded token under its step's distribution, rollouts in order."""
         tok = torch.cat([torch.tensor(t) for t in tokens])
         step = torch.cat([torch.arange(len(t)) for t in tokens])
-        thought = [(torch.tensor(t) >= self.v.real_size).long() for t in tokens]
+        thought = [(torch.tensor(t) >= self.v.text_size).long() for t in tokens]
         n_before = torch.cat([x.cumsum(0) - x for x in thought])
         logits = self.logits(self.hidden(self.model, prompts, tokens)).float()
         lp = logits.masked_fill(self.banned(n_before, step), float("-inf")).log_softmax(-1)
@@ -143,7 +143,7 @@ class Reference:
         return self.tok(self.task.target(row, "answer")).input_ids + [self.v.eos_id]
 
     def rewards(self, prompts, tokens, rows) -> torch.Tensor:
-        texts = [[t for t in ts if t < self.v.real_size] for ts in tokens]
+        texts = [[t for t in ts if t < self.v.text_size] for ts in tokens]
         if self.s.reward == "exact_match":
             return torch.tensor([float(self.task.check(self.tok.decode(t, skip_special_tokens=True), row))
                                  for t, row in zip(texts, rows)])
@@ -156,7 +156,7 @@ class Reference:
             # teacher_kl: mean over the text tokens of log q(y_t | x, y_<t) - log pi_text(y_t | x, z, y_<t)
             q = self.text_loglik(self.teacher, prompts, texts, True)
             tok = torch.cat([torch.tensor(t) for t in tokens])
-            text = tok < self.v.real_size
+            text = tok < self.v.text_size
             h = self.hidden(self.model, prompts, tokens)
             lp = self.logits(h)[:, : self.n_text].float().log_softmax(-1)
             lp = lp[text].gather(1, torch.searchsorted(self.cols, tok[text])[:, None])[:, 0]

@@ -88,7 +88,7 @@ def thought_steps(r: Rollout, mode: ThoughtMode) -> torch.Tensor:
 
 
 def answer_text(r: Rollout, tokenizer) -> str:
-    return tokenizer.decode(r.real_ids, skip_special_tokens=True)
+    return tokenizer.decode(r.text_ids, skip_special_tokens=True)
 
 
 def replacements(rollouts: list[Rollout], mode: ThoughtMode, embed: nn.Embedding, k: int,
@@ -186,7 +186,7 @@ def thought_symbols(rollouts: list[Rollout], mode: ThoughtMode, tokenizer, embed
     for r in rollouts:
         steps = thought_steps(r, mode)
         inputs = step_inputs(r, embed)[steps.to(embed.weight.device)].detach()
-        near = nearest_tokens(inputs, embed.weight.detach(), mode.vocab.real_size, k=1)[:, 0].tolist()
+        near = nearest_tokens(inputs, embed.weight.detach(), mode.vocab.text_size, k=1)[:, 0].tolist()
         out.append([tokenizer.decode([int(r.token[s])]) if r.token[s] >= 0 else f"~{tokenizer.decode([t])}"
                     for s, t in zip(steps.tolist(), near)])
     return out
@@ -246,7 +246,7 @@ def embedding_view(policy, mode: ThoughtMode, rollouts: list[Rollout], cfg: Cont
     if not v.num_thinking:
         return []
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    lens = torch.zeros(v.num_thinking, v.real_size)  # summed text log-probs at each token's uses
+    lens = torch.zeros(v.num_thinking, v.text_size)  # summed text log-probs at each token's uses
     uses = torch.zeros(v.num_thinking, dtype=torch.long)
     for lo in range(0, len(rollouts), batch_size):
         chunk = rollouts[lo : lo + batch_size]
@@ -254,7 +254,7 @@ def embedding_view(policy, mode: ThoughtMode, rollouts: list[Rollout], cfg: Cont
             think = (r.token >= v.think_start) & (r.token < v.think_start + v.num_thinking)
             if think.any():
                 ids = r.token[think] - v.think_start
-                logp = torch.log_softmax(head(h[think.to(h.device)])[:, : v.real_size].float(), -1).cpu()
+                logp = torch.log_softmax(head(h[think.to(h.device)])[:, : v.text_size].float(), -1).cpu()
                 lens.index_add_(0, ids, logp)
                 uses += torch.bincount(ids, minlength=v.num_thinking)
     moved = row_movement(model, v, policy.init_rows)
@@ -262,7 +262,7 @@ def embedding_view(policy, mode: ThoughtMode, rollouts: list[Rollout], cfg: Cont
     if not order:
         return []
     rows = embed.weight[[v.think_id(i) for i in order]].detach()
-    near = nearest_tokens(rows, embed.weight.detach(), v.real_size).tolist()
+    near = nearest_tokens(rows, embed.weight.detach(), v.text_size).tolist()
 
     def words(ids):
         return [tok.decode([t]) for t in ids]

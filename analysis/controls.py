@@ -32,7 +32,7 @@ def is_thought_input(out: StepOut, mode: ThoughtMode) -> torch.Tensor:
     """(B,) bool: the step feeds a thought (a thinking token chosen or inserted, a vector, a mixture), not a
     marker or text."""
     v = mode.vocab
-    token_thought = (out.token >= v.real_size) & (out.token < v.real_size + v.num_thinking)
+    token_thought = (out.token >= v.text_size) & (out.token < v.text_size + v.num_thinking)
     return token_thought | (out.action == Action.VECTOR) | (out.action == Action.SOFT)
 
 

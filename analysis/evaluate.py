@@ -1,7 +1,7 @@
 """`thinktok eval`: greedy decoding of a checkpoint on a task split; accuracy, mean text tokens and thought
 steps per answer (the Coconut table's columns) and wall time, the controls (analysis/controls.py) and what
 the thoughts carry (analysis/content.py), printed as one JSON object and saved. The text task has no
-accuracy: its checkpoints get seed 004's measures against a frozen teacher (analysis/text_eval.py)."""
+accuracy: its checkpoints get the text measures against a frozen teacher (analysis/text_eval.py)."""
 
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ def decode(policy, modes, task, rows: list[dict], batch_size: int) -> tuple[dict
         out = sample(policy.model, modes(lo, lo + len(chunk)),
                      [policy.tokenizer(r["prompt"]).input_ids for r in chunk])
         for r, row in zip(out, chunk):
-            correct += task.check(policy.tokenizer.decode(r.real_ids, skip_special_tokens=True), row)
-            real += r.num_real
+            correct += task.check(policy.tokenizer.decode(r.text_ids, skip_special_tokens=True), row)
+            real += r.num_text
             thought += r.num_thought
             prompt += len(r.prompt_ids)
         rollouts += out
     n = len(rows)
-    return {"accuracy": correct / n, "real_tokens_mean": real / n, "thought_steps_mean": thought / n,
+    return {"accuracy": correct / n, "text_tokens_mean": real / n, "thought_steps_mean": thought / n,
             "prompt_tokens_mean": prompt / n}, rollouts
 
 

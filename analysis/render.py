@@ -20,14 +20,14 @@ from thinktok.rl.rollout import Rollout
 
 from .format import html_page
 
-STYLES = {"prompt": "bold white", "real": "cyan", "thought": "bold magenta"}
-CSS_COLOURS = {"prompt": "#222", "real": "#0a6ebd", "thought": "#c2185b"}
+STYLES = {"prompt": "bold white", "text": "cyan", "thought": "bold magenta"}
+CSS_COLOURS = {"prompt": "#222", "text": "#0a6ebd", "thought": "#c2185b"}
 
 
-def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, real_size: int,
+def nearest_tokens(vectors: torch.Tensor, embedding: torch.Tensor, text_size: int,
                    k: int = 3) -> torch.Tensor:
     """Top-k text tokens by cosine similarity: (N, D) vectors, (V, D) table -> (N, k) ids."""
-    sim = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding[:real_size].float(), dim=-1).T
+    sim = F.normalize(vectors.float(), dim=-1) @ F.normalize(embedding[:text_size].float(), dim=-1).T
     return sim.topk(k, dim=-1).indices
 
 
@@ -40,11 +40,11 @@ def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase,
         table = embedding.detach().cpu()
         vec = (r.action == Action.VECTOR).nonzero()[:, 0]
         if r.vector is not None and len(vec):
-            ids = nearest_tokens(r.vector[vec], table, r.real_size)
+            ids = nearest_tokens(r.vector[vec], table, r.text_size)
             near = {int(s): ids[i].tolist() for i, s in enumerate(vec)}
-        think = (r.token >= r.real_size).nonzero()[:, 0]
+        think = (r.token >= r.text_size).nonzero()[:, 0]
         if len(think):
-            ids = nearest_tokens(table[r.token[think]], table, r.real_size)
+            ids = nearest_tokens(table[r.token[think]], table, r.text_size)
             near.update({int(s): ids[i].tolist() for i, s in enumerate(think)})
     out = []
     for s, (kind, tok, lp) in enumerate(zip(r.kinds, r.token.tolist(), r.logprob.tolist())):
@@ -57,7 +57,7 @@ def step_records(r: Rollout, tokenizer: PreTrainedTokenizerBase,
         else:
             text = tokenizer.decode([tok])
         rec = {"kind": kind, "token_id": None if tok < 0 else tok, "text": text, "logprob": lp}
-        if tok >= r.real_size and s in near:
+        if tok >= r.text_size and s in near:
             rec["nearest"] = [tokenizer.decode([t]) for t in near[s]]
         out.append(rec)
     return out
@@ -68,8 +68,8 @@ def to_json(r: Rollout, tokenizer, embedding=None) -> dict:
         "prompt": tokenizer.decode(r.prompt_ids),
         "mode": r.mode,
         "steps": step_records(r, tokenizer, embedding),
-        "real_text": tokenizer.decode(r.real_ids),
-        "num_real": r.num_real,
+        "text_only": tokenizer.decode(r.text_ids),
+        "num_text": r.num_text,
         "num_thought": r.num_thought,
         "weight_version": r.weight_version,
     }
@@ -97,7 +97,7 @@ def to_html(records: list[dict], title: str = "thinktok rollouts") -> str:
         spans = [f'<span class="prompt">{html.escape(rec["prompt"])}</span>']
         spans += [f'<span class="{s["kind"]}"{logprob_title(s)}>{html.escape(s["text"])}</span>'
                   for s in rec["steps"]]
-        body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_real"]} text, '
+        body.append(f'<div class="rollout"><h3>sample {i} · {rec["mode"]} · {rec["num_text"]} text, '
                     f'{rec["num_thought"]} thought steps</h3><pre>{"".join(spans)}</pre></div>')
     legend = " ".join(f'<span class="{k}">{k}</span>' for k in CSS_COLOURS)
     style = f"body{{font-family:sans-serif;margin:2em}}pre{{white-space:pre-wrap;font-size:14px}}{css}" \
@@ -111,8 +111,8 @@ def parallel_to_json(real: torch.Tensor, thoughts: torch.Tensor, logprob: torch.
     take."""
     steps = []
     for tok, thought, lps in zip(real.tolist(), thoughts.tolist(), logprob.tolist()):
-        steps.append({"kind": "real", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None})
+        steps.append({"kind": "text", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None})
         steps += [{"kind": "thought", "token_id": t, "text": tokenizer.decode([t]), "logprob": lp}
                   for t, lp in zip(thought, lps)]
-    return {"prompt": "", "mode": "parallel", "steps": steps, "real_text": tokenizer.decode(real.tolist()),
-            "num_real": len(real), "num_thought": thoughts.numel(), "weight_version": 0}
+    return {"prompt": "", "mode": "parallel", "steps": steps, "text_only": tokenizer.decode(real.tolist()),
+            "num_text": len(real), "num_thought": thoughts.numel(), "weight_version": 0}

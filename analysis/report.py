@@ -50,8 +50,8 @@ def summarise(records: list[dict]) -> dict:
         if "accuracy" in evs[0]:
             row["accuracy"] = stat([e["accuracy"] for e in evs])
             row["thought_steps"] = stat([e["thought_steps_mean"] for e in evs])
-            row["real_tokens"] = stat([e["real_tokens_mean"] for e in evs])
-            row["tokens_per_answer"] = stat([e["prompt_tokens_mean"] + e["real_tokens_mean"]
+            row["text_tokens"] = stat([e["text_tokens_mean"] for e in evs])
+            row["tokens_per_answer"] = stat([e["prompt_tokens_mean"] + e["text_tokens_mean"]
                                              + e["thought_steps_mean"] for e in evs])
             if all("controls" in e for e in evs):
                 row["controls"] = {c: stat([e["controls"][c]["accuracy"] for e in evs]) for c in CONTROLS}
@@ -132,7 +132,7 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {r['kind']} | {acc} | {fmt(c.get('no_thoughts'))} | {fmt(c.get('pause'))} "
                      "| "
                      f"{fmt(c.get('shuffled_thoughts'))} | {fmt(r.get('thought_steps'), digits=2)} | "
-                     f"{fmt(r.get('real_tokens'), digits=2)} | {fmt(r.get('tokens_per_answer'), digits=1)} | "
+                     f"{fmt(r.get('text_tokens'), digits=2)} | {fmt(r.get('tokens_per_answer'), digits=1)} | "
                      f"{fmt(r.get('row_movement'))} | {fmt(r['wall_s'], digits=0)} | {len(r['seeds'])} |")
     return "\n".join(lines)
 

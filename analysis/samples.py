@@ -46,7 +46,7 @@ def sample_command(a) -> None:
             console = Console(file=f if a.out else None, force_terminal=False if a.out else None,
                               soft_wrap=True)
             for i, rec in enumerate(records):
-                console.print(f"[dim]— sample {i} · {rec['num_real']} text, {rec['num_thought']} thought "
+                console.print(f"[dim]— sample {i} · {rec['num_text']} text, {rec['num_thought']} thought "
                               f"steps[/dim]")
                 console.print(to_rich(rec))
         return
@@ -94,4 +94,4 @@ def sample_window(model, mode, tokenizer, text: str, thought_len: int, seed: int
 
     real = torch.tensor([tokenizer(text).input_ids], device=model.device)
     r = sample_parallel(model, mode, real, thought_len, seed)
-    return parallel_to_json(r.real[0], r.thoughts[0], r.logprob[0], tokenizer)
+    return parallel_to_json(r.text[0], r.thoughts[0], r.logprob[0], tokenizer)

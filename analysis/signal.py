@@ -75,7 +75,7 @@ def measure_signal(cfg: TrainConfig, batches: int = 4) -> dict:
         totals.append(scored.total)
         thinks.append(torch.tensor([bool(r.is_chosen_thought.any()) for r in rollouts]))
         gains.append(judge.score(rollouts, rows).parts["thought_gain"])
-        texts = [policy.tokenizer.decode(r.real_ids, skip_special_tokens=True) for r in rollouts]
+        texts = [policy.tokenizer.decode(r.text_ids, skip_special_tokens=True) for r in rollouts]
         correct.append(torch.tensor([float(task.check(text, row)) for text, row in zip(texts, rows)]))
         for name, value in scored.parts.items():
             parts.setdefault(name, []).append(value)

@@ -1,4 +1,4 @@
-"""Seed 004's measures on real text: how a checkpoint continues held-out prefixes against a frozen teacher
+"""The text measures: how a checkpoint continues held-out prefixes against a frozen teacher
 that sees only the text, and where its thoughts go. For every arm of a text study (`thinktok eval --teacher`
 on one checkpoint):
 
@@ -12,7 +12,7 @@ on one checkpoint):
   thoughts_per_100  non-text steps (thoughts, pauses, markers: the extra compute) per 100 real tokens of the
                     student's own continuations; after_thought_per_100: the share (%) of true-continuation
                     tokens right after a non-text step
-  placement         seed 004's question, where do thoughts go: for every true-continuation token, whether a
+  placement         where do thoughts go: for every true-continuation token, whether a
                     thought step came right before it, against its surprisal under the teacher and under the
                     student without thoughts: mean surprisal after a thought and not, Spearman's rank
                     correlation, and the thought rate per surprisal decile (the report's figure); with free
@@ -58,7 +58,7 @@ class ForceText(ModeWrapper):
 
     def step(self, logits, hidden, state, embed: nn.Embedding) -> StepOut:
         out = self.inner.step(logits, hidden, state, embed)
-        real = (out.token >= 0) & (out.token < self.vocab.real_size)
+        real = (out.token >= 0) & (out.token < self.vocab.text_size)
         i = state.extra["text_fed"].clamp_max(self.gold.shape[1] - 1)
         gold = self.gold.gather(1, i[:, None])[:, 0]  # (B,)
         lp = self.mode.text_token_logprob(logits, gold)
@@ -81,9 +81,9 @@ def forced(model, runner, mode: ThoughtMode, prompts: list[list[int]],
 def token_table(r: Rollout, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A forced rollout's first n text tokens -> (n,) log-probs and (n,) bool: a thought step came right
     before the token (markers and pauses count: the step fed something other than text)."""
-    real = r.is_real.nonzero()[:, 0][:n]
+    real = r.is_text.nonzero()[:, 0][:n]
     before = torch.zeros(len(real), dtype=torch.bool)
-    before[real > 0] = ~r.is_real[real[real > 0] - 1]
+    before[real > 0] = ~r.is_text[real[real > 0] - 1]
     return r.logprob[real], before
 
 
@@ -97,7 +97,7 @@ def propensity(model, mode: ThoughtMode, rollouts: list[Rollout], golds: list[li
     p = torch.softmax(logits, -1)[..., v.think_start : v.think_start + v.num_thinking].sum(-1)  # (B, S)
     out = []
     for b, (r, g) in enumerate(zip(rollouts, golds)):
-        real = r.is_real.nonzero()[:, 0][: len(g)]
+        real = r.is_text.nonzero()[:, 0][: len(g)]
         decide = torch.cat([real.new_zeros(1), real[:-1] + 1])
         out.append(p[b, decide.to(p.device)].cpu())
     return torch.cat(out)
@@ -201,7 +201,7 @@ def text_measures(policy, mode: ThoughtMode, task, rows: list[dict], teacher, ba
     kl = torch.cat(kl)
     # pooled over tokens (the reward is a per-rollout mean): per-rollout means would weigh the tokens of
     # rollouts cut short by an early EOS more, and the stop depends on what was sampled
-    lengths = torch.tensor([r.num_real for r in own], dtype=torch.float)
+    lengths = torch.tensor([r.num_text for r in own], dtype=torch.float)
     shown = own[:SHOWN]
     q_shown = teacher.token_logprobs([r.text_view for r in shown], [len(r.prompt_ids) for r in shown])
     return {
@@ -223,8 +223,8 @@ def annotate(r: Rollout, tokenizer, embedding: torch.Tensor, teacher_lp: torch.T
     """One own continuation for the report: its steps, each real one with the teacher's log-prob."""
     steps, lp = step_records(r, tokenizer, embedding), iter(teacher_lp.tolist())
     for s in steps:
-        if s["kind"] == "real":
+        if s["kind"] == "text":
             s["teacher_logprob"] = next(lp)
     return {"prompt": tokenizer.decode(r.prompt_ids), "steps": steps, "reward": reward,
-            "num_real": r.num_real, "num_thought": r.num_thought}
+            "num_text": r.num_text, "num_thought": r.num_thought}
 

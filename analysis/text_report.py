@@ -1,4 +1,5 @@
-"""The text part of a study's report (seed 004's experiment; the measures are analysis/text_eval.py's):
+"""The text part of a study's report (a student that may think, scored by a frozen teacher on its
+text; the measures are analysis/text_eval.py's):
 
   * a table per arm, mean ± std over seeds: reverse KL to the teacher on the student's own continuations,
     the true continuation's NLL with the arm's thoughts and under the controls, the teacher's NLL of the
@@ -58,7 +59,7 @@ def text_section(summary: dict) -> list[str]:
     parallel = {k: r for k, r in summary.items() if "nll_thought" in r}
     if not rows:  # parallel arms of a study without text arms are in the main table
         return []
-    md = ["## Seed 004 on real text", "",
+    md = ["## Thinking on real text, scored by a frozen teacher", "",
           "Held-out prefixes. Reverse KL: per token, KL(student text ‖ teacher) on the student's own "
           "continuations at temperature 1 (minus the teacher_kl reward). NLL: per token, of the true "
           "continuation forced, the arm's thoughts its own (greedy), then under the controls. "
@@ -132,7 +133,7 @@ def text_rollouts_page(summary: dict, title: str) -> str:
             spans = []
             for s in ex["steps"]:
                 text = h.escape(s["text"])
-                if s["kind"] == "real":
+                if s["kind"] == "text":
                     lp = s["teacher_logprob"]
                     spans.append(f'<span style="background:{colour(lp)}" title="teacher log-prob {lp:.2f}">'
                                  f"{text}</span>")

@@ -1,7 +1,7 @@
-"""Free text (seed 004's setting): a prefix as prompt, the model continues. From local .txt files, a
-`datasets` name, or `pydoc`: the English documentation topics that ship with CPython (`pydoc_data.topics`,
-~65k words), an offline corpus on any machine. The "answer" is the true continuation, which only likelihood
-rewards use."""
+"""Free text (the text study: a student scored by a frozen teacher): a prefix as prompt, the model continues.
+From local .txt files, a `datasets` name, or `pydoc`: the English documentation topics that ship with
+CPython (`pydoc_data.topics`, ~65k words), an offline corpus on any machine. The "answer" is the true
+continuation, which only likelihood rewards use."""
 
 from __future__ import annotations
 

@@ -14,30 +14,30 @@ from .parallel_thought import LOG2E, _fwd_block, _head_base, _launch, _store_til
 from .tiles import interpreting, resolve_tiles
 
 
-def check_decode_inputs(q, k_real, v_real, k_thought, v_thought) -> None:
+def check_decode_inputs(q, k_text, v_text, k_thought, v_thought) -> None:
     b, h, t, d = q.shape
-    if k_real.shape != q.shape or v_real.shape != q.shape:
-        raise ValueError(f"q, k_real, v_real must share (batch, heads, num_real, head_dim), got "
-                         f"{tuple(q.shape)}, {tuple(k_real.shape)}, {tuple(v_real.shape)}")
+    if k_text.shape != q.shape or v_text.shape != q.shape:
+        raise ValueError(f"q, k_text, v_text must share (batch, heads, num_text, head_dim), got "
+                         f"{tuple(q.shape)}, {tuple(k_text.shape)}, {tuple(v_text.shape)}")
     if k_thought.dim() != 5 or k_thought.shape != v_thought.shape or k_thought.shape[:3] != (b, h, t) \
             or k_thought.shape[4] != d or k_thought.shape[3] < 1:
-        raise ValueError(f"k_thought, v_thought must be (batch, heads, num_real, steps >= 1, head_dim) "
+        raise ValueError(f"k_thought, v_thought must be (batch, heads, num_text, steps >= 1, head_dim) "
                          f"matching q, got {tuple(k_thought.shape)}, {tuple(v_thought.shape)}")
 
 
-def parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought,
+def parallel_thought_decode_reference(q, k_text, v_text, k_thought, v_thought,
                                       scale: float | None = None) -> torch.Tensor:
     """The incremental form, in plain PyTorch: thought step j at every position at once. Query t (B, H, T, D)
     attends real keys <= t and its own position's thoughts 0..j (B, H, T, j+1, D); one softmax over both."""
-    check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
+    check_decode_inputs(q, k_text, v_text, k_thought, v_thought)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t = q.shape[2]
-    real = torch.einsum("bhtd,bhkd->bhtk", q.float(), k_real.float()) * scale  # (B, H, T, T)
+    real = torch.einsum("bhtd,bhkd->bhtk", q.float(), k_text.float()) * scale  # (B, H, T, T)
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     real = real.masked_fill(~causal, float("-inf"))
     own = torch.einsum("bhtd,bhtjd->bhtj", q.float(), k_thought.float()) * scale  # (B, H, T, j+1)
     p = torch.cat([real, own], dim=-1).softmax(-1)
-    out = torch.einsum("bhtk,bhkd->bhtd", p[..., :t], v_real.float())
+    out = torch.einsum("bhtk,bhkd->bhtd", p[..., :t], v_text.float())
     out = out + torch.einsum("bhtj,bhtjd->bhtd", p[..., t:], v_thought.float())
     return out.to(q.dtype)
 
@@ -85,24 +85,24 @@ def _decode_kernel(Q, KR, VR, KT, VT, O, stride_b, stride_h, stride_n, tstride_b
 
 pt._TUNED[_decode_kernel] = pt._tuned(_decode_kernel, ["D", "T"])
 
-def parallel_thought_decode(q, k_real, v_real, k_thought, v_thought, scale: float | None = None,
+def parallel_thought_decode(q, k_text, v_text, k_thought, v_thought, scale: float | None = None,
                             tiles: str | dict | None = None) -> torch.Tensor:
     """The incremental form used while sampling: thought step j at every position at once, without any
-    (T, T) score matrix. q, k_real, v_real (B, H, T, D); k_thought, v_thought (B, H, T, j+1, D) -> (B, H, T,
+    (T, T) score matrix. q, k_text, v_text (B, H, T, D); k_thought, v_thought (B, H, T, j+1, D) -> (B, H, T,
     D).
 
     CUDA tensors (or TRITON_INTERPRET=1) run the Triton kernel, CPU tensors the reference. Forward only:
     sampling needs no gradients (the learner's recompute is the full form). tiles: as in
     parallel_thought_attention."""
-    check_decode_inputs(q, k_real, v_real, k_thought, v_thought)
+    check_decode_inputs(q, k_text, v_text, k_thought, v_thought)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not (q.is_cuda or interpreting()):
-        return parallel_thought_decode_reference(q, k_real, v_real, k_thought, v_thought, scale)
-    q, k_real, v_real, k_thought, v_thought = (x.contiguous() for x in (
-        q, k_real, v_real, k_thought, v_thought))
+        return parallel_thought_decode_reference(q, k_text, v_text, k_thought, v_thought, scale)
+    q, k_text, v_text, k_thought, v_thought = (x.contiguous() for x in (
+        q, k_text, v_text, k_thought, v_thought))
     b, h, t, d = q.shape
     o = pt._empty(q)  # through the module: tests poison it there
-    args = (q, k_real, v_real, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
+    args = (q, k_text, v_text, k_thought, v_thought, o, q.stride(0), q.stride(1), q.stride(2),
             *k_thought.stride()[:4], h, t, k_thought.shape[3], scale * LOG2E, d)
     _launch(_decode_kernel, t, "BLOCK_M", b * h, args, q.dtype, d, resolve_tiles(tiles))
     return o

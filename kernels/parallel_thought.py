@@ -26,48 +26,48 @@ import triton.language as tl
 from .tiles import _tuned, interpreting, resolve_tiles
 
 
-def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, num_real: int, thought_len: int) -> torch.Tensor:
+def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, num_text: int, thought_len: int) -> torch.Tensor:
     """The pattern as a rule on index tensors (broadcasting); also FlexAttention's mask_mod in the
     benchmark."""
     # real index or position t
-    q_pos = torch.where(q_idx < num_real, q_idx, (q_idx - num_real) // thought_len)
-    kv_pos = torch.where(kv_idx < num_real, kv_idx, (kv_idx - num_real) // thought_len)
-    real_key = (kv_idx < num_real) & (kv_idx <= q_pos)
-    own_thought = (kv_idx >= num_real) & (q_idx >= num_real) & (kv_pos == q_pos) & (kv_idx <= q_idx)
-    return real_key | own_thought
+    q_pos = torch.where(q_idx < num_text, q_idx, (q_idx - num_text) // thought_len)
+    kv_pos = torch.where(kv_idx < num_text, kv_idx, (kv_idx - num_text) // thought_len)
+    text_key = (kv_idx < num_text) & (kv_idx <= q_pos)
+    own_thought = (kv_idx >= num_text) & (q_idx >= num_text) & (kv_pos == q_pos) & (kv_idx <= q_idx)
+    return text_key | own_thought
 
 
-def parallel_thought_mask(num_real: int, thought_len: int, device=None) -> torch.Tensor:
-    """(N, N) bool, True where query row may attend key column; N = num_real * (1 + thought_len)."""
-    idx = torch.arange(num_real * (1 + thought_len), device=device)
-    return allowed(idx[:, None], idx[None, :], num_real, thought_len)
+def parallel_thought_mask(num_text: int, thought_len: int, device=None) -> torch.Tensor:
+    """(N, N) bool, True where query row may attend key column; N = num_text * (1 + thought_len)."""
+    idx = torch.arange(num_text * (1 + thought_len), device=device)
+    return allowed(idx[:, None], idx[None, :], num_text, thought_len)
 
 
 @functools.lru_cache(maxsize=8)
-def cached_mask(num_real: int, thought_len: int, device: torch.device) -> torch.Tensor:
-    return parallel_thought_mask(num_real, thought_len, device)
+def cached_mask(num_text: int, thought_len: int, device: torch.device) -> torch.Tensor:
+    return parallel_thought_mask(num_text, thought_len, device)
 
 
-def check_inputs(q, k, v, num_real: int, thought_len: int) -> None:
-    if num_real < 1 or thought_len < 1:
-        raise ValueError(f"num_real and thought_len must be >= 1, got {num_real}, {thought_len}")
+def check_inputs(q, k, v, num_text: int, thought_len: int) -> None:
+    if num_text < 1 or thought_len < 1:
+        raise ValueError(f"num_text and thought_len must be >= 1, got {num_text}, {thought_len}")
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (batch, heads, seq, head_dim) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] != num_real * (1 + thought_len):
-        raise ValueError(f"sequence length {q.shape[2]} != num_real * (1 + thought_len) = "
-                         f"{num_real * (1 + thought_len)}")
+    if q.shape[2] != num_text * (1 + thought_len):
+        raise ValueError(f"sequence length {q.shape[2]} != num_text * (1 + thought_len) = "
+                         f"{num_text * (1 + thought_len)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must be one of fp32/fp16/bf16 and share it, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
 
 
-def parallel_thought_attention_reference(q, k, v, num_real: int, thought_len: int,
+def parallel_thought_attention_reference(q, k, v, num_text: int, thought_len: int,
                                          scale: float | None = None) -> torch.Tensor:
     """Ground truth: explicit (N, N) mask, softmax in fp32, output in the input dtype."""
-    check_inputs(q, k, v, num_real, thought_len)
+    check_inputs(q, k, v, num_text, thought_len)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = parallel_thought_mask(num_real, thought_len, q.device)
+    mask = parallel_thought_mask(num_text, thought_len, q.device)
     s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bhkd->bhqd", p, v.float()).to(q.dtype)
@@ -87,10 +87,10 @@ def _row_pos(offs_m, N, T, L):
 @triton.jit
 def _allowed(offs_m, pos_m, offs_n, pos_n, T):
     """The pattern, for a (rows, cols) tile."""
-    real_key = (offs_n[None, :] < T) & (offs_n[None, :] <= pos_m[:, None])
+    text_key = (offs_n[None, :] < T) & (offs_n[None, :] <= pos_m[:, None])
     own = (offs_n[None, :] >= T) & (offs_m[:, None] >= T) & (pos_n[None, :] == pos_m[:, None]) \
         & (offs_n[None, :] <= offs_m[:, None])
-    return real_key | own
+    return text_key | own
 
 
 @triton.jit
@@ -332,10 +332,10 @@ def _backward(q, k, v, o, lse, do, T, L, scale, tiles):
 
 class _ParallelThoughtAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, num_real, thought_len, scale, tiles):
-        o, lse = _forward(q, k, v, num_real, thought_len, scale, tiles)
+    def forward(ctx, q, k, v, num_text, thought_len, scale, tiles):
+        o, lse = _forward(q, k, v, num_text, thought_len, scale, tiles)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.shape = (num_real, thought_len, scale, tiles)
+        ctx.shape = (num_text, thought_len, scale, tiles)
         return o
 
     @staticmethod
@@ -345,9 +345,9 @@ class _ParallelThoughtAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: float | None = None,
+def parallel_thought_attention(q, k, v, num_text: int, thought_len: int, scale: float | None = None,
                                tiles: str | dict | None = None) -> torch.Tensor:
-    """Attention of the parallel-thought pattern. q, k, v: (batch, heads, num_real * (1 + thought_len),
+    """Attention of the parallel-thought pattern. q, k, v: (batch, heads, num_text * (1 + thought_len),
     head_dim).
 
     CUDA tensors run the Triton kernel; CPU tensors run the reference's explicit mask through PyTorch's SDPA,
@@ -355,12 +355,12 @@ def parallel_thought_attention(q, k, v, num_real: int, thought_len: int, scale: 
     kernel path). tiles: "fixed" | "autotune" | a forced config (see TUNE_SPACE); None reads THINKTOK_TILES
     (default fixed).
     """
-    check_inputs(q, k, v, num_real, thought_len)
+    check_inputs(q, k, v, num_text, thought_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not (q.is_cuda or interpreting()):
         # the reference's semantics through PyTorch's fused SDPA with a cached boolean mask: still dense, but
         # 2-3x faster on a CPU than the reference's einsums and a mask rebuilt every call
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=cached_mask(num_real, thought_len, q.device), scale=scale)
+            q, k, v, attn_mask=cached_mask(num_text, thought_len, q.device), scale=scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _ParallelThoughtAttention.apply(q, k, v, num_real, thought_len, scale, resolve_tiles(tiles))
+    return _ParallelThoughtAttention.apply(q, k, v, num_text, thought_len, scale, resolve_tiles(tiles))

@@ -50,18 +50,18 @@ def task_text_ids(task, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def restrict_head(model, text_ids: list[int], real_size: int) -> None:
-    """Restrict `model`'s LM head to `text_ids` and every row from `real_size` on (thinking tokens and
+def restrict_head(model, text_ids: list[int], text_size: int) -> None:
+    """Restrict `model`'s LM head to `text_ids` and every row from `text_size` on (thinking tokens and
     markers), and record the text ids in its config. Call after any vocabulary expansion."""
     head = model.get_output_embeddings()
     rows = head.weight.shape[0]
     text_ids = sorted(set(text_ids))
-    if not text_ids or text_ids[0] < 0 or text_ids[-1] >= real_size:
-        raise UserError(f"task head ids must lie in [0, {real_size}), got {text_ids[:1]}..{text_ids[-1:]}")
-    allowed = torch.tensor(text_ids + list(range(real_size, rows)), device=head.weight.device)  # sorted
+    if not text_ids or text_ids[0] < 0 or text_ids[-1] >= text_size:
+        raise UserError(f"task head ids must lie in [0, {text_size}), got {text_ids[:1]}..{text_ids[-1:]}")
+    allowed = torch.tensor(text_ids + list(range(text_size, rows)), device=head.weight.device)  # sorted
     head.register_buffer("allowed", allowed, persistent=False)
     head.forward = types.MethodType(_restricted_forward, head)
-    setattr(model.config, CONFIG_KEY, {"text_ids": text_ids, "real_size": real_size})
+    setattr(model.config, CONFIG_KEY, {"text_ids": text_ids, "text_size": text_size})
 
 
 def _restricted_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,8 @@ def restore_head(model) -> None:
     """Re-apply the head a loaded checkpoint was trained with (no-op for a full head)."""
     saved = getattr(model.config, CONFIG_KEY, None)
     if saved:
-        restrict_head(model, saved["text_ids"], saved["real_size"])
+        # "real_size": checkpoints written before the key was named text_size
+        restrict_head(model, saved["text_ids"], saved.get("text_size", saved.get("real_size")))
 
 
 def head_name(model) -> str:

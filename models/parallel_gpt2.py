@@ -32,12 +32,12 @@ class ParallelCache:
     thoughts so far (B, H, T, j, D). transformers' caches hold one sequence per row, not this layout."""
 
     def __init__(self):
-        self.real: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.thought: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def parallel_thought_attention_impl(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                    num_real: int | None = None, thought_len: int = 0,
+                                    num_text: int | None = None, thought_len: int = 0,
                                     parallel_cache: ParallelCache | None = None, **kwargs):
     """transformers' attention signature: q, k, v (B, H, N, D) -> (B, N, H, D), no weights.
 
@@ -45,19 +45,19 @@ def parallel_thought_attention_impl(module, query, key, value, attention_mask, s
     token per position (incremental form). Without: the full layout through the fused kernel."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer = module.layer_idx
-    if parallel_cache is not None and layer in parallel_cache.real:
+    if parallel_cache is not None and layer in parallel_cache.text:
         k_t, v_t = key[:, :, :, None], value[:, :, :, None]  # (B, H, T, 1, D)
         if layer in parallel_cache.thought:
             old_k, old_v = parallel_cache.thought[layer]
             k_t, v_t = torch.cat([old_k, k_t], 3), torch.cat([old_v, v_t], 3)
         parallel_cache.thought[layer] = (k_t, v_t)
-        out = parallel_thought_decode(query, *parallel_cache.real[layer], k_t, v_t, scaling)
+        out = parallel_thought_decode(query, *parallel_cache.text[layer], k_t, v_t, scaling)
     elif thought_len == 0:  # real tokens only: plain causal attention
         if parallel_cache is not None:  # contiguous once here, not at every thought step
-            parallel_cache.real[layer] = (key.contiguous(), value.contiguous())
+            parallel_cache.text[layer] = (key.contiguous(), value.contiguous())
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     else:
-        out = parallel_thought_attention(query, key, value, num_real, thought_len, scale=scaling)
+        out = parallel_thought_attention(query, key, value, num_text, thought_len, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -65,14 +65,14 @@ AttentionInterface.register(NAME, parallel_thought_attention_impl)
 AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
 
 
-def layout_positions(num_real: int, thought_len: int, device=None) -> torch.Tensor:
+def layout_positions(num_text: int, thought_len: int, device=None) -> torch.Tensor:
     """Position ids: real token t at t; thought (t, j) at t + 1 + j (it continues from its position)."""
-    t = torch.arange(num_real, device=device)
+    t = torch.arange(num_text, device=device)
     j = torch.arange(thought_len, device=device)
     return torch.cat([t, (t[:, None] + 1 + j[None, :]).flatten()])
 
 
-def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
+def parallel_hidden(model, ids: torch.Tensor, num_text: int, thought_len: int,
                     cache: ParallelCache | None = None,
                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ids (B, T + T*L) in the layout -> last hidden state (B, N, H), after the final layer norm.
@@ -84,12 +84,12 @@ def parallel_hidden(model, ids: torch.Tensor, num_real: int, thought_len: int,
     its gradients."""
     config = getattr(model, "module", model).config
     with attn_implementation(config, NAME):
-        pos = layout_positions(num_real, thought_len, ids.device) if position_ids is None else position_ids
+        pos = layout_positions(num_text, thought_len, ids.device) if position_ids is None else position_ids
         # an all-ones mask only tells transformers there is no padding (windows hold EOS ids); the registered
         # mask function turns it into nothing
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                     position_ids=pos.expand(ids.shape[0], -1),
-                    num_real=num_real, thought_len=thought_len, parallel_cache=cache, use_cache=False,
+                    num_text=num_text, thought_len=thought_len, parallel_cache=cache, use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
         return out.hidden_states[-1]
 

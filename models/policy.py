@@ -85,7 +85,7 @@ def load_policy(
             tokenizer = load_base_tokenizer(str(path)) if own else offline_gpt2_tokenizer()
         except (OSError, ValueError) as e:
             raise PolicyLoadError(f"cannot load a model from {path}: {e}") from None
-        if saved is not None and saved.size > saved.real_size:  # else: a plain LM, expanded below
+        if saved is not None and saved.size > saved.text_size:  # else: a plain LM, expanded below
             if (saved.num_thinking, saved.markers) != (num_thinking, markers):
                 raise PolicyLoadError(
                     f"checkpoint {path} has {saved.num_thinking} thinking tokens (markers={saved.markers}), "
@@ -97,7 +97,7 @@ def load_policy(
                                       f"{len(tokenizer)} tokenizer entries, vocabulary layout says "
                                       f"{saved.size}")
             init_file = path / INIT_ROWS_FILE
-            rows = model.get_input_embeddings().weight[saved.real_size :]
+            rows = model.get_input_embeddings().weight[saved.text_size :]
             init_rows = torch.load(init_file) if init_file.exists() else rows.detach().clone()
             restore_head(model)
             return Policy(model, tokenizer, saved, init_rows)

@@ -32,7 +32,7 @@ class VocabThoughts(ThoughtMode):
         allow = state.n_thought < self.cfg.max_thought_tokens
         tok, lp = self.sample_token(logits, allow)
         state.n_thought += self.vocab.is_thought(tok)
-        action = torch.where(allow, Action.ANY, Action.TEXT)
+        action = torch.where(allow, Action.FREE, Action.TEXT)
         return StepOut(action, tok, embed(tok), lp)
 
 

@@ -37,7 +37,7 @@ from .vocab import ThinkingVocab
 class Action(IntEnum):
     FORCED = 0  # inserted by rule (<bot>, <eot>, pause tokens): no choice, log-prob 0
     TEXT = 1  # token sampled with the thinking tokens masked out
-    ANY = 2  # token sampled from text + thinking tokens (vocab mode under its thought budget)
+    FREE = 2  # free placement: a token from text + thinking tokens (vocab mode under its thought budget)
     VECTOR = 3  # continuous thought x ~ N(h, sigma^2 I)  (+ log P(continue) with a learned stop)
     STOP = 4  # learned stop: <eot> chosen with probability P(<eot>)
     SOFT = 5  # soft thought: mixture weights w over top-k token ids
@@ -79,14 +79,14 @@ class ThoughtMode(nn.Module):
         sampling.validate()
         self.cfg, self.vocab, self.sampling = cfg, vocab, sampling
         cols = torch.arange(vocab.size) if columns is None else torch.as_tensor(columns).cpu()
-        if len(cols) < vocab.size - vocab.real_size or not torch.equal(
-                cols[len(cols) - (vocab.size - vocab.real_size):], torch.arange(vocab.real_size, vocab.size)):
+        if len(cols) < vocab.size - vocab.text_size or not torch.equal(
+                cols[len(cols) - (vocab.size - vocab.text_size):], torch.arange(vocab.text_size, vocab.size)):
             raise UserError(f"the head's columns must end with every thinking token and marker (ids "
-                            f"{vocab.real_size}..{vocab.size - 1}); got {cols[-4:].tolist()}")
+                            f"{vocab.text_size}..{vocab.size - 1}); got {cols[-4:].tolist()}")
         # the column layout: the n_text text columns first, then the thinking tokens, then the markers
-        self.n_text = len(cols) - (vocab.size - vocab.real_size)
+        self.n_text = len(cols) - (vocab.size - vocab.text_size)
         self.think_col = self.n_text  # the column of <think0>
-        self.eot_col = None if vocab.eot_id is None else vocab.eot_id - vocab.real_size + self.n_text
+        self.eot_col = None if vocab.eot_id is None else vocab.eot_id - vocab.text_size + self.n_text
         self.full = len(cols) == vocab.size  # columns are token ids: no mapping at the edges
         self.register_buffer("columns", cols, persistent=False)
         k = torch.arange(len(cols))
@@ -198,10 +198,10 @@ class ThoughtMode(nn.Module):
         self.check_width(logits)
         out = torch.zeros(action.shape[0], device=logits.device)
         entropy = torch.zeros_like(out)
-        tok = (action == Action.TEXT) | (action == Action.ANY)
+        tok = (action == Action.TEXT) | (action == Action.FREE)
         if tok.any():
             col = self.column_of(token[tok])
-            lp = self.token_logprobs(logits[tok], action[tok] == Action.ANY, keep=col)
+            lp = self.token_logprobs(logits[tok], action[tok] == Action.FREE, keep=col)
             out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, col[:, None])[:, 0])
             if with_entropy:
                 entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))

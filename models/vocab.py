@@ -3,9 +3,9 @@ and the matching expansion of a model's tied embedding/unembedding rows.
 
 Id layout, fixed so that every other module can reason about ids without a tokenizer:
 
-    [0, real_size)                         text tokens (GPT-2: 50257, `<|endoftext|>` = 50256)
-    [real_size, real_size + num_thinking)  `<think0>` … `<think{N-1}>`
-    real_size + num_thinking (+1)          `<bot>`, `<eot>` when the mode needs thought markers
+    [0, text_size)                         text tokens (GPT-2: 50257, `<|endoftext|>` = 50256)
+    [text_size, text_size + num_thinking)  `<think0>` … `<think{N-1}>`
+    text_size + num_thinking (+1)          `<bot>`, `<eot>` when the mode needs thought markers
 """
 
 from __future__ import annotations
@@ -38,36 +38,36 @@ def think_token(i: int) -> str:
 class ThinkingVocab:
     """Where the thinking rows sit in the expanded vocabulary."""
 
-    real_size: int
+    text_size: int
     num_thinking: int
     markers: bool  # <bot>/<eot> present
     eos_id: int
 
     @property
     def think_start(self) -> int:
-        return self.real_size
+        return self.text_size
 
     @property
     def bot_id(self) -> int | None:
-        return self.real_size + self.num_thinking if self.markers else None
+        return self.text_size + self.num_thinking if self.markers else None
 
     @property
     def eot_id(self) -> int | None:
-        return self.real_size + self.num_thinking + 1 if self.markers else None
+        return self.text_size + self.num_thinking + 1 if self.markers else None
 
     @property
     def size(self) -> int:
-        return self.real_size + self.num_thinking + (2 if self.markers else 0)
+        return self.text_size + self.num_thinking + (2 if self.markers else 0)
 
     def think_id(self, i: int) -> int:
         if not 0 <= i < self.num_thinking:
             raise UserError(f"thinking token index {i} out of range: this vocabulary has "
                              f"{self.num_thinking}")
-        return self.real_size + i
+        return self.text_size + i
 
     def is_thought(self, ids: torch.Tensor) -> torch.Tensor:
         """True for every id that is not text (thinking tokens and markers)."""
-        return ids >= self.real_size
+        return ids >= self.text_size
 
     def save(self, directory: str | os.PathLike) -> None:
         Path(directory, VOCAB_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -75,7 +75,12 @@ class ThinkingVocab:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ThinkingVocab | None":
         path = Path(directory, VOCAB_FILE)
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        fields = json.loads(path.read_text())
+        if "real_size" in fields:  # checkpoints written before the field was named text_size
+            fields["text_size"] = fields.pop("real_size")
+        return cls(**fields)
 
 
 @functools.cache
@@ -119,14 +124,14 @@ def add_thinking_tokens(tokenizer: PreTrainedTokenizerBase, num_thinking: int,
     """
     if num_thinking < 0:
         raise UserError(f"num_thinking must be >= 0, got {num_thinking}")
-    real_size = len(tokenizer)
+    text_size = len(tokenizer)
     new = [think_token(i) for i in range(num_thinking)] + ([BOT, EOT] if markers else [])
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    vocab = ThinkingVocab(real_size, num_thinking, markers, tokenizer.eos_token_id)
+    vocab = ThinkingVocab(text_size, num_thinking, markers, tokenizer.eos_token_id)
     got = tokenizer.convert_tokens_to_ids(new)
-    if got != list(range(real_size, vocab.size)):
+    if got != list(range(text_size, vocab.size)):
         raise UserError(f"tokenizer already holds some of the thinking tokens (ids {got[:4]}…)")
     return vocab
 
@@ -142,30 +147,30 @@ def expand_embeddings(model: PreTrainedModel, vocab: ThinkingVocab, init: str = 
     init="norm": random directions scaled to the text rows' mean norm.
     """
     old = model.get_input_embeddings().weight
-    if old.shape[0] != vocab.real_size:
-        raise UserError(f"model has {old.shape[0]} embedding rows, vocabulary has {vocab.real_size} "
+    if old.shape[0] != vocab.text_size:
+        raise UserError(f"model has {old.shape[0]} embedding rows, vocabulary has {vocab.text_size} "
                          "text tokens")
     # mean_resizing=False: we initialise the new rows ourselves, by the chosen strategy.
     model.resize_token_embeddings(vocab.size, mean_resizing=False)
     emb = model.get_input_embeddings().weight
-    text = emb[: vocab.real_size].float()
+    text = emb[: vocab.text_size].float()
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(vocab.size - vocab.real_size, emb.shape[1], generator=gen)
+    noise = torch.randn(vocab.size - vocab.text_size, emb.shape[1], generator=gen)
     if init == "mean":
         rows = text.mean(0) + noise * text.std(0).cpu()
     elif init == "norm":
         rows = noise / noise.norm(dim=1, keepdim=True) * text.norm(dim=1).mean().cpu()
     else:
         raise UserError(f"unknown init {init!r}: expected 'mean' or 'norm'")
-    emb[vocab.real_size :] = rows.to(emb)
+    emb[vocab.text_size :] = rows.to(emb)
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != emb.data_ptr():
-        out.weight[vocab.real_size :] = rows.to(out.weight)  # untied models: keep the new rows equal
+        out.weight[vocab.text_size :] = rows.to(out.weight)  # untied models: keep the new rows equal
     model.config.vocab_size = vocab.size
     return rows.clone()
 
 
 def row_movement(model: PreTrainedModel, vocab: ThinkingVocab, init_rows: torch.Tensor) -> torch.Tensor:
     """L2 distance of each thinking row from its initial value: (rows,)."""
-    now = model.get_input_embeddings().weight[vocab.real_size : vocab.size].detach().float().cpu()
+    now = model.get_input_embeddings().weight[vocab.text_size : vocab.size].detach().float().cpu()
     return (now - init_rows.float()).norm(dim=1)

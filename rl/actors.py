@@ -170,7 +170,7 @@ def start_workers(cfg: RayConfig, rollout: tuple[type, tuple], reward: tuple[typ
             return [actor.remote(*args, "cuda" if gpus > 0 else "cpu") for _ in range(n)]
 
     workers = Workers(start(*rollout, cfg.gpus_per_rollout_worker, cfg.num_rollout_workers),
-                      start(*reward, cfg.gpus_per_teacher_worker, cfg.num_teacher_workers))
+                      start(*reward, cfg.gpus_per_teacher_worker, cfg.num_reward_workers))
     if cfg.inline:
         return workers
     # fail here, not mid-step, if one cannot start or be placed

@@ -23,7 +23,7 @@ ROLLOUTS = ("sequential", "parallel")
 class RayConfig:
     address: str | None = None  # join an existing cluster (multi-node); None starts a local one
     num_rollout_workers: int = 2  # Ray actors sampling rollouts, each a policy copy
-    num_teacher_workers: int = 1  # reward workers (the parallel path: scoring workers)
+    num_reward_workers: int = 1  # reward workers (the parallel path: scoring workers)
     gpus_per_rollout_worker: float = 0.0  # fractions let several actors share one card
     gpus_per_teacher_worker: float = 0.0  # GPU fraction per reward (scoring) worker
     max_restarts: int = 3  # restarts of a dead actor, and retries of its interrupted call

@@ -60,7 +60,7 @@ def to_rollouts(prompts, fields: dict, alive: torch.Tensor, mode: ThoughtMode,
     return [
         Rollout(
             prompt_ids=list(p), action=action[i, :n], token=token[i, :n], logprob=logprob[i, :n],
-            real_size=mode.vocab.real_size, mode=mode.cfg.mode,
+            text_size=mode.vocab.text_size, mode=mode.cfg.mode,
             vector=None if vector is None else vector[i, :n].float(),
             soft_ids=None if soft_ids is None else soft_ids[i, :n],
             soft_w=None if soft_w is None else soft_w[i, :n].float(), weight_version=weight_version,

@@ -96,7 +96,7 @@ class RunLogger(TrainerCallback):
         result = evaluate_parallel(model, mode, p, windows, self.extra_modules.get("mixing_head"), seed=step)
         real = torch.tensor(windows[: self.cfg.samples_per_eval], device=model.device)
         rollout = sample_parallel(model, mode, real, p.thought_len, seed=step, weight_version=step)
-        return result, [parallel_to_json(rollout.real[i], rollout.thoughts[i], rollout.logprob[i],
+        return result, [parallel_to_json(rollout.text[i], rollout.thoughts[i], rollout.logprob[i],
                                          self.policy.tokenizer)
                         for i in range(len(real))]
 

@@ -117,7 +117,7 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
         return torch.zeros(len(rollouts), steps, *x.shape[1:], device=device, dtype=x.dtype).index_put(
             (rows, step_idx), x)
 
-    text_logp = mode.text_logprobs(logits[cat("is_real")]) if text else None
+    text_logp = mode.text_logprobs(logits[cat("is_text")]) if text else None
     return Recomputed(grid(lp), grid(torch.ones_like(lp, dtype=torch.bool)),
                       None if ent is None else grid(ent), grid(h), text_logp)
 
@@ -125,13 +125,13 @@ def recompute_logprobs(model: PreTrainedModel, mode: ThoughtMode, rollouts: list
 def own_text_logprobs(model: PreTrainedModel, mode: ThoughtMode,
                       rollouts: list[Rollout]) -> list[torch.Tensor]:
     """log pi_text(y_t | x, y_<t, thoughts) of each rollout's own text tokens under the plain text
-    distribution (text columns renormalised, temperature 1, no top-k/top-p): one (num_real,) tensor per
+    distribution (text columns renormalised, temperature 1, no top-k/top-p): one (num_text,) tensor per
     rollout, differentiable. The head runs at the text steps only."""
     core = model.module if hasattr(model, "module") else model
-    real = torch.cat([r.is_real for r in rollouts]).to(core.device)
+    real = torch.cat([r.is_text for r in rollouts]).to(core.device)
     logits = head_logits(core, choosing_hidden(model, rollouts)[real])  # (N_text, K)
-    ids = torch.cat([r.token[r.is_real] for r in rollouts]).to(core.device)
-    return list(mode.text_token_logprob(logits, ids).split([r.num_real for r in rollouts]))
+    ids = torch.cat([r.token[r.is_text] for r in rollouts]).to(core.device)
+    return list(mode.text_token_logprob(logits, ids).split([r.num_text for r in rollouts]))
 
 
 def text_token_logprobs(model: PreTrainedModel, mode: ThoughtMode,

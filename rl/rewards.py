@@ -5,7 +5,7 @@ without top-k/top-p, whatever the sampling settings (those shape exploration, no
 x = prompt, y = the rollout's text tokens, z = its thought steps, y* = the gold answer's tokens,
 q = the teacher, pi_text = the policy's text distribution renormalised over text tokens.
 
-  teacher_loglik  (1/|y|) sum_t log q(y_t | x, c, y_<t)                                    (seed 004)
+  teacher_loglik  (1/|y|) sum_t log q(y_t | x, c, y_<t)
                   c = what the teacher reads besides the prompt (teacher_context): nothing, the gold chain
                   of thought, or its own; never the student's thoughts
   teacher_kl      (1/|y|) sum_t [log q(y_t | x, c, y_<t) - log pi_text(y_t | x, y_<t, z_<t)]: minus the
@@ -114,7 +114,7 @@ class RewardModel:
         w = self.cfg.weights
         if "teacher_loglik" in w or "teacher_kl" in w:
             context = self.teacher_context(rollouts, rows)
-            views = [r.prompt_ids + c + r.real_ids for r, c in zip(rollouts, context)]
+            views = [r.prompt_ids + c + r.text_ids for r, c in zip(rollouts, context)]
             teacher_lp = self.teacher.token_logprobs(
                 views, [len(r.prompt_ids) + len(c) for r, c in zip(rollouts, context)])
             if "teacher_loglik" in w:
@@ -125,7 +125,7 @@ class RewardModel:
                 steps = [self._spread(r, q - p) for r, q, p in zip(rollouts, teacher_lp, policy_lp)]
                 self._add("teacher_kl", steps, per_step, parts)
         if "exact_match" in w:
-            ok = [float(self.task.check(self.tokenizer.decode(r.real_ids, skip_special_tokens=True), row))
+            ok = [float(self.task.check(self.tokenizer.decode(r.text_ids, skip_special_tokens=True), row))
                   for r, row in zip(rollouts, rows)]
             self._add("exact_match", [self._at_end(r, v) for r, v in zip(rollouts, ok)], per_step, parts)
         if "gold_loglik" in w or "thought_gain" in w:
@@ -163,7 +163,7 @@ class RewardModel:
         for r in rollouts:
             first = opening_thoughts(r)
             mask = torch.arange(r.num_steps) < first
-            if first < r.num_steps and r.action[first] == Action.ANY:  # the choice to stop thinking
+            if first < r.num_steps and r.action[first] == Action.FREE:  # the choice to stop thinking
                 mask[first] = True
             out.append(mask)
         return out
@@ -184,7 +184,7 @@ class RewardModel:
     def _spread(r: Rollout, values: torch.Tensor) -> torch.Tensor:
         """Per text token values -> (S,) with each at its text step, divided by the text count (a mean)."""
         out = torch.zeros(r.num_steps)
-        out[r.is_real] = values.float() / max(r.num_real, 1)
+        out[r.is_text] = values.float() / max(r.num_text, 1)
         return out
 
     @staticmethod

@@ -49,7 +49,7 @@ class Rollout(ArraysWhenPickled):
     action: torch.Tensor  # (S,) Action codes
     token: torch.Tensor  # (S,) token ids, -1 for vector/soft steps
     logprob: torch.Tensor  # (S,) policy log-prob of each action at sampling time (0 for forced steps)
-    real_size: int  # ids below this are text
+    text_size: int  # ids below this are text
     mode: str
     vector: torch.Tensor | None = None  # (S, D) continuous actions (rows of other steps unused)
     soft_ids: torch.Tensor | None = None  # (S, k) soft-thought token ids
@@ -57,39 +57,39 @@ class Rollout(ArraysWhenPickled):
     weight_version: int = 0
 
     @property
-    def is_real(self) -> torch.Tensor:
+    def is_text(self) -> torch.Tensor:
         """(S,) bool: text steps (what the teacher sees)."""
-        return (self.token >= 0) & (self.token < self.real_size)
+        return (self.token >= 0) & (self.token < self.text_size)
 
     @property
     def is_chosen_thought(self) -> torch.Tensor:
         """(S,) bool: thought steps the policy chose (a thinking token, vector or mixture), not the markers
         and pauses inserted by rule nor a learned stop."""
-        chosen = ((self.action == Action.ANY) | (self.action == Action.THINK) | (self.action == Action.VECTOR)
-                  | (self.action == Action.SOFT))
-        return chosen & ~self.is_real
+        chosen = torch.isin(self.action, torch.tensor([Action.FREE, Action.THINK, Action.VECTOR,
+                                                       Action.SOFT]))
+        return chosen & ~self.is_text
 
     @property
     def kinds(self) -> list[str]:
-        return ["real" if r else "thought" for r in self.is_real.tolist()]
+        return ["text" if r else "thought" for r in self.is_text.tolist()]
 
     @property
-    def real_ids(self) -> list[int]:
+    def text_ids(self) -> list[int]:
         """Generated text tokens, thought steps removed."""
-        return self.token[self.is_real].tolist()
+        return self.token[self.is_text].tolist()
 
     @property
     def text_view(self) -> list[int]:
         """Prompt + generated text with every thought step removed: the teacher's input."""
-        return self.prompt_ids + self.real_ids
+        return self.prompt_ids + self.text_ids
 
     @property
-    def num_real(self) -> int:
-        return int(self.is_real.sum())
+    def num_text(self) -> int:
+        return int(self.is_text.sum())
 
     @property
     def num_thought(self) -> int:
-        return len(self.token) - self.num_real
+        return len(self.token) - self.num_text
 
     @property
     def num_steps(self) -> int:
@@ -98,7 +98,7 @@ class Rollout(ArraysWhenPickled):
 
 def opening_thoughts(r: Rollout) -> int:
     """Number of steps before the rollout's first text token (all of them if it wrote no text)."""
-    return int(r.is_real.nonzero()[0]) if r.num_real else r.num_steps
+    return int(r.is_text.nonzero()[0]) if r.num_text else r.num_steps
 
 
 def with_gold(r: Rollout, gold: torch.Tensor, pause_every: bool = False, thoughts: bool = True) -> Rollout:
@@ -110,13 +110,13 @@ def with_gold(r: Rollout, gold: torch.Tensor, pause_every: bool = False, thought
     block = r.token[:first] if pause_every else r.token[:0]
     token = torch.cat([r.token[:first]] + [torch.cat([
         block, g[None]]) if i else g[None] for i, g in enumerate(gold)])
-    action = torch.where(token < r.real_size, int(Action.TEXT), int(Action.FORCED))
+    action = torch.where(token < r.text_size, int(Action.TEXT), int(Action.FORCED))
     action[:first] = r.action[:first]
 
     def keep_opening(x):  # payloads of the opening steps; zeros after (gold steps are tokens)
         return None if x is None else torch.cat([x[:first], x.new_zeros(len(token) - first, *x.shape[1:])])
 
-    return Rollout(prompt_ids=r.prompt_ids, real_size=r.real_size, mode=r.mode, action=action, token=token,
+    return Rollout(prompt_ids=r.prompt_ids, text_size=r.text_size, mode=r.mode, action=action, token=token,
                    logprob=torch.zeros(len(token)), vector=keep_opening(r.vector),
                    soft_ids=keep_opening(r.soft_ids),
                    soft_w=keep_opening(r.soft_w), weight_version=r.weight_version)

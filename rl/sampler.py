@@ -63,7 +63,7 @@ def sample(
             out = mode.step(head_logits(model, hidden), hidden, state, embed)
             steps.append(out)
             alive.append(~done)
-            n_text, done = finished(out.token, n_text, done, vocab.real_size, vocab.eos_id, sampling)
+            n_text, done = finished(out.token, n_text, done, vocab.text_size, vocab.eos_id, sampling)
             if done.all():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

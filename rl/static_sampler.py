@@ -133,7 +133,7 @@ class StaticSampler:
         for name, rec in b.records.items():
             rec.index_copy_(1, b.step, getattr(out, name).to(rec.dtype).unsqueeze(1))
         b.alive.index_copy_(1, b.step, ~b.done[:, None])
-        n_text, done = finished(out.token, b.n_text, b.done, vocab.real_size, vocab.eos_id, sampling)
+        n_text, done = finished(out.token, b.n_text, b.done, vocab.text_size, vocab.eos_id, sampling)
         allowed = b.valid & (torch.arange(b.valid.shape[1], device=b.valid.device) <= b.slot)  # (B, L)
         hidden = model.base_model(inputs_embeds=out.embeds[:, None],
                                   attention_mask=additive_mask(allowed[:, None], model.dtype),

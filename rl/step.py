@@ -142,5 +142,5 @@ class Collector:
             per_step=[s for part in scored for s in part.per_step],
             gold=[self.gold[p] for p in prompts] if self.gold else None,
             stats={"thought_steps_mean": sum(r.num_thought for r in rollouts) / n,
-                   "real_tokens_mean": sum(r.num_real for r in rollouts) / n,
+                   "text_tokens_mean": sum(r.num_text for r in rollouts) / n,
                    "weight_version": min(r.weight_version for r in rollouts)})

@@ -91,7 +91,7 @@ def parallel_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str | 
     heads = {"mixing_head": MixingHead(policy.model.config.hidden_size)} if p.mixing_head else {}
     return RolloutPath(prompts, parallel_workers(init_dir, teacher, cfg.thought, cfg.sampling, p),
                        partial(ParallelCollector, windows_by_prompt=prompts, cfg=p, seed=cfg.seed),
-                       ParallelRun, {"parallel": p}, heads, p.num_real * p.thought_len, windows["validation"])
+                       ParallelRun, {"parallel": p}, heads, p.num_text * p.thought_len, windows["validation"])
 
 
 PATHS = {"sequential": sequential_path, "parallel": parallel_path}
@@ -156,7 +156,7 @@ def build_run(cfg: TrainConfig, resume: bool = False):
         atomic_save(init_dir, start.save)
     policy = load_policy(str(init_dir), thought.vocab_tokens, thought.markers)
     if thought.mode == "pause":  # pause rows stay at their initial values, as in SFT's frozen-pause baseline
-        freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
+        freeze_rows(policy, list(range(policy.vocab.text_size, policy.vocab.size)))
     # data and the rollout path
     task = load_task(cfg.task)
     path = PATHS[cfg.rollout](cfg, policy, task, str(init_dir), teacher)

@@ -117,7 +117,7 @@ def boost_thinking(policy, scale: float = 20.0):
     with torch.no_grad():
         emb = policy.model.get_input_embeddings().weight
         v = policy.vocab
-        emb[v.real_size : v.real_size + v.num_thinking] *= scale
+        emb[v.text_size : v.text_size + v.num_thinking] *= scale
 
 
 def make(case: str, max_new_tokens: int = 6, **sampling):

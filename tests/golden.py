@@ -26,7 +26,7 @@ def build(case: str, head: str):
     if head == "task":
         ids = task_text_ids(load_task(TASK), policy.tokenizer)
         restrict_head(policy.model, sorted(set(ids) | {t for p in PROMPTS + GOLD for t in p}),
-                      policy.vocab.real_size)
+                      policy.vocab.text_size)
     return policy, mode
 
 
@@ -39,9 +39,9 @@ def record(case: str, head: str) -> dict:
     fields = ("action", "token", "logprob", "vector", "soft_ids", "soft_w")
     return {"rollouts": [{f: getattr(r, f) for f in fields} for r in rollouts],
             "logprob": rec.logprob, "entropy": rec.entropy, "gold_loglik": gold,
-            "own_text": [t for r in rollouts for t in r.token[r.is_real].tolist()],
+            "own_text": [t for r in rollouts for t in r.token[r.is_text].tolist()],
             "text_logp_own": rec.text_logp.gather(1, torch.tensor(
-                [t for r in rollouts for t in r.token[r.is_real].tolist()])[:, None])[:, 0]}
+                [t for r in rollouts for t in r.token[r.is_text].tolist()])[:, None])[:, 0]}
 
 
 if __name__ == "__main__":

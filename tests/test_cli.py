@@ -19,16 +19,16 @@ def test_jsonl_schema(tmp_path, capsys):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     for rec in records:
-        assert {"prompt", "mode", "steps", "real_text", "num_real", "num_thought"} <= rec.keys()
+        assert {"prompt", "mode", "steps", "text_only", "num_text", "num_thought"} <= rec.keys()
         assert rec["prompt"] == "12 * 34 =" and rec["mode"] == "soft"
-        assert len(rec["steps"]) == rec["num_real"] + rec["num_thought"]
+        assert len(rec["steps"]) == rec["num_text"] + rec["num_thought"]
         # <bot> is a row of the expanded vocabulary, so it carries its nearest text tokens; text does not
         assert {"kind", "token_id", "text", "logprob", "nearest"} == rec["steps"][0].keys()
         assert len(rec["steps"][0]["nearest"]) == 3
-        assert all("nearest" not in s for s in rec["steps"] if s["kind"] == "real")
+        assert all("nearest" not in s for s in rec["steps"] if s["kind"] == "text")
         assert [s["kind"] for s in rec["steps"][:4]] == ["thought"] * 4  # <bot>, 2 soft thoughts, <eot>
         assert rec["steps"][1]["text"].startswith("<soft: ") and rec["steps"][1]["token_id"] is None
-        assert rec["real_text"] == "".join(s["text"] for s in rec["steps"] if s["kind"] == "real")
+        assert rec["text_only"] == "".join(s["text"] for s in rec["steps"] if s["kind"] == "text")
 
 
 def test_text_and_html_show_thinking_tokens(tmp_path, monkeypatch):
@@ -58,10 +58,10 @@ def test_parallel_sample_puts_a_thought_after_every_token(capsys):
                  "--num-samples", "1", "--format", "jsonl"]) == 0
     rec = json.loads(capsys.readouterr().out)
     kinds = [s["kind"] for s in rec["steps"]]
-    assert rec["mode"] == "parallel" and rec["num_real"] == 4 and kinds == ["real", "thought", "thought"] * 4
+    assert rec["mode"] == "parallel" and rec["num_text"] == 4 and kinds == ["text", "thought", "thought"] * 4
     thoughts = [s for s in rec["steps"] if s["kind"] == "thought"]
     assert all(s["text"].startswith("<think") and s["logprob"] <= 0 for s in thoughts)
-    assert rec["real_text"] == "12 * 34 ="
+    assert rec["text_only"] == "12 * 34 ="
 
 
 def test_continuous_marker_shows_nearest_tokens(capsys):

@@ -48,7 +48,7 @@ def test_same_draws_and_logprobs_as_the_full_width_sampler(case, head):
     if head == "task":  # the distributions themselves were computed over the head's columns only
         k = len(head_columns(policy.model))
         assert k < 100 and rec.text_logp.shape[1] == mode.n_text == k - (policy.vocab.size
-                                                                          - policy.vocab.real_size)
+                                                                          - policy.vocab.text_size)
 
 
 def test_a_mode_built_for_another_head_is_refused():

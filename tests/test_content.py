@@ -84,7 +84,7 @@ TASK = SimpleNamespace(check=check)
 
 
 def rule_policy(tie: bool = False) -> tuple[Policy, object]:
-    vocab = ThinkingVocab(real_size=len(WORDS), num_thinking=N, markers=False, eos_id=EOS)
+    vocab = ThinkingVocab(text_size=len(WORDS), num_thinking=N, markers=False, eos_id=EOS)
     model = RuleModel(CopyRule(tie))
     with torch.no_grad():
         for d in range(N):  # <think_d>'s row leans to " d": its nearest text token
@@ -185,9 +185,9 @@ def test_nmi_against_hand_computation():
 
 
 def rollout(tokens, vectors=None):
-    actions = [Action.VECTOR if t < 0 else Action.ANY for t in tokens]
+    actions = [Action.VECTOR if t < 0 else Action.FREE for t in tokens]
     return Rollout(prompt_ids=[0], action=torch.tensor(actions), token=torch.tensor(tokens),
-                   logprob=torch.zeros(len(tokens)), real_size=len(WORDS), mode="x",
+                   logprob=torch.zeros(len(tokens)), text_size=len(WORDS), mode="x",
                    vector=None if vectors is None else torch.tensor(vectors, dtype=torch.float))
 
 
@@ -211,7 +211,7 @@ def test_replacements_by_mode():
     assert repl[0].tolist() == [7.0] * V and repl[2].tolist() == [0.0] * V
     alone = replacements(vs[:2], mode, embed, 0, random.Random(0))[1]
     assert not alone.any()
-    single = ThinkingVocab(real_size=len(WORDS), num_thinking=1, markers=False, eos_id=EOS)
+    single = ThinkingVocab(text_size=len(WORDS), num_thinking=1, markers=False, eos_id=EOS)
     one = make_mode(ThoughtConfig(mode="single", num_thinking=1), single, SamplingConfig())
     assert not replacements([rollout([len(WORDS)])], one, embed, 0, random.Random(0))[1].any()
 

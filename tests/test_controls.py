@@ -45,7 +45,7 @@ def test_replay_feeds_the_donor_thoughts_at_the_thought_steps():
     out = sample(policy.model, controls["shuffled_thoughts"], prompts)
     hook.remove()
     for b, r in enumerate(out):
-        thought_steps = [s for s in range(r.num_steps) if r.token[s] >= policy.vocab.real_size]
+        thought_steps = [s for s in range(r.num_steps) if r.token[s] >= policy.vocab.text_size]
         for k, s in enumerate(thought_steps):  # step s's input is fed by the sampler's (s+1)-th forward
             donor = shuffled[b]
             want = donor[k % len(donor)] if len(donor) else embed.weight[policy.vocab.think_id(0)]
@@ -62,7 +62,7 @@ def test_controls_agree_when_thoughts_cannot_matter():
     # scales every (identical) thinking row alike: the model thinks, rows stay equal
     boost_thinking(policy, 25)
     result = evaluate_policy(policy, mode, toy_task(policy), "test")
-    metrics = ("accuracy", "real_tokens_mean", "thought_steps_mean", "prompt_tokens_mean")
+    metrics = ("accuracy", "text_tokens_mean", "thought_steps_mean", "prompt_tokens_mean")
     main = {k: result[k] for k in metrics}
     assert main["thought_steps_mean"] > 0
     assert result["controls"]["pause"] == main and result["controls"]["shuffled_thoughts"] == main

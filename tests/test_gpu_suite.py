@@ -169,7 +169,7 @@ def test_train_parts_on_cpu_with_a_brief_teacher(tmp_path, monkeypatch):
         "rl.num_generations=2",
         "sampling.max_new_tokens=4",
         "thought.max_thought_tokens=2",
-        "parallel.num_real=8",
+        "parallel.num_text=8",
         "parallel.thought_len=2",
         "parallel.lookahead=2",
         "eval_examples=2",

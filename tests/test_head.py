@@ -25,7 +25,7 @@ TASK = TaskConfig(name="multiplication", digits=2, spaced=True, reverse=True, nu
 def task_policy(num_thinking=8, seed=0):
     policy = load_policy("tiny", num_thinking, False, seed=seed)
     task = load_task(TASK)
-    restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.real_size)
+    restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.text_size)
     return policy, task
 
 
@@ -33,7 +33,7 @@ def reference_logprobs(policy, hidden):
     """log-softmax over the allowed rows only, from the tied weight matrix: (N, D) -> (N, V), -inf outside."""
     w = policy.model.get_input_embeddings().weight
     allowed = sorted(policy.model.config.thinktok_head["text_ids"]) + list(
-        range(policy.vocab.real_size, policy.vocab.size))
+        range(policy.vocab.text_size, policy.vocab.size))
     out = torch.full((hidden.shape[0], w.shape[0]), float("-inf"))
     out[:, allowed] = F.log_softmax(hidden @ w[allowed].T, -1)
     return out, allowed
@@ -84,7 +84,7 @@ def test_sampler_and_recompute_use_the_restricted_distribution(static):
                      SamplingConfig(max_new_tokens=6), head_columns(policy.model))
     prompts = [policy.tokenizer(r["prompt"]).input_ids for r in task.dataset["test"]]
     rollouts = sample(policy.model, mode, prompts, seed=1, static=static)
-    allowed = set(policy.model.config.thinktok_head["text_ids"]) | set(range(policy.vocab.real_size,
+    allowed = set(policy.model.config.thinktok_head["text_ids"]) | set(range(policy.vocab.text_size,
                                                                                policy.vocab.size))
     rec = recompute_logprobs(policy.model, mode, rollouts)
     for i, r in enumerate(rollouts):
@@ -96,7 +96,7 @@ def test_sampler_and_recompute_use_the_restricted_distribution(static):
     ids = torch.tensor([r.prompt_ids + r.token[:first].tolist()])
     hidden = policy.model.base_model(input_ids=ids).last_hidden_state[0, -1:]
     ref, _ = reference_logprobs(policy, hidden)
-    text_only = ref[0, : policy.vocab.real_size].log_softmax(-1)  # text steps: text columns only
+    text_only = ref[0, : policy.vocab.text_size].log_softmax(-1)  # text steps: text columns only
     assert torch.allclose(r.logprob[first], text_only[r.token[first]], atol=1e-5)
 
 
@@ -109,8 +109,8 @@ def test_checkpoint_keeps_its_head(tmp_path):
     loaded = load_policy(str(tmp_path / "ckpt"), 4, False)
     assert head_name(loaded.model) == "task"
     got = loaded.model.get_output_embeddings()(hidden)
-    assert torch.allclose(got[:, : policy.vocab.real_size], want, atol=1e-6)
-    assert (got[:, loaded.vocab.real_size :] > -1e3).all()
+    assert torch.allclose(got[:, : policy.vocab.text_size], want, atol=1e-6)
+    assert (got[:, loaded.vocab.text_size :] > -1e3).all()
     teacher = Teacher.load(tmp_path / "ckpt")
     assert torch.allclose(teacher.model.get_output_embeddings()(hidden), want, atol=1e-6)
 

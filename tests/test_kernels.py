@@ -166,7 +166,7 @@ def test_decode_rejects_mismatched_cache():
     q, kr, vr, kt, vt = args
     with pytest.raises(ValueError, match="k_thought"):
         parallel_thought_decode(q, kr, vr, kt[:, :, :4], vt[:, :, :4])
-    with pytest.raises(ValueError, match="k_real"):
+    with pytest.raises(ValueError, match="k_text"):
         parallel_thought_decode(q, kr[:, :, :4], vr, kt, vt)
 
 

@@ -71,7 +71,7 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
 def p_think_first(policy) -> float:
     """Mean over the prompts of P(first step is a thinking token), the softmax over text + thinking tokens."""
     v = policy.vocab
-    return sum(policy.model(torch.tensor([p])).logits[0, -1].softmax(-1)[v.real_size : v.size].sum().item()
+    return sum(policy.model(torch.tensor([p])).logits[0, -1].softmax(-1)[v.text_size : v.size].sum().item()
                for p in PROMPTS.values()) / len(PROMPTS)
 
 
@@ -81,7 +81,7 @@ def test_advantages_are_the_shared_group_advantages(tmp_path, algo):
     computes them), and by hand: grpo (r - group mean) / (group std + 1e-4) as TRL's scale_rewards="group",
     rloo r_i minus the mean of the group's other rewards."""
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
-    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size) + r.num_steps,
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.text_size) + r.num_steps,
                             algo=algo)
     prompts = [p for p in PROMPTS for _ in range(8)]  # TRL's order: each prompt's group in turn
     batch = trainer.collector(prompts, trainer, 0)
@@ -103,7 +103,7 @@ def test_one_update_makes_the_better_discrete_action_likelier(tmp_path, algo):
     """Reward 1 when the rollout opens with a thinking token (P ~ 0.2-0.3 at the start), else 0."""
     policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=8, max_thought_tokens=2), boost=25)
     before = p_think_first(policy)
-    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.real_size), algo=algo)
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.token[0] >= r.text_size), algo=algo)
     batch = trainer.collector(list(PROMPTS) * 8, trainer, 0)
     # both actions sampled: the group baseline has something to compare
     assert 0 < batch.reward.sum() < 16
@@ -188,7 +188,7 @@ def test_stale_batch_is_corrected_against_the_sampler(tmp_path):
     """Rollouts whose sampler gave their actions e^-1 of today's probability: the ratio is e, not 1, and the
     clip acts. Forced (pause) steps carry nothing: garbage behaviour log-probs there change nothing."""
     policy, mode = policy_and_mode(dict(mode="pause", num_thinking=1, num_pause=2))
-    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.real_ids[0] % 5))
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: float(r.text_ids[0] % 5))
     batch = trainer.collector(list(PROMPTS) * 8, trainer, 0)
     assert group_advantages(batch.reward, 8, "grpo").abs().sum() > 0
     fresh = step_loss(trainer, batch)
@@ -222,13 +222,13 @@ def test_text_kl_is_exact_over_text_steps_only(tmp_path):
         for r in rollouts:
             ids = torch.tensor([r.prompt_ids + r.token.tolist()])
             p_logits, q_logits = policy.model(ids).logits[0].double(), ref(ids).logits[0].double()
-            for s in r.is_real.nonzero()[:, 0].tolist():
+            for s in r.is_text.nonzero()[:, 0].tolist():
                 pos = len(r.prompt_ids) - 1 + s
-                p = p_logits[pos, : policy.vocab.real_size].exp()
-                q = q_logits[pos, : policy.vocab.real_size].exp()
+                p = p_logits[pos, : policy.vocab.text_size].exp()
+                q = q_logits[pos, : policy.vocab.text_size].exp()
                 p, q = p / p.sum(), q / q.sum()
                 terms.append((p * (p / q).log()).sum())
-    assert len(terms) == sum(r.num_real for r in rollouts)
+    assert len(terms) == sum(r.num_text for r in rollouts)
     assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-4)
 
 
@@ -294,16 +294,16 @@ def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):
     trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, latent_coef=1.0, lr=1e-3)
     names = list(PROMPTS) * 4
     rollouts = sample(policy.model, mode, [PROMPTS[p] for p in names], seed=0)
-    assert any(r.is_real.nonzero()[0] > 0 for r in rollouts)  # some rollouts open with thoughts
+    assert any(r.is_text.nonzero()[0] > 0 for r in rollouts)  # some rollouts open with thoughts
     gold = [GOLD[p] for p in names]
 
     def hand():
         out = []
         with torch.no_grad():
             for r, g in zip(rollouts, gold):
-                first = int(r.is_real.nonzero()[0])
+                first = int(r.is_text.nonzero()[0])
                 ids = r.prompt_ids + r.token[:first].tolist() + g
-                logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].double()
+                logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.text_size].double()
                 start = len(ids) - len(g)
                 lp = [logits[k - 1].log_softmax(-1)[ids[k]] for k in range(start, len(ids))]
                 out.append(-torch.stack(lp).mean())
@@ -328,11 +328,11 @@ def test_one_teacher_kl_update_moves_the_policy_toward_the_teacher(tmp_path):
 
     ids = [11, 13, 262, 290, 318, 257, 286, 284]
     policy, _ = policy_and_mode(dict(mode="none", num_thinking=0))
-    restrict_head(policy.model, ids, policy.vocab.real_size)
+    restrict_head(policy.model, ids, policy.vocab.text_size)
     mode = make_mode(ThoughtConfig(mode="none", num_thinking=0), policy.vocab,
                      SamplingConfig(max_new_tokens=1, stop_at_eos=False), head_columns(policy.model))
     teacher = load_policy("tiny", 0, False, seed=1).model
-    restrict_head(teacher, ids, policy.vocab.real_size)
+    restrict_head(teacher, ids, policy.vocab.text_size)
     with torch.no_grad():
         teacher.transformer.ln_f.weight *= 20
 

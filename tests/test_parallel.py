@@ -25,7 +25,7 @@ def setup(num_thinking: int = 8):
 
 
 def with_true_targets(rollout):
-    rollout.target_ids, rollout.target_p = true_targets(rollout.real)
+    rollout.target_ids, rollout.target_p = true_targets(rollout.text)
     return rollout
 
 
@@ -99,7 +99,7 @@ def test_gain_equals_separate_rollouts(scorer, monkeypatch):
     policy, mode, real = setup()
     model = policy.model.eval()
     teacher = Teacher(load_policy("tiny", 0, False, seed=7).model) if scorer == "teacher" else None
-    cfg = ParallelConfig(num_real=T, thought_len=L, lookahead=3, scorer=scorer, teacher_top_k=5)
+    cfg = ParallelConfig(num_text=T, thought_len=L, lookahead=3, scorer=scorer, teacher_top_k=5)
     scorer_ = ParallelScorer(cfg, model, mode, teacher=teacher)
     rollout = scorer_(sample_parallel(model, mode, real, L, seed=3))
     if scorer == "teacher":  # the targets are the teacher's top-5 next tokens, renormalised

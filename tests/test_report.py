@@ -22,11 +22,11 @@ def content(changed: float, pass1: float, seed: int) -> dict:
             "rollouts": [{"prompt": "3 7 =", "answer": "4", "gold": "4", "correct": True, "reward": 1.0,
                           "steps": [{"kind": "thought", "token_id": 15, "text": "<think3>", "logprob": -0.1,
                                      "nearest": [" 3", " a", " b"]},
-                                    {"kind": "real", "token_id": 4, "text": " 4", "logprob": -0.2}]}]}
+                                    {"kind": "text", "token_id": 4, "text": " 4", "logprob": -0.2}]}]}
 
 
 def record(arm: str, seed: int, acc: float, usage: list[int], extra: dict | None = None) -> dict:
-    ev = {"mode": "vocab", "accuracy": acc, "thought_steps_mean": 2.0, "real_tokens_mean": 3.0,
+    ev = {"mode": "vocab", "accuracy": acc, "thought_steps_mean": 2.0, "text_tokens_mean": 3.0,
           "prompt_tokens_mean": 4.0, "thought_usage": usage, **(extra or {})}
     return {"arm": arm, "seed": seed, "kind": "sft", "wall_s": 10.0, "eval": ev, "movement": None}
 
@@ -81,10 +81,10 @@ def text_eval(kl: float, nll: float, spearman: float | None, seed: int, wants: b
                                                           "shuffled_thoughts": {"nll": nll + 0.125}},
             "placement": {"teacher": placement, "student": {**placement, "spearman": 0.5},
                           "num_tokens": 100, "propensity": 0.0125 * (seed + 1) if wants else None},
-            "rollouts": [{"prompt": "The", "reward": -kl, "num_real": 1, "num_thought": 1,
+            "rollouts": [{"prompt": "The", "reward": -kl, "num_text": 1, "num_thought": 1,
                           "steps": [{"kind": "thought", "token_id": 50300, "text": "<think3>", "logprob": -1,
                                      "nearest": [" a", " b", " c"]},
-                                    {"kind": "real", "token_id": 5, "text": " cat", "logprob": -2.0,
+                                    {"kind": "text", "token_id": 5, "text": " cat", "logprob": -2.0,
                                      "teacher_logprob": -8.5}]}]}
 
 
@@ -103,7 +103,8 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
     assert data["arms"]["none"]["text"]["teacher"]["spearman"] is None  # no seed had a correlation
     assert t["deciles"][3]["rate"]["mean"] == pytest.approx(0.305)
     md = (tmp_path / "report.md").read_text()
-    assert "## Seed 004 on real text" in md and "accuracy" not in md.split("## Seed 004")[0]
+    heading = "## Thinking on real text"
+    assert heading in md and "accuracy" not in md.split(heading)[0]
     assert ("| vocab | 1.500 ± 0.707 | 4.500 ± 0.707 | 5.000 ± 0.707 | 4.750 ± 0.707 | 4.625 ± 0.707 | "
             "3.000 ± 0.000 | 12.5 ± 0.0 (10.0 ± 0.0) | 4.500 ± 0.707 | 2.000 ± 0.000 | 0.250 ± 0.071 | "
             "0.500 ± 0.000 | 0.0188 ± 0.0088 | 0.400 ± 0.000 | 2 |") in md

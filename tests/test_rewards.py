@@ -47,7 +47,7 @@ def test_teacher_sees_no_thinking_token_and_is_frozen(teacher):
     RewardModel(RewardConfig(), teacher).score(rollouts)
     hook.remove()
     ids = torch.cat([s.flatten() for s in seen])
-    assert ids.max() < policy.vocab.real_size  # padding included: never a thinking id
+    assert ids.max() < policy.vocab.text_size  # padding included: never a thinking id
     assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
     with pytest.raises(ValueError, match="outside its vocabulary"):
         teacher.token_logprobs([[1, 2, policy.vocab.think_id(0)]], [1])
@@ -61,8 +61,8 @@ def hand_policy_text_lp(policy, r):
         logits = policy.model(torch.tensor([ids])).logits[0].double()
     out = []
     for s, tok in enumerate(r.token.tolist()):
-        if tok < policy.vocab.real_size:
-            row = logits[len(r.prompt_ids) - 1 + s, : policy.vocab.real_size]
+        if tok < policy.vocab.text_size:
+            row = logits[len(r.prompt_ids) - 1 + s, : policy.vocab.text_size]
             out.append(torch.log(row[tok].exp() / row.exp().sum()))
     return torch.stack(out).float()
 
@@ -81,8 +81,8 @@ def test_teacher_loglik_and_kl_by_hand(teacher):
         assert rewards.total[i].item() == pytest.approx(q.mean().item() + 0.5 * (q - p).mean().item(),
                                                         abs=1e-4)
         # token-wise: each text step carries its own share, thought steps carry nothing
-        assert torch.allclose(rewards.per_step[i][r.is_real], (q + 0.5 * (q - p)) / r.num_real, atol=1e-5)
-        assert rewards.per_step[i][~r.is_real].abs().sum() == 0
+        assert torch.allclose(rewards.per_step[i][r.is_text], (q + 0.5 * (q - p)) / r.num_text, atol=1e-5)
+        assert rewards.per_step[i][~r.is_text].abs().sum() == 0
         assert rewards.credit[i].all()
 
 
@@ -96,7 +96,7 @@ def hand_gold_lp(policy, prefix, gold, pause_block=()):
         at.append(len(ids))
         ids.append(g)
     with torch.no_grad():
-        logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.real_size].double()
+        logits = policy.model(torch.tensor([ids])).logits[0, :, : policy.vocab.text_size].double()
     return torch.stack([logits[k - 1].log_softmax(-1)[ids[k]] for k in at]).mean().item()
 
 
@@ -108,12 +108,12 @@ def test_exact_match_gold_loglik_and_thinking_cost(case):
     rm = RewardModel(cfg, task=TASK, tokenizer=policy.tokenizer, policy=policy.model, mode=mode)
     rewards = rm.score(rollouts, ROWS)
     for i, (r, row) in enumerate(zip(rollouts, ROWS)):
-        text = policy.tokenizer.decode(r.real_ids)
+        text = policy.tokenizer.decode(r.text_ids)
         assert rewards.parts["exact_match"][i] == float(TASK.check(text, row))
         tokens = r.token.tolist()
-        first = next(k for k, t in enumerate(tokens) if t < policy.vocab.real_size)
+        first = next(k for k, t in enumerate(tokens) if t < policy.vocab.text_size)
         # pauses are no choice
-        chosen = sum(t >= policy.vocab.real_size for t in tokens) if case == "vocab" else 0
+        chosen = sum(t >= policy.vocab.text_size for t in tokens) if case == "vocab" else 0
         assert rewards.parts["thinking_cost"][i].item() == pytest.approx(-0.1 * chosen)
         gold = policy.tokenizer(TASK.target(row)).input_ids + [policy.vocab.eos_id]  # the answer and its end
         block = tokens[:first] if case == "pause-every" else ()
@@ -132,7 +132,7 @@ def test_gold_loglik_credits_only_the_opening_thoughts():
                      policy=policy.model, mode=mode)
     rewards = rm.score(rollouts, ROWS)
     for r, credit in zip(rollouts, rewards.credit):
-        first = int(r.is_real.nonzero()[0])
+        first = int(r.is_text.nonzero()[0])
         # the opening thoughts and the choice to end them (a text token chosen over a thought) carry the
         # reward
         assert credit[: first + 1].all() and not credit[first + 1 :].any()
@@ -140,8 +140,8 @@ def test_gold_loglik_credits_only_the_opening_thoughts():
     r = rollouts[0]
     edited = replace(r, token=r.token.clone(), action=r.action.clone())
     later = r.num_steps - 1
-    assert later > int(r.is_real.nonzero()[0])
-    edited.token[later], edited.action[later] = policy.vocab.think_id(0), Action.ANY
+    assert later > int(r.is_text.nonzero()[0])
+    edited.token[later], edited.action[later] = policy.vocab.think_id(0), Action.FREE
     again = rm.score([edited] + rollouts[1:], ROWS)
     assert again.parts["gold_loglik"][0].item() == pytest.approx(rewards.parts["gold_loglik"][0].item(),
                                                                  abs=1e-6)
@@ -193,7 +193,7 @@ def test_teacher_reads_the_gold_chain_of_thought(teacher):
     rewards = RewardModel(cfg, teacher, task=TASK, tokenizer=policy.tokenizer).score(rollouts, ROWS)
     for i, (r, row) in enumerate(zip(rollouts, ROWS)):
         steps = policy.tokenizer(" " + " ; ".join(row["steps"]) + " ;").input_ids
-        q = hand_teacher_lp(teacher.model, r.prompt_ids + steps + r.real_ids, len(r.prompt_ids) + len(steps))
+        q = hand_teacher_lp(teacher.model, r.prompt_ids + steps + r.text_ids, len(r.prompt_ids) + len(steps))
         assert rewards.parts["teacher_loglik"][i].item() == pytest.approx(q.mean().item(), abs=1e-5)
     plain = RewardModel(RewardConfig(), teacher).score(rollouts)
     assert (plain.total - rewards.total).abs().max() > 1e-3

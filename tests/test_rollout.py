@@ -57,8 +57,8 @@ def test_recompute_is_differentiable():
     think = steps_where(rollouts, rec, lambda r: r.is_chosen_thought)
     assert think.sum() > 0
     rec.logprob[think].sum().backward()
-    rows = policy.model.get_input_embeddings().weight.grad[policy.vocab.real_size : policy.vocab.size]
-    chosen = {t - policy.vocab.real_size for r in rollouts for t in r.token[r.is_chosen_thought].tolist()}
+    rows = policy.model.get_input_embeddings().weight.grad[policy.vocab.text_size : policy.vocab.size]
+    chosen = {t - policy.vocab.text_size for r in rollouts for t in r.token[r.is_chosen_thought].tolist()}
     assert all(rows[j].abs().sum() > 0 for j in chosen)
 
     policy, mode = make("pause-prompt")
@@ -98,12 +98,12 @@ def test_vocab_budget_and_text_view():
     rollouts = sample(policy.model, mode, PROMPTS * 3, seed=0)
     assert sum(r.num_thought for r in rollouts) > 0  # the boosted model does think
     for r in rollouts:
-        assert r.num_thought <= 4 and r.num_real <= 5
-        n_before = torch.cumsum(~r.is_real, 0) - (~r.is_real).long()  # thoughts before each step
+        assert r.num_thought <= 4 and r.num_text <= 5
+        n_before = torch.cumsum(~r.is_text, 0) - (~r.is_text).long()  # thoughts before each step
         # thinking tokens may be chosen exactly while under budget
-        assert torch.equal(r.action == Action.ANY, n_before < 4)
-        assert all(t < policy.vocab.real_size for t in r.text_view)
-        assert r.text_view == r.prompt_ids + [t for t in r.token.tolist() if t < policy.vocab.real_size]
+        assert torch.equal(r.action == Action.FREE, n_before < 4)
+        assert all(t < policy.vocab.text_size for t in r.text_view)
+        assert r.text_view == r.prompt_ids + [t for t in r.token.tolist() if t < policy.vocab.text_size]
 
 
 def test_pause_every_inserts_k_before_each_text_token():
@@ -111,7 +111,7 @@ def test_pause_every_inserts_k_before_each_text_token():
     r = sample(policy.model, mode, PROMPTS[:1], seed=0)[0]
     v = policy.vocab
     assert r.token.tolist()[0:2] == [v.think_id(0), v.think_id(1)] and r.action.tolist()[:3] == [0, 0, 1]
-    assert r.num_thought == 2 * r.num_real
+    assert r.num_thought == 2 * r.num_text
 
 
 def test_vocab_slots_sample_content_only():
@@ -135,7 +135,7 @@ def test_vocab_slots_sample_content_only():
 def test_vocab_slots_every_and_soft_slots_fix_the_count():
     policy, mode = make("vocab-slots-every", max_new_tokens=3)
     r = sample(policy.model, mode, PROMPTS[:1], seed=0)[0]
-    assert r.action.tolist() == [Action.THINK, Action.TEXT] * r.num_real and r.num_real >= 1
+    assert r.action.tolist() == [Action.THINK, Action.TEXT] * r.num_text and r.num_text >= 1
     policy, mode = make("soft-slots")  # a cold stop would end thinking after one step: slots switch it off
     r = sample(policy.model, mode, PROMPTS[:1])[0]
     assert r.action.tolist()[:4] == [Action.FORCED, Action.SOFT, Action.SOFT, Action.FORCED]
@@ -233,7 +233,7 @@ def test_compiled_vocab_step_stops_early():
     dynamic = sample(policy.model, mode, PROMPTS * 2, seed=1)
     lengths = [r.num_steps for r in dynamic]
     assert len(set(lengths)) > 1 and max(lengths) < 24  # EOS ends rows early, at different steps
-    assert all(r.token[-1] == policy.vocab.eos_id for r in dynamic if r.num_real < 24)
+    assert all(r.token[-1] == policy.vocab.eos_id for r in dynamic if r.num_text < 24)
     assert sum(r.num_thought for r in dynamic) > 0
     same_rollouts(dynamic, sample(policy.model, mode, PROMPTS * 2, seed=1, compile=True))
     # a second call of the same batch shape (the sampler's buffers and compiled graph reused)

@@ -37,7 +37,7 @@ def test_loss_goes_down_and_checkpoint_evaluates(tmp_path, capsys):
     assert (ckpt / "thinktok_run.yaml").exists()
     assert main(["eval", str(tmp_path), "--split", "test", "--max-new-tokens", "6"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"accuracy", "num_examples", "real_tokens_mean", "thought_steps_mean", "wall_s"} <= result.keys()
+    assert {"accuracy", "num_examples", "text_tokens_mean", "thought_steps_mean", "wall_s"} <= result.keys()
     assert result["num_examples"] == 8 and result["thought_steps_mean"] == 0
     assert (tmp_path / "eval_multiplication_test.json").exists()
 

@@ -90,7 +90,7 @@ ROWS = [{"prompt": str(d), "answer": " ".join(str((d + i) % 10) for i in range(1
 
 
 def counting_policy(low=2.0, high=5.0, max_thoughts=8, greedy=True):
-    vocab = ThinkingVocab(real_size=T, num_thinking=N, markers=False, eos_id=EOS)
+    vocab = ThinkingVocab(text_size=T, num_thinking=N, markers=False, eos_id=EOS)
     model = RuleModel(CountingBase(low, high))
     mode = make_mode(ThoughtConfig(mode="vocab", num_thinking=N, max_thought_tokens=max_thoughts), vocab,
                      SamplingConfig(max_new_tokens=LENGTH, greedy=greedy))
@@ -108,7 +108,7 @@ def test_forcing_keeps_the_policys_thoughts_and_scores_the_gold():
     # a wrong gold token is scored, not replaced by the policy's choice: " 9" where " 5" was expected
     (r,) = sample(policy.model, ForceText(mode, mode, torch.tensor([[9, 0]])), [[4]])
     assert r.token.tolist() == [T, 9, T, 0]  # the model reads the forced 9: 0 comes next, thought before
-    assert math.isclose(float(r.logprob[r.is_real][0]), math.log(1 / (math.exp(5.0) + T - 1)), rel_tol=1e-5)
+    assert math.isclose(float(r.logprob[r.is_text][0]), math.log(1 / (math.exp(5.0) + T - 1)), rel_tol=1e-5)
 
 
 def test_spearman_against_a_contingency_table_and_hand_ranks():
@@ -165,8 +165,8 @@ def test_text_measures_find_the_known_placement():
     assert out["controls"]["pause"]["nll"] == out["nll"]  # the pause input is <think0>: what it thinks anyway
     assert len(out["rollouts"]) == 8
     shown = out["rollouts"][0]
-    reals = [s for s in shown["steps"] if s["kind"] == "real"]
-    assert len(reals) == shown["num_real"] and all("teacher_logprob" in s for s in reals)
+    texts = [s for s in shown["steps"] if s["kind"] == "text"]
+    assert len(texts) == shown["num_text"] and all("teacher_logprob" in s for s in texts)
 
 
 def test_reverse_kl_matches_the_exact_kl():

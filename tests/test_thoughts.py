@@ -11,8 +11,8 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action
 from thinktok.models.vocab import ThinkingVocab
 
-V = ThinkingVocab(real_size=10, num_thinking=3, markers=False, eos_id=9)
-VM = ThinkingVocab(real_size=10, num_thinking=0, markers=True, eos_id=9)  # ids 10, 11 = <bot>, <eot>
+V = ThinkingVocab(text_size=10, num_thinking=3, markers=False, eos_id=9)
+VM = ThinkingVocab(text_size=10, num_thinking=0, markers=True, eos_id=9)  # ids 10, 11 = <bot>, <eot>
 
 
 def mode(vocab=V, sampling=None, **cfg):
@@ -95,7 +95,7 @@ def test_soft_mixture_is_weighted_embedding():
     assert r.action[0] == Action.FORCED and r.token[0] == policy.vocab.bot_id
     assert (r.action[1:4] == Action.SOFT).all() and r.token[4] == policy.vocab.eot_id
     assert r.soft_ids.shape[1] == 10 and torch.allclose(r.soft_w[1:4].sum(-1), torch.ones(3))
-    assert (r.soft_ids[1:4] < policy.vocab.real_size).all()  # mixtures over text tokens only
+    assert (r.soft_ids[1:4] < policy.vocab.text_size).all()  # mixtures over text tokens only
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -142,10 +142,10 @@ def test_recompute_keeps_the_sampled_token_at_the_filter_edge():
     log-prob must stay finite (and equal the filtered distribution renormalised with it kept)."""
     m = mode(mode="vocab", num_thinking=3, sampling=SamplingConfig(top_k=2))
     logits = torch.tensor([[3.0, 2.0, 2.0 - 1e-6] + [-5.0] * 10])  # token 2 sampled when it tied with token 1
-    lp = m.action_logprobs(torch.tensor([Action.ANY]), torch.tensor([2]), logits, torch.zeros(1, 4))
+    lp = m.action_logprobs(torch.tensor([Action.FREE]), torch.tensor([2]), logits, torch.zeros(1, 4))
     kept = torch.tensor([3.0, 2.0, 2.0 - 1e-6])
     assert lp.item() == pytest.approx((kept[2] - kept.logsumexp(0)).item(), abs=1e-6)
-    inside = m.action_logprobs(torch.tensor([Action.ANY]), torch.tensor([0]), logits, torch.zeros(1, 4))
+    inside = m.action_logprobs(torch.tensor([Action.FREE]), torch.tensor([0]), logits, torch.zeros(1, 4))
     assert inside.item() == pytest.approx((3.0 - torch.tensor([3.0, 2.0]).logsumexp(0)).item(), abs=1e-6)
 
 

@@ -83,7 +83,7 @@ def test_short_run_writes_everything(whole_run, teacher):
     whole, final = whole_run
     lines = metrics(whole)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
-    keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "real_tokens_mean", "kl", "loss",
+    keys = {"step", "reward_mean", "reward_std", "thought_steps_mean", "text_tokens_mean", "kl", "loss",
             "samples_per_s",
             "weight_version", "logprob_mismatch"}
     assert all(keys <= m.keys() and all(v is not None for v in m.values()) for m in lines)
@@ -143,7 +143,7 @@ def test_resume_matches_uninterrupted(whole_run, tmp_path, teacher, monkeypatch)
                           lambda d: config(d, teacher, f"rl.max_steps={STEPS_WHOLE}", "ray.inline=true"),
                           GRPORun, monkeypatch, STEPS_WHOLE)
     for x, y in zip(metrics(whole), metrics(cut), strict=True):
-        for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "real_tokens_mean",
+        for key in ("reward_mean", "reward_std", "loss", "thought_steps_mean", "text_tokens_mean",
                     "weight_version"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     last = f"checkpoint-{STEPS_WHOLE}"
@@ -165,7 +165,7 @@ class HeldRolloutWorker(RolloutWorker):
 
 
 def test_dead_rollout_actor_is_restarted_without_losing_samples(teacher, tmp_path):
-    cfg = TrainConfig(ray=RayConfig(num_rollout_workers=1, num_teacher_workers=0))  # no scoring here
+    cfg = TrainConfig(ray=RayConfig(num_rollout_workers=1, num_reward_workers=0))  # no scoring here
     cfg.thought.num_thinking = 8
     policy = load_policy("tiny", 8, False)
     path = teacher + "_policy"
@@ -304,7 +304,7 @@ def test_logps_override_matches_trl_base_method(tmp_path):
     # what TRL computes; past the budget our distribution masks thinking tokens and TRL's cannot know it
     unmasked = torch.zeros_like(mask[:, width:], dtype=torch.bool)
     for i, r in enumerate(rollouts):
-        unmasked[i, : r.num_steps] = r.action == Action.ANY
+        unmasked[i, : r.num_steps] = r.action == Action.FREE
     assert unmasked.sum() > 5
     assert torch.allclose(ours[unmasked], base[unmasked], atol=1e-5)
     budget = torch.zeros_like(unmasked)
@@ -320,7 +320,7 @@ PARALLEL = Path(__file__).parents[1] / "configs" / "parallel_quickstart.yaml"
 def parallel_config(run_dir, teacher, *overrides):
     return load_config(TrainConfig, PARALLEL, [
         f"run_dir={run_dir}", f"teacher={teacher}", "policy=tiny", "task.num_train=32", "task.num_val=8",
-        "task.num_test=8", "thought.num_thinking=8", "parallel.num_real=8", "parallel.thought_len=2",
+        "task.num_test=8", "thought.num_thinking=8", "parallel.num_text=8", "parallel.thought_len=2",
         "parallel.lookahead=2", "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_steps=2",
         "rl.lr=1e-2",
         "eval_every=2", "eval_examples=4", "save_every=2", "samples_per_eval=1", *overrides])

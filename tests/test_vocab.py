@@ -11,7 +11,7 @@ from thinktok.models.vocab import ThinkingVocab, row_movement
 def test_expansion_sizes_and_layout():
     p = load_policy("tiny", num_thinking=16, markers=True)
     v = p.vocab
-    assert (v.real_size, v.size) == (50257, 50257 + 16 + 2)
+    assert (v.text_size, v.size) == (50257, 50257 + 16 + 2)
     assert p.model.get_input_embeddings().weight.shape[0] == v.size == len(p.tokenizer)
     assert p.model.config.vocab_size == v.size
     assert p.tokenizer.convert_tokens_to_ids(["<think0>", "<think15>", "<bot>", "<eot>"]) == [
@@ -66,3 +66,15 @@ def test_bad_names():
         load_policy("./no/such/dir", 4, False)
     with pytest.raises(ValueError, match=">= 0"):
         load_policy("tiny", -1, False)
+
+
+def test_a_checkpoint_written_before_text_size_loads(tmp_path):
+    """The vocabulary's field was named real_size until it became text_size: those checkpoints still load."""
+    import json
+
+    from thinktok.models.vocab import VOCAB_FILE, ThinkingVocab
+
+    (tmp_path / VOCAB_FILE).write_text(json.dumps({"real_size": 50257, "num_thinking": 4, "markers": False,
+                                                   "eos_id": 50256}))
+    assert ThinkingVocab.load(tmp_path) == ThinkingVocab(text_size=50257, num_thinking=4, markers=False,
+                                                         eos_id=50256)

@@ -66,7 +66,11 @@ def load_parallel_info(directory: Path):
     from thinktok.rl.parallel.config import ParallelConfig
 
     info = read_run_info(directory)
-    return from_dict(ParallelConfig, info["parallel"]) if "parallel" in info else None
+    if "parallel" not in info:
+        return None
+    if "num_real" in info["parallel"]:  # checkpoints written before the key was named num_text
+        info["parallel"]["num_text"] = info["parallel"].pop("num_real")
+    return from_dict(ParallelConfig, info["parallel"])
 
 
 def step_of(checkpoint: Path) -> int:

@@ -291,7 +291,7 @@ def run_bench(a) -> None:
     elif a.what == "parallel":
         from thinktok.analysis.bench import bench_parallel
 
-        bench_parallel(a.model, a.batch, a.num_real, a.thought_len, a.lookahead, a.repeats, device(a),
+        bench_parallel(a.model, a.batch, a.num_text, a.thought_len, a.lookahead, a.repeats, device(a),
                        a.dtype, Path(a.out))
     elif a.what == "train":
         from thinktok.analysis.bench import bench_train

@@ -236,13 +236,13 @@ class ThinkingRowRecorder(TrainerCallback):
 
     def __init__(self, policy: Policy):
         self.policy = policy
-        self.cum_grad = torch.zeros(policy.vocab.size - policy.vocab.real_size)
+        self.cum_grad = torch.zeros(policy.vocab.size - policy.vocab.text_size)
         self.history: dict[str, list] = {"step": [], "movement": [], "cum_grad_norm": []}
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         grad = self.policy.model.get_input_embeddings().weight.grad
         if grad is not None:
-            self.cum_grad += grad[self.policy.vocab.real_size :].detach().float().norm(dim=1).cpu()
+            self.cum_grad += grad[self.policy.vocab.text_size :].detach().float().norm(dim=1).cpu()
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps:
@@ -282,11 +282,11 @@ def run_sft(cfg: SFTConfig) -> Path:
                          bool(thought and thought.markers), init=cfg.model.init, seed=cfg.seed)
     task = load_task(cfg.task)
     if cfg.model.head == "task":
-        restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.real_size)
+        restrict_head(policy.model, task_text_ids(task, policy.tokenizer), policy.vocab.text_size)
     elif head_name(policy.model) == "task":
         raise UserError(f"{cfg.model.name} was trained with a task head: set model.head=task")
     if thought is not None and not cfg.train_slots:
-        freeze_rows(policy, list(range(policy.vocab.real_size, policy.vocab.size)))
+        freeze_rows(policy, list(range(policy.vocab.text_size, policy.vocab.size)))
     recorder = ThinkingRowRecorder(policy)
     recorder.record(0)
     curriculum = thought is not None and (thought.mode == "continuous" or cfg.discrete_curriculum)

@@ -12,7 +12,7 @@ SCORERS = ("policy", "teacher")
 
 @dataclass
 class ParallelConfig:
-    num_real: int = 64  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
+    num_text: int = 64  # T: real tokens per window (the task's texts, joined by EOS, cut into windows)
     thought_len: int = 12  # L: thinking tokens sampled at every position (Quiet-STaR's 12)
     lookahead: int = 4  # n: true tokens after each thought whose log-prob gain is the reward (Quiet-STaR's 4)
     scorer: str = "policy"  # policy | teacher
@@ -24,11 +24,11 @@ class ParallelConfig:
     format: str = "cot"  # task rows become text as prompt + target(row, format)
 
     def validate(self) -> None:
-        for name in ("num_real", "thought_len", "lookahead", "teacher_top_k"):
+        for name in ("num_text", "thought_len", "lookahead", "teacher_top_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_real < 2:
-            raise UserError("parallel.num_real must be >= 2: a position needs a next token to be scored")
+        if self.num_text < 2:
+            raise UserError("parallel.num_text must be >= 2: a position needs a next token to be scored")
         if self.scorer not in SCORERS:
             raise UserError(f"unknown parallel.scorer {self.scorer!r}: expected one of {', '.join(SCORERS)}")
         if self.nll_coef < 0:

@@ -21,7 +21,7 @@ from .config import ParallelConfig
 class ParallelRollout:
     """R rows (windows, each repeated G times by the learner), every tensor batch-first."""
 
-    real: torch.Tensor  # (R, T) the text
+    text: torch.Tensor  # (R, T) the text
     thoughts: torch.Tensor  # (R, T, L) thinking token ids
     logprob: torch.Tensor  # (R, T, L) sampling log-probs
     target_ids: torch.Tensor | None = None  # (R, T, K) what real row r predicts (the scorer's targets)
@@ -33,8 +33,8 @@ class ParallelRollout:
         """(R, T + T*(L+n-1)) ids: real tokens, then each position's thought and its teacher-forced
         continuation."""
         r, t, _ = self.thoughts.shape
-        segments = torch.cat([self.thoughts, continuation(self.real, lookahead)], dim=2)
-        return torch.cat([self.real, segments.reshape(r, -1)], dim=1)
+        segments = torch.cat([self.thoughts, continuation(self.text, lookahead)], dim=2)
+        return torch.cat([self.text, segments.reshape(r, -1)], dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weight_version"}
@@ -64,16 +64,16 @@ def continuation(real: torch.Tensor, lookahead: int) -> torch.Tensor:
     return real[:, idx]
 
 
-def choosing_hidden(h_real: torch.Tensor, h_seg: torch.Tensor, thought_len: int) -> torch.Tensor:
+def choosing_hidden(h_text: torch.Tensor, h_seg: torch.Tensor, thought_len: int) -> torch.Tensor:
     """Hidden states that choose thought j at every position: real row t for j=0, segment j-1 after.
     (R, T, H), (R, T, S, H) -> (R, T, L, H)."""
-    return torch.cat([h_real[:, :, None], h_seg[:, :, : thought_len - 1]], dim=2)
+    return torch.cat([h_text[:, :, None], h_seg[:, :, : thought_len - 1]], dim=2)
 
 
 def thought_logprobs(model, mode: ThoughtMode, hidden: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the thinking tokens only (thoughts never choose text): (..., H) -> (..., N_think).
     Projects onto the thinking columns alone, not the whole vocabulary."""
-    lo = mode.vocab.real_size
+    lo = mode.vocab.text_size
     return column_logits(model, hidden, lo, lo + mode.vocab.num_thinking).float().log_softmax(-1)
 
 
@@ -83,7 +83,7 @@ def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: i
     """Incremental form: the real prefix once, then one pass per thought step feeding T new tokens (one per
     position) against cached keys/values. Thoughts are drawn from the thinking tokens (temperature 1)."""
     r, t = real.shape
-    lo = mode.vocab.real_size
+    lo = mode.vocab.text_size
     cache = ParallelCache()
     steps = torch.arange(t, device=real.device)
     thoughts, logps = [], []
@@ -101,16 +101,16 @@ def sample_parallel(model, mode: ThoughtMode, real: torch.Tensor, thought_len: i
                            weight_version=weight_version)
 
 
-def text_windows(texts: list[list[int]], num_real: int, eos: int) -> list[list[int]]:
-    """Token lists joined by EOS and cut into windows of num_real tokens (a short tail is dropped)."""
+def text_windows(texts: list[list[int]], num_text: int, eos: int) -> list[list[int]]:
+    """Token lists joined by EOS and cut into windows of num_text tokens (a short tail is dropped)."""
     ids = [t for text in texts for t in text + [eos]]
-    if len(ids) < num_real:
+    if len(ids) < num_text:
         raise UserError(f"the task's text has {len(ids)} tokens, fewer than one window of "
-                         f"parallel.num_real={num_real}")
-    return [ids[i : i + num_real] for i in range(0, len(ids) - num_real + 1, num_real)]
+                         f"parallel.num_text={num_text}")
+    return [ids[i : i + num_text] for i in range(0, len(ids) - num_text + 1, num_text)]
 
 
 def task_windows(task, split: str, cfg: ParallelConfig, tokenizer) -> list[list[int]]:
-    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_real tokens."""
+    """The split's rows as text (prompt + target in cfg.format), cut into windows of cfg.num_text tokens."""
     texts = [tokenizer(r["prompt"] + task.target(r, cfg.format)).input_ids for r in task.dataset[split]]
-    return text_windows(texts, cfg.num_real, tokenizer.eos_token_id)
+    return text_windows(texts, cfg.num_text, tokenizer.eos_token_id)

@@ -58,11 +58,11 @@ def teacher_targets(teacher: Teacher, real: torch.Tensor, k: int) -> tuple[torch
     return top.indices.to(real.device), top.values.softmax(-1).to(real.device)
 
 
-def valid_predictions(num_real: int, lookahead: int, device=None) -> torch.Tensor:
+def valid_predictions(num_text: int, lookahead: int, device=None) -> torch.Tensor:
     """(T, n) bool: prediction k of position t exists iff its target x_{t+k+1} lies inside the window."""
-    t = torch.arange(num_real, device=device)[:, None]
+    t = torch.arange(num_text, device=device)[:, None]
     k = torch.arange(lookahead, device=device)[None]
-    return t + k + 1 < num_real
+    return t + k + 1 < num_text
 
 
 class Scored(NamedTuple):
@@ -98,10 +98,10 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     post/base: compute the target log-probs after/without the thoughts (each costs (R, T, V_text) head slabs;
     the learner needs no base, and no post when it trains without the NLL term)."""
     r, t, l = rollout.thoughts.shape
-    n, seg, lo = lookahead, l + lookahead - 1, mode.vocab.real_size
+    n, seg, lo = lookahead, l + lookahead - 1, mode.vocab.text_size
     h = parallel_hidden(model, rollout.layout(n), t, seg)  # (R, N, H)
-    h_real, h_seg = h[:, :t], h[:, t:].reshape(r, t, seg, -1)
-    think = thought_logprobs(model, mode, choosing_hidden(h_real, h_seg, l))  # (R, T, L, N_think)
+    h_text, h_seg = h[:, :t], h[:, t:].reshape(r, t, seg, -1)
+    think = thought_logprobs(model, mode, choosing_hidden(h_text, h_seg, l))  # (R, T, L, N_think)
     thought_lp = think.gather(-1, (rollout.thoughts - lo)[..., None])[..., 0]
     entropy = -(think.exp() * think).sum(-1)
     valid = valid_predictions(t, n, h.device)
@@ -115,7 +115,7 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
     rows = (torch.arange(t, device=h.device)[:, None] + torch.arange(n,
                                                                      device=h.device)[None]).clamp_max(t - 1)
     # (R, T, V_text)
-    pre_logits = column_logits(model, h_real, 0, lo).float() if base or head is not None else None
+    pre_logits = column_logits(model, h_text, 0, lo).float() if base or head is not None else None
     post_lp, base_lp, raw_lp = [], [], []
     if base:
         base_target = pre_logits.gather(-1, ids) - pre_logits.logsumexp(-1, keepdim=True)  # (R, T, K)
@@ -130,7 +130,7 @@ def score(model, mode: ThoughtMode, rollout: ParallelRollout, lookahead: int, he
         if head is not None:
             raw_lp.append(expected(logits).detach())
             pre = pre_logits[:, rows[:, k]]  # (R, T, V): real row t+k
-            logits = pre + head(h_real[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
+            logits = pre + head(h_text[:, rows[:, k]], h_seg[:, :, l - 1 + k]).float() * (logits - pre)
         post_lp.append(expected(logits))
 
     def stack(xs):
@@ -163,9 +163,9 @@ class ParallelScorer:
     def __post_init__(self):
         if self.cfg.scorer == "teacher" and self.teacher is None:
             raise UserError("parallel.scorer=teacher needs a teacher checkpoint (teacher=...)")
-        if self.teacher is not None and self.teacher.vocab_size != self.mode.vocab.real_size:
+        if self.teacher is not None and self.teacher.vocab_size != self.mode.vocab.text_size:
             raise UserError(f"teacher vocabulary ({self.teacher.vocab_size}) != the policy's text "
-                             f"vocabulary ({self.mode.vocab.real_size}): its targets would name other tokens")
+                             f"vocabulary ({self.mode.vocab.text_size}): its targets would name other tokens")
 
     def targets(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.scorer == "teacher":
@@ -174,7 +174,7 @@ class ParallelScorer:
 
     @torch.no_grad()
     def __call__(self, rollout: ParallelRollout) -> ParallelRollout:
-        ids, p = self.targets(rollout.real)
+        ids, p = self.targets(rollout.text)
         rollout = replace(rollout, target_ids=ids, target_p=p)
         scored = score(self.model, self.mode, rollout, self.cfg.lookahead, self.head)
         gain = scored.gain.float()
