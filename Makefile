@@ -45,7 +45,7 @@ bench: install
 	$(BIN)/thinktok bench parallel
 	$(BIN)/thinktok bench train
 
-# Every GPU measurement in one command (README: "The GPU suite"): no install step, so it also runs from a
+# Every GPU measurement in one command (docs/benchmarks.md): no install step, so it also runs from a
 # source checkout on PYTHONPATH; JSON per part under GPU_SUITE_OUT; without CUDA it exits 1 at once.
 gpu-suite:
 	GPU_SUITE_OUT=$(GPU_SUITE_OUT) $(PYTHON) -m thinktok.gpu_suite $(SUITE_ARGS)

@@ -38,7 +38,7 @@ class SamplingConfig:
 
 @dataclass
 class ThoughtConfig:
-    mode: str = "vocab"  # none | vocab | single | continuous | soft | pause (README: Thought modes)
+    mode: str = "vocab"  # none | vocab | single | continuous | soft | pause (docs/thought-modes.md)
     # vocab: distinct <think_i> tokens; pause: 1 = one shared embedding, k = k distinct
     num_thinking: int = 64
     max_thought_tokens: int = 32  # budget per rollout (continuous without learned stop: exact count)

@@ -1,7 +1,7 @@
 """The rollout engine's static path: decoding against a KV cache preallocated to the rollout's maximum
 length, every step one function of fixed-shape buffers updated in place (logits -> the mode's step ->
 the next position's forward), optionally through torch.compile (CUDA graphs on a GPU). Same tokens as the
-dynamic path in rollout.py under the same seed (tested for every mode); `sample(..., static=True)` and
+dynamic path in sampler.py under the same seed (tested for every mode); `sample(..., static=True)` and
 `compile=True` come here.
 """
 

@@ -153,7 +153,7 @@ def add_bench(sub) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--num-real", type=int, default=64, help="parallel: real tokens per window")
+    p.add_argument("--num-text", type=int, default=64, help="parallel: text tokens per window")
     p.add_argument("--thought-len", type=int, default=8, help="parallel: thought tokens per position")
     p.add_argument("--lookahead", type=int, default=4, help="parallel: true tokens scored after each thought")
     p.add_argument("--repeats", type=int, default=3)
