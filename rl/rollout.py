@@ -13,6 +13,8 @@ import torch
 
 from thinktok.models.thoughts import Action
 
+CHOSEN = torch.tensor([Action.FREE, Action.THINK, Action.VECTOR, Action.SOFT])  # the policy's thought choices
+
 
 class ArraysWhenPickled:
     """Pickles (between Ray actors, and in inline workers' copies) with every tensor field, or list of
@@ -65,8 +67,7 @@ class Rollout(ArraysWhenPickled):
     def is_chosen_thought(self) -> torch.Tensor:
         """(S,) bool: thought steps the policy chose (a thinking token, vector or mixture), not the markers
         and pauses inserted by rule nor a learned stop."""
-        chosen = torch.isin(self.action, torch.tensor([Action.FREE, Action.THINK, Action.VECTOR,
-                                                       Action.SOFT]))
+        chosen = torch.isin(self.action, CHOSEN)
         return chosen & ~self.is_text
 
     @property
