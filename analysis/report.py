@@ -10,7 +10,7 @@ written by hand:
   * figures: accuracy against tokens processed per answer (the main one), thinking-row movement beside the
     shuffled-thought gap (Adam moves any row with a gradient: movement alone says nothing), the usage of
     the thinking vocabulary in the arms' answers, and the answer-change rate of each thought position's
-    intervention;
+    intervention; and the learning curves of the arms that logged evals (analysis/curves.py);
   * what the thoughts carry (analysis/content.py), per arm: interventions, pass@k, the code table's best
     pairs, the embedding view; and `rollouts.html`, each arm's annotated examples (first seed).
 """
@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .content import describe
 from .controls import CONTROLS
+from .curves import learning_curves
 from .format import ROLLOUT_STYLE, fmt, html_page, mean_std
 from .text_report import placement_figure, text_rollouts_page, text_section, text_summary
 
@@ -316,6 +317,9 @@ def write_report(cfg, records: list[dict], failed: dict) -> dict:
     general = {k: r for k, r in summary.items() if "accuracy" in r or ("nll_thought" in r and not text_study)}
     paths = {"placement": placement_figure(summary, out / "placement.png")} if text_study else \
         figures(summary, out)
+    curves = learning_curves(out, list(summary), cfg.seeds, out / "learning_curves.png")
+    if curves is not None:
+        paths["learning_curves"] = curves
     md = [f"# Study `{cfg.name}`", "",
           f"Split `{cfg.split}`, seeds {cfg.seeds}; mean ± std over seeds; greedy decoding. Controls: no "
           f"thoughts, a fixed pause input at every thought step, another example's thoughts "

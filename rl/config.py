@@ -50,6 +50,10 @@ class RLConfig:
     # weight of the supervised latent term -log pi_text(gold answer | prompt, the rollout's opening thoughts):
     # teaches the model to read its thoughts (STaR / Quiet-STaR); the parallel path has parallel.nll_coef
     latent_coef: float = 0.0
+    # entropy bonus on thought choices: - entropy_coef x the mean entropy of the distributions that chose a
+    # fixed slot's token (THINK) or placed a token freely (FREE), at credited steps: keeps exploring the
+    # thinking vocabulary while no code pays yet (sequential rollouts)
+    entropy_coef: float = 0.0
     epsilon: float = 0.2  # clip range
     max_grad_norm: float = 1.0  # gradient clipping over the model and the extra modules together
     gamma: float = 1.0  # ppo
@@ -118,6 +122,8 @@ class TrainConfig:
             if self.rl.latent_coef:
                 raise UserError("rl.latent_coef is for sequential rollouts: the parallel path has "
                                  "parallel.nll_coef")
+            if self.rl.entropy_coef:
+                raise UserError("rl.entropy_coef is for sequential rollouts: set 0 with rollout=parallel")
             if self.thought.mode not in ("vocab", "single"):
                 raise UserError(f"rollout=parallel samples discrete thinking tokens: thought.mode must be "
                                  f"vocab or single, got {self.thought.mode}")

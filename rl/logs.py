@@ -47,11 +47,13 @@ class RunLogger(TrainerCallback):
             return
         now = time.perf_counter()
         n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations
-        line = {"step": state.global_step, "reward_mean": logs.get("reward"),
+        line = {"step": state.global_step, "examples_seen": state.global_step * n,
+                "reward_mean": logs.get("reward"),
                 "reward_std": logs.get("reward_std"),
                 "kl": logs.get("kl", 0.0), "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
                 "logprob_mismatch": logs.get("logprob_mismatch"),
                 **({"latent_nll": logs.get("latent_nll")} if self.cfg.rl.latent_coef else {}),
+                **({"thought_entropy": logs.get("thought_entropy")} if self.cfg.rl.entropy_coef else {}),
                 **{k.removeprefix("rollout/"): v for k, v in logs.items() if k.startswith("rollout/")}}
         self.last = now
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -62,8 +64,9 @@ class RunLogger(TrainerCallback):
         """One evals.jsonl line and annotated samples/step_N.{jsonl,html}."""
         run = self.evaluate_parallel if self.val_windows is not None else self.evaluate_sequential
         result, records = run(step, model)
+        n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations  # rollouts per step
         with open(self.out / "evals.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **result}) + "\n")
+            f.write(json.dumps({"step": step, "examples_seen": step * n, **result}) + "\n")
         samples = self.out / "samples"
         samples.mkdir(exist_ok=True)
         (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))

@@ -31,7 +31,8 @@ from thinktok.errors import UserError
 from thinktok.models.head import head_columns
 from thinktok.models.policy import freeze_rows, load_policy
 from thinktok.models.thought_modes import make_mode
-from thinktok.sft import WallClock, ensure_checkpoint
+from thinktok.sft import ensure_checkpoint
+from thinktok.sft_callbacks import WallClock
 
 from .actors import sequential_workers, start_workers, stop_workers
 from .config import TrainConfig
@@ -74,7 +75,8 @@ def sequential_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str 
     return RolloutPath(prompts, workers,
                        partial(Collector, tokenizer=policy.tokenizer, rows_by_prompt=prompts, seed=cfg.seed,
                                gold_by_prompt=gold),
-                       trainer, {**kwargs, "kl_coef": cfg.rl.beta, "latent_coef": cfg.rl.latent_coef}, {},
+                       trainer, {**kwargs, "kl_coef": cfg.rl.beta, "latent_coef": cfg.rl.latent_coef,
+                                   "entropy_coef": cfg.rl.entropy_coef}, {},
                        cfg.sampling.max_new_tokens + cfg.thought.budget + 2)
 
 

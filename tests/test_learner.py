@@ -36,7 +36,7 @@ GOLD = {"p0": [1065, 2078], "p1": [11, 995]}  # answers for the latent term
 
 
 def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0,
-                  latent_coef=0.0, **grpo_args):
+                  latent_coef=0.0, entropy_coef=0.0, **grpo_args):
     """The real trainer classes with a local collector: sample here, `reward(rollout)` at the last step.
     grpo_args: GRPOConfig fields over the defaults below."""
 
@@ -64,7 +64,8 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
     return cls(model=policy.model, args=args, processing_class=policy.tokenizer,
                train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), collector=collector,
-               extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
+               extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef,
+               entropy_coef=entropy_coef, **extra)
 
 
 @torch.no_grad()

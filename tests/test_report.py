@@ -2,6 +2,7 @@
 seeds' own, the annotated rollouts page holds each arm's examples, and the figure fixes hold (no negative
 zero entropy, no panel for an arm that used no thinking token)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -117,3 +118,21 @@ def test_text_report_table_placement_figure_and_coloured_rollouts(tmp_path):
     page = (tmp_path / "text_rollouts.html").read_text()
     assert "<h2>vocab (seed 0)</h2>" in page and "<sub>≈a|b|c</sub>" in page
     assert 'background:hsl(0,70%,85%)" title="teacher log-prob -8.50"> cat' in page  # beyond 8 nats: red
+
+
+def test_learning_curves_average_seeds_where_every_seed_reached(tmp_path):
+    """Mean and (population) std over seeds at each x every seed logged, by hand; a seed that stopped
+    early ends the curve there; the figure is written from the runs' evals.jsonl."""
+    from thinktok.analysis.curves import learning_curves, over_seeds
+
+    x, mean, std = over_seeds([[(0, 0.1), (32, 0.3), (64, 0.5)], [(0, 0.3), (32, 0.1)]])
+    assert x.tolist() == [0, 32]
+    assert mean.tolist() == pytest.approx([0.2, 0.2]) and std.tolist() == pytest.approx([0.1, 0.1])
+    for seed in (0, 1):
+        run = tmp_path / "arm" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "evals.jsonl").write_text("".join(json.dumps({"step": s, "examples_seen": 32 * s,
+                                                             "accuracy": 0.1 * s + seed}) + "\n"
+                                                 for s in range(3)))
+    assert learning_curves(tmp_path, ["arm", "absent"], [0, 1], tmp_path / "c.png").exists()
+    assert learning_curves(tmp_path, ["absent"], [0, 1], tmp_path / "d.png") is None

@@ -8,6 +8,9 @@ thinking-token arms that RL is compared against.
     with `single`, k distinct with `vocab`), or frozen (`train_slots: false`, the pause-token baseline);
   * continuous (Coconut's curriculum): stage s replaces the first s reasoning steps by c continuous
     thoughts each; the thought inputs are the previous position's last hidden state; loss masked there.
+  * chosen slots (`slot_choice: gumbel`, mode vocab): each slot's thinking token drawn by the model itself and
+    the choice trained by straight-through Gumbel-softmax from the answer loss (thinktok/gumbel_slots.py):
+    the positive control for RL's discovery of a code;
   * discrete (the same curriculum for a thinking vocabulary, mode vocab with format cot): stage s rewrites
     the first s reasoning steps in thinking tokens, text token t -> <think_{code(t) mod N}> with code(t) the
     index of t among the training steps' distinct ids, and trains the model to emit them. The final stage
@@ -21,7 +24,6 @@ recorded (seed 000, figures 2, 4, 5) and saved with the checkpoint for `compare`
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +31,18 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch.nn.utils.rnn import pad_sequence
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from thinktok.envs import FORMATS, TaskConfig, load_task
 from thinktok.errors import UserError
-from thinktok.models.head import HEADS, head_name, labelled_logits, restrict_head, task_text_ids
+from thinktok.models.head import HEADS, head_columns, head_name, labelled_logits, restrict_head, task_text_ids
 from thinktok.models.policy import Policy, freeze_rows, load_policy
-from thinktok.models.thought_config import ThoughtConfig
-from thinktok.models.vocab import row_movement
+from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
+from thinktok.models.thought_modes import make_mode
 
 from .checkpoint import ROWS_FILE, save_run_info
+from .gumbel_slots import GumbelSlots
+from .sft_callbacks import HeldOutEvals, ThinkingRowRecorder, WallClock
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}  # ours -> transformers' scheduler
 
@@ -65,6 +69,10 @@ class TrainArgs:
     # compared at equal wall time
     max_seconds: float = 0.0
     log_every: int = 20  # steps between logged losses
+    # steps between held-out evals (greedy validation accuracy with the controls, evals.jsonl: the learning
+    # curve; also at step 0 and the end); 0: none. Not with a curriculum (its thoughts change by stage)
+    eval_every: int = 0
+    eval_examples: int = 200  # validation examples per eval
     device: str = "cpu"  # cpu | cuda
 
 
@@ -94,6 +102,10 @@ class SFTConfig:
     thought: ThoughtConfig | None = None  # None: a plain LM (base / teacher)
     slots: int = 0  # thought slots after the prompt (vocab/single/pause)
     train_slots: bool = True  # False: slot embeddings frozen (pause-token baseline)
+    # fixed: slot j holds <think_{j mod N}> (seed 000's setup) | gumbel: the model draws each slot's token
+    # from its thinking columns and learns the choice by straight-through Gumbel-softmax (mode vocab)
+    slot_choice: str = "fixed"
+    gumbel_tau: float = 1.0  # slot_choice=gumbel: the relaxation's temperature (the backward pass only)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainArgs = field(default_factory=TrainArgs)
 
@@ -128,12 +140,30 @@ class SFTConfig:
                                      "curriculum.stages >= 1")
             elif self.thought.mode != "continuous" and self.slots < 1:
                 raise UserError(f"thought mode {self.thought.mode} needs slots >= 1")
+        if self.slot_choice not in ("fixed", "gumbel"):
+            raise UserError(f"unknown slot_choice {self.slot_choice!r}: expected fixed or gumbel")
+        if self.slot_choice == "gumbel":
+            th = self.thought
+            if th is None or th.mode != "vocab" or self.slots < 1 or self.format != "answer":
+                raise UserError("slot_choice=gumbel chooses the tokens of thought slots: it needs "
+                                 "thought.mode vocab, slots >= 1 and format answer")
+            if not self.train_slots or self.gumbel_tau <= 0:
+                raise UserError("slot_choice=gumbel trains the slots' choices: train_slots must be true and "
+                                 "gumbel_tau > 0")
+        if self.train.eval_every < 0 or self.train.eval_every and self.curriculum_stages:
+            raise UserError("train.eval_every must be >= 0, and 0 with a curriculum (its thoughts change by "
+                             "stage)")
 
     @property
     def discrete_curriculum(self) -> bool:
         """mode vocab with format cot and no slots: reasoning steps are rewritten in thinking tokens."""
         vocab = self.thought is not None and self.thought.mode == "vocab"
         return vocab and self.format == "cot" and not self.slots
+
+    @property
+    def curriculum_stages(self) -> bool:
+        """Trained in curriculum stages (continuous, or the discrete curriculum)."""
+        return self.thought is not None and (self.thought.mode == "continuous" or self.discrete_curriculum)
 
     @property
     def out_dir(self) -> Path:
@@ -154,7 +184,8 @@ def step_codebook(tokenizer, rows) -> dict[int, int]:
 def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: int = 0,
            code: dict[int, int] | None = None) -> dict:
     """One training example: ids, labels (-100 on prompt and thought positions; on the discrete curriculum's
-    thinking tokens, the tokens themselves), latent positions."""
+    thinking tokens, the tokens themselves), latent positions: the inputs the model computes itself
+    (continuous thoughts' hidden states, chosen slots' tokens)."""
     v = policy.vocab
     prompt = tokenizer(row["prompt"]).input_ids
     thought: list[int] = []
@@ -178,8 +209,10 @@ def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: in
             thought = [v.think_id(j % v.num_thinking) for j in range(cfg.slots)]
     ids = prompt + thought + target + [v.eos_id]
     labels = [-100] * len(prompt) + (thought if emit_thought else [-100] * len(thought)) + target + [v.eos_id]
-    start = len(prompt) + 1
-    return {"input_ids": ids, "labels": labels, "latent_pos": list(range(start, start + n_latent))}
+    latent = range(len(prompt) + 1, len(prompt) + 1 + n_latent)  # after <bot>
+    if cfg.slot_choice == "gumbel":  # the placeholders above are replaced by the model's draws
+        latent = range(len(prompt), len(prompt) + cfg.slots)
+    return {"input_ids": ids, "labels": labels, "latent_pos": list(latent)}
 
 
 def collate(batch: list[dict], pad_id: int) -> dict:
@@ -209,67 +242,40 @@ def continuous_inputs(model, input_ids, attention_mask, latent_pos) -> torch.Ten
     return embeds
 
 
-def label_loss(model, input_ids, attention_mask, labels, latent_pos) -> torch.Tensor:
+def label_loss(model, input_ids, attention_mask, labels, latent_pos,
+               slots: GumbelSlots | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions (HF's causal-LM loss), computing the
     head only where a label is predicted (on short-answer tasks the prompt is most of each sequence and the
     head most of a small model's compute), and with a task head only over its columns.
-    input_ids, attention_mask, labels: (B, W); latent_pos: (B, L) continuous-thought slots, -1 = none."""
-    embeds = (continuous_inputs(model, input_ids, attention_mask, latent_pos) if latent_pos.numel()
-              else model.get_input_embeddings()(input_ids))
+    input_ids, attention_mask, labels: (B, W); latent_pos: (B, L) the positions whose inputs the model
+    computes, -1 = none: continuous thoughts, or with `slots` the chosen slots (then the labels are scored
+    under the text distribution, as RL's latent term scores the gold answer)."""
+    if slots is not None:
+        embeds = slots.inputs(model, input_ids, attention_mask, latent_pos)
+    elif latent_pos.numel():
+        embeds = continuous_inputs(model, input_ids, attention_mask, latent_pos)
+    else:
+        embeds = model.get_input_embeddings()(input_ids)
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100  # (B, W-1): position t predicts token t+1
     logits, labels = labelled_logits(model, hidden[:, :-1][keep], target[keep])  # (K, V or task columns)
+    if slots is not None:
+        logits = slots.text_only(model, logits)
     return F.cross_entropy(logits.float(), labels)
 
 
 class SFTTrainer(Trainer):
-    """transformers' Trainer with the loss above (continuous thoughts spliced into the inputs)."""
+    """transformers' Trainer with the loss above (continuous thoughts or chosen slots spliced into the
+    inputs). slots: the chosen slots' estimator, None without."""
+
+    def __init__(self, *args, slots: GumbelSlots | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = slots
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return label_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                          inputs["latent_pos"])
-
-
-class ThinkingRowRecorder(TrainerCallback):
-    """Per thinking row: L2 distance from init and cumulative gradient norm, at every logging step."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.cum_grad = torch.zeros(policy.vocab.size - policy.vocab.text_size)
-        self.history: dict[str, list] = {"step": [], "movement": [], "cum_grad_norm": []}
-
-    def on_pre_optimizer_step(self, args, state, control, **kw):
-        grad = self.policy.model.get_input_embeddings().weight.grad
-        if grad is not None:
-            self.cum_grad += grad[self.policy.vocab.text_size :].detach().float().norm(dim=1).cpu()
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step % args.logging_steps == 0 or state.global_step == state.max_steps:
-            self.record(state.global_step)
-
-    def record(self, step: int) -> None:
-        self.history["step"].append(step)
-        self.history["movement"].append(row_movement(self.policy.model, self.policy.vocab,
-                                                     self.policy.init_rows).tolist())
-        self.history["cum_grad_norm"].append(self.cum_grad.tolist())
-
-
-class WallClock(TrainerCallback):
-    """Stops training once `limit` seconds (0: never) have passed since the first training step began:
-    setup (data, workers) is not counted, and a curriculum's stages share one clock."""
-
-    def __init__(self, limit: float):
-        self.limit, self.start = limit, None
-
-    def expired(self) -> bool:
-        return self.limit > 0 and self.start is not None and time.monotonic() - self.start >= self.limit
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.start = self.start or time.monotonic()
-
-    def on_step_end(self, args, state, control, **kw):
-        control.should_training_stop |= self.expired()
+                          inputs["latent_pos"], self.slots)
 
 
 def run_sft(cfg: SFTConfig) -> Path:
@@ -289,11 +295,18 @@ def run_sft(cfg: SFTConfig) -> Path:
         freeze_rows(policy, list(range(policy.vocab.text_size, policy.vocab.size)))
     recorder = ThinkingRowRecorder(policy)
     recorder.record(0)
-    curriculum = thought is not None and (thought.mode == "continuous" or cfg.discrete_curriculum)
+    curriculum = cfg.curriculum_stages
     stages = range(cfg.curriculum.start_stage, cfg.curriculum.stages + 1) if curriculum else [0]
     code = step_codebook(policy.tokenizer, task.dataset["train"]) if cfg.discrete_curriculum else None
     t = cfg.train
     clock, losses = WallClock(t.max_seconds), []
+    slots = GumbelSlots(policy.vocab.think_start, policy.vocab.num_thinking, cfg.gumbel_tau) \
+        if cfg.slot_choice == "gumbel" else None
+    callbacks = [recorder, clock]
+    if t.eval_every:  # decoding as the checkpoint will (no curriculum here: its final thought settings)
+        mode = make_mode(inference_thought(cfg, 0), policy.vocab, SamplingConfig(greedy=True),
+                         head_columns(policy.model))
+        callbacks.append(HeldOutEvals(policy, mode, task, t.eval_every, t.eval_examples, t.batch_size, out))
     for stage in stages:
         data = Dataset.from_list([encode(policy.tokenizer, policy, cfg, task, row, stage, code)
                                   for row in task.dataset["train"]])
@@ -309,8 +322,8 @@ def run_sft(cfg: SFTConfig) -> Path:
             logging_steps=t.log_every, report_to=["tensorboard"], save_strategy="no",
             use_cpu=t.device == "cpu", seed=cfg.seed, remove_unused_columns=False, disable_tqdm=False,
             dataloader_num_workers=0, weight_decay=0.0)
-        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=data, callbacks=[recorder, clock],
-                             data_collator=lambda b: collate(b, policy.vocab.eos_id))
+        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=data, callbacks=callbacks,
+                             data_collator=lambda b: collate(b, policy.vocab.eos_id), slots=slots)
         trainer.train()
         losses += [{**h, "stage": stage} for h in trainer.state.log_history if "loss" in h]
         if clock.expired():
@@ -340,6 +353,8 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
     if cfg.discrete_curriculum:  # the policy emits its thinking tokens itself, as RL's vocab mode
         return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, max_thought_tokens=latents,
                              init=cfg.model.init)
+    if cfg.slot_choice == "gumbel":  # the policy fills its slots itself, as RL's vocab mode with slots
+        return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, slots=cfg.slots, init=cfg.model.init)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 
 
