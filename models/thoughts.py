@@ -44,6 +44,13 @@ class Action(IntEnum):
     THINK = 6  # fixed slot: a thinking token sampled from the thinking columns alone (vocab with slots > 0)
 
 
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """(N, K) log-probs, -inf at banned columns -> (N,) entropies -sum p log p whose gradient stays finite
+    there: entr(p) and p * log p both back-propagate inf x 0 = NaN at p = 0, which an entropy bonus would
+    spread to every weight."""
+    return -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
+
+
 @dataclass
 class StepOut:
     """One decoding step for a batch of B sequences."""
@@ -204,14 +211,14 @@ class ThoughtMode(nn.Module):
             lp = self.token_logprobs(logits[tok], action[tok] == Action.FREE, keep=col)
             out = out.index_put((tok.nonzero()[:, 0],), lp.gather(1, col[:, None])[:, 0])
             if with_entropy:
-                entropy = entropy.index_put((tok.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
+                entropy = entropy.index_put((tok.nonzero()[:, 0],), entropy_of(lp))
         slot = action == Action.THINK
         if slot.any():
             lp = self.think_logprobs(logits[slot])
             picked = lp.gather(1, (token[slot] - self.vocab.think_start)[:, None])[:, 0]
             out = out.index_put((slot.nonzero()[:, 0],), picked)
             if with_entropy:
-                entropy = entropy.index_put((slot.nonzero()[:, 0],), torch.special.entr(lp.exp()).sum(-1))
+                entropy = entropy.index_put((slot.nonzero()[:, 0],), entropy_of(lp))
         if self.vocab.markers and self.cfg.learned_stop:
             stop_lp, cont_lp = self.stop_logprobs(logits)
             out = out + torch.where(action == Action.STOP, stop_lp, 0) + torch.where(

@@ -50,8 +50,8 @@ class RLConfig:
     # weight of the supervised latent term -log pi_text(gold answer | prompt, the rollout's opening thoughts):
     # teaches the model to read its thoughts (STaR / Quiet-STaR); the parallel path has parallel.nll_coef
     latent_coef: float = 0.0
-    # entropy bonus on thought choices: - entropy_coef x the mean entropy of the distributions that chose a
-    # fixed slot's token (THINK) or placed a token freely (FREE), at credited steps: keeps exploring the
+    # entropy bonus: TRL's GRPOConfig.entropy_coef, - coef x the mean entropy of the distributions that chose
+    # the steps the loss runs over (with gold-answer rewards alone: the thought choices); keeps exploring the
     # thinking vocabulary while no code pays yet (sequential rollouts)
     entropy_coef: float = 0.0
     epsilon: float = 0.2  # clip range

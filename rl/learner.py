@@ -19,6 +19,8 @@ thinktok/compat.py, which checks the installed versions at start-up.
     barely thinks. Ours is the exact KL(pi_text || ref_text) at text steps only, over the text columns
     renormalised, at temperature 1.
   * The loss runs over the steps a rollout's reward depends on (`Rewards.credit`), forced steps excluded.
+    rl.entropy_coef is TRL's entropy bonus (GRPOConfig.entropy_coef) over those steps, with the
+    recompute's entropies: with gold-answer rewards alone (thought_gain), the thought choices only.
   * `extra_modules` (the thought mode with a learned sigma, PPO's value head, the parallel path's mixing
     head): one map, built by the caller, that the optimizer, clipping, weight publishing, checkpoints,
     resume and evals all read.
@@ -35,11 +37,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 from thinktok.compat import check_libraries
 from thinktok.errors import UserError
-from thinktok.models.thoughts import Action
 
 from .advantages import group_advantages
 from .recompute import Recomputed, gold_answer_loglik, recompute_logprobs
-from .step import Batch, padded, rl_step
+from .step import Batch, rl_step
 
 
 def rewards_come_from_the_collector(*_, **__):
@@ -60,12 +61,11 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     modules trained beside the model ({"mode": thought_mode, ...}). kl_ref: the frozen reference for the
     text-step KL (kl_coef = rl.beta); TRL's own beta must be 0. latent_coef: weight of the supervised latent
     term, -log pi_text(y* | x, z_open) (the gold ids come with each rollout): it teaches the model to read
-    its own thoughts (STaR / Quiet-STaR's latent-variable objective). entropy_coef: the entropy bonus on
-    thought choices (rl.entropy_coef)."""
+    its own thoughts (STaR / Quiet-STaR's latent-variable objective)."""
 
     def __init__(self, model, args: GRPOConfig, *rest, collector, extra_modules: dict[str, nn.Module],
                  algo: str = "grpo", kl_ref: nn.Module | None = None, kl_coef: float = 0.0,
-                 latent_coef: float = 0.0, entropy_coef: float = 0.0, **kwargs):
+                 latent_coef: float = 0.0, **kwargs):
         check_libraries()
         # refused before TRL builds anything (with its own beta it would load a reference model)
         if args.num_iterations != 1 or args.steps_per_generation != 1 or args.beta != 0:
@@ -76,7 +76,6 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         self.collector, self.extra_modules = collector, extra_modules
         self.thought_mode = extra_modules["mode"]
         self.algo, self.kl_ref, self.kl_coef, self.latent_coef = algo, kl_ref, kl_coef, latent_coef
-        self.entropy_coef = entropy_coef
         super().__init__(model, [rewards_come_from_the_collector], args, *rest, **kwargs)
         # everything the loss touches lives beside the model (the mode's column masks, a learned sigma, heads)
         for module in self.extra_modules.values():
@@ -129,7 +128,8 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         return model.logprob, model.entropy, None
 
     def extra_loss(self, model, rec, batch: Batch) -> torch.Tensor:
-        """Terms beside TRL's surrogate: the text-step KL, the latent term, the entropy bonus."""
+        """Terms beside TRL's surrogate (which holds TRL's entropy bonus): the text-step KL, the latent
+        term."""
         loss = torch.zeros((), device=self.accelerator.device)
         if self.kl_coef:
             kl = self.text_kl(rec, batch.rollouts)
@@ -139,12 +139,6 @@ class ThoughtGRPOTrainer(GRPOTrainer):
             nll = -gold_answer_loglik(model, self.thought_mode, batch.rollouts, batch.gold).mean()
             self.log_metric("latent_nll", nll.item())
             loss = loss + self.latent_coef * nll
-        if self.entropy_coef:
-            choice = padded([(r.action == Action.THINK) | (r.action == Action.FREE) for r in batch.rollouts])
-            choice = (choice & batch.mask.bool()).to(rec.entropy.device)  # (B, S) credited choice steps
-            entropy = (rec.entropy * choice).sum() / choice.sum().clamp_min(1)
-            self.log_metric("thought_entropy", entropy.item())
-            loss = loss - self.entropy_coef * entropy
         return loss
 
     def text_kl(self, rec: Recomputed, rollouts: list) -> torch.Tensor:

@@ -53,7 +53,7 @@ class RunLogger(TrainerCallback):
                 "kl": logs.get("kl", 0.0), "loss": logs.get("loss"), "samples_per_s": n / (now - self.last),
                 "logprob_mismatch": logs.get("logprob_mismatch"),
                 **({"latent_nll": logs.get("latent_nll")} if self.cfg.rl.latent_coef else {}),
-                **({"thought_entropy": logs.get("thought_entropy")} if self.cfg.rl.entropy_coef else {}),
+                **({"entropy": logs.get("entropy")} if self.cfg.rl.entropy_coef else {}),
                 **{k.removeprefix("rollout/"): v for k, v in logs.items() if k.startswith("rollout/")}}
         self.last = now
         with open(self.out / "metrics.jsonl", "a") as f:

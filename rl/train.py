@@ -75,8 +75,7 @@ def sequential_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str 
     return RolloutPath(prompts, workers,
                        partial(Collector, tokenizer=policy.tokenizer, rows_by_prompt=prompts, seed=cfg.seed,
                                gold_by_prompt=gold),
-                       trainer, {**kwargs, "kl_coef": cfg.rl.beta, "latent_coef": cfg.rl.latent_coef,
-                                   "entropy_coef": cfg.rl.entropy_coef}, {},
+                       trainer, {**kwargs, "kl_coef": cfg.rl.beta, "latent_coef": cfg.rl.latent_coef}, {},
                        cfg.sampling.max_new_tokens + cfg.thought.budget + 2)
 
 
@@ -178,6 +177,7 @@ def build_run(cfg: TrainConfig, resume: bool = False):
         num_generations=rl.num_generations,
         steps_per_generation=1, num_iterations=1, max_steps=rl.max_steps, learning_rate=rl.lr,
         lr_scheduler_type="constant", beta=0.0, epsilon=rl.epsilon, max_grad_norm=rl.max_grad_norm,
+        entropy_coef=rl.entropy_coef,
         scale_rewards="none" if rl.algo == "rloo" else "group", max_completion_length=path.completion_len,
         save_strategy="steps", save_steps=cfg.save_every, use_cpu=cfg.device == "cpu", bf16=False,
         gradient_checkpointing=False, disable_dropout=True, seed=cfg.seed, log_completions=False,

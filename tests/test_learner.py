@@ -36,9 +36,11 @@ GOLD = {"p0": [1065, 2078], "p1": [11, 995]}  # answers for the latent term
 
 
 def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3, kl_ref=None, kl_coef=0.0,
-                  latent_coef=0.0, entropy_coef=0.0, **grpo_args):
+                  latent_coef=0.0, credit=None, **grpo_args):
     """The real trainer classes with a local collector: sample here, `reward(rollout)` at the last step.
-    grpo_args: GRPOConfig fields over the defaults below."""
+    credit(rollout): the (S,) bool steps the loss runs over (default: every step not forced). grpo_args:
+    GRPOConfig fields over the defaults below."""
+    credit = credit or (lambda r: r.action != Action.FORCED)
 
     def collector(prompts, trainer, version):
         rollouts = sample(trainer.model, mode, [PROMPTS[p] for p in prompts], seed=version)
@@ -49,7 +51,7 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
             per_step.append(steps)
         return Batch(rollouts, torch.stack([s.sum() for s in per_step]),
                      padded([r.logprob for r in rollouts]),
-                     padded([(r.action != Action.FORCED).long() for r in rollouts]), per_step,
+                     padded([credit(r).long() for r in rollouts]), per_step,
                      [GOLD[p] for p in prompts])
 
     defaults = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
@@ -64,8 +66,7 @@ def local_trainer(tmp_path, policy, mode, reward, algo="grpo", group=8, lr=1e-3,
     cls, extra = (ThoughtPPOTrainer, {}) if algo == "ppo" else (ThoughtGRPOTrainer, {"algo": algo})
     return cls(model=policy.model, args=args, processing_class=policy.tokenizer,
                train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), collector=collector,
-               extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef,
-               entropy_coef=entropy_coef, **extra)
+               extra_modules=modules, kl_ref=kl_ref, kl_coef=kl_coef, latent_coef=latent_coef, **extra)
 
 
 @torch.no_grad()
@@ -352,3 +353,37 @@ def test_one_teacher_kl_update_moves_the_policy_toward_the_teacher(tmp_path):
     trainer = local_trainer(tmp_path, policy, mode, lambda r: float(reward.score([r]).total[0]), group=16)
     trainer.train()
     assert first_kl() < before - 0.5, (before, first_kl())
+
+
+def test_entropy_bonus_by_hand_and_one_update_raises_it(tmp_path):
+    """rl.entropy_coef (TRL's bonus, over the loss mask): fixed slots credited alone (as thought_gain credits
+    them), a constant reward (zero advantages); the entropy the loss reads is that of the slots'
+    thinking-column distributions, computed here from the logits by hand, and one update with the bonus
+    alone makes them more uniform. (Over text steps too, the tiny model's 50k-way text entropy dominates
+    the mean and the slots' can fall: the bonus acts where the loss mask is.)"""
+    policy, mode = policy_and_mode(dict(mode="vocab", num_thinking=4, slots=2))
+    v = policy.vocab
+    with torch.no_grad():  # a peaked start, so that there is entropy to gain
+        policy.model.get_output_embeddings().weight[v.think_id(0)] *= 8
+    rollouts = sample(policy.model, mode, [PROMPTS[p] for p in PROMPTS] * 4, seed=0)
+
+    @torch.no_grad()
+    def hand():  # mean over every slot of every rollout of -sum p log p over the 4 thinking columns
+        out = []
+        for r in rollouts:
+            for k in range(2):  # the slots follow the prompt
+                ids = r.prompt_ids + r.token[:k].tolist()
+                logits = policy.model(torch.tensor([ids])).logits[0, -1, v.think_start : v.size]
+                p = logits.double().softmax(-1)
+                out.append(-(p * p.log()).sum())
+        return torch.stack(out).mean().item()
+
+    before = hand()
+    rec = recompute_logprobs(policy.model, mode, rollouts)
+    slots = padded([r.action == Action.THINK for r in rollouts]).bool()[:, :2]  # the two slot steps
+    assert slots.all() and rec.entropy[:, :2].mean().item() == pytest.approx(before, abs=1e-5)
+    # Adam's first step moves every weight by ~lr, and this peaked start is steep: a small step
+    trainer = local_trainer(tmp_path, policy, mode, lambda r: 0.0, lr=1e-5, entropy_coef=1.0,
+                            credit=lambda r: r.action == Action.THINK)
+    trainer.train()
+    assert hand() > before + 1e-3
