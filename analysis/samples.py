@@ -1,5 +1,6 @@
 """`thinktok sample`: annotated rollouts of any model or checkpoint (a checkpoint's own thought settings, any
-flag on top), printed as text or written as HTML or JSONL (analysis/render.py draws them)."""
+flag on top), printed as text or written as HTML or JSONL (analysis/render.py draws them). With --task the
+prompts are a task's problems, `num_samples` rollouts each (a group), annotated by analysis/annotate.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def sample_command(a) -> None:
     """`thinktok sample`: the flags of thinktok/cli.py's `add_sample` -> rollouts as text, HTML or JSONL."""
     from rich.console import Console
 
-    from thinktok.analysis.render import to_html, to_json, to_jsonl, to_rich
+    from thinktok.analysis.render import to_html, to_json, to_jsonl, to_rich, verdict
     from thinktok.models.head import head_columns
     from thinktok.models.policy import load_policy
     from thinktok.models.thought_config import SamplingConfig
@@ -23,8 +24,10 @@ def sample_command(a) -> None:
 
     if a.format not in ("text", "html", "jsonl"):
         raise UserError(f"unknown format {a.format!r}: expected text, html or jsonl")
-    if a.num_samples < 1:
-        raise UserError(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.num_samples < 1 or a.num_prompts < 1:
+        raise UserError(f"--num-samples and --num-prompts must be >= 1, got {a.num_samples}, {a.num_prompts}")
+    if a.task and a.prompt:
+        raise UserError("--task takes its prompts from the task's problems: drop --prompt")
     # parallel: a thought of max_thought_tokens after every prompt token (Quiet-STaR)
     cfg, model_path, parallel = sample_thought(a)
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -34,11 +37,14 @@ def sample_command(a) -> None:
     policy = load_policy(model_path, cfg.vocab_tokens, cfg.markers, init=cfg.init, seed=a.seed)
     model = policy.model.to(a.device)
     mode = make_mode(cfg, policy.vocab, sampling, head_columns(model)).to(a.device)
-    texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
-    if parallel:
+    if a.task and not parallel:
+        records = task_records(a, policy, mode, cfg, sampling)
+    elif parallel:
+        texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
         records = [sample_window(model, mode, policy.tokenizer, t, cfg.max_thought_tokens, a.seed + i)
                    for i, t in enumerate(texts)]
     else:
+        texts = [t for t in (a.prompt or ["12 * 34 ="]) for _ in range(a.num_samples)]
         rollouts = sample(model, mode, [policy.tokenizer(t).input_ids for t in texts], seed=a.seed)
         records = [to_json(r, policy.tokenizer, model.get_input_embeddings().weight) for r in rollouts]
     if a.format == "text":
@@ -48,6 +54,8 @@ def sample_command(a) -> None:
             for i, rec in enumerate(records):
                 console.print(f"[dim]— sample {i} · {rec['num_text']} text, {rec['num_thought']} thought "
                               f"steps[/dim]")
+                if verdict(rec):
+                    console.print(verdict(rec), markup=False)
                 console.print(to_rich(rec))
         return
     payload = to_jsonl(records) if a.format == "jsonl" else to_html(
@@ -56,6 +64,37 @@ def sample_command(a) -> None:
         Path(a.out).write_text(payload)
     else:
         sys.stdout.write(payload)
+
+
+def task_records(a, policy, mode, cfg, sampling) -> list[dict]:
+    """--task: the first --num-prompts problems of --split, --num-samples rollouts each, annotated."""
+    from dataclasses import replace
+
+    from thinktok.analysis.annotate import annotate, checkpoint_codes
+    from thinktok.checkpoint import RUN_INFO, find_checkpoint, load_run_info
+    from thinktok.envs import TaskConfig, load_task
+    from thinktok.models.thought_modes import with_sampling
+    from thinktok.rl.rewards import RewardConfig, RewardModel
+    from thinktok.rl.sampler import sample
+
+    run_like = any((Path(a.model) / p).exists() for p in (RUN_INFO, "checkpoint", "trainer"))
+    own = load_run_info(find_checkpoint(a.model))[0] if run_like else None
+    task = load_task(own if own is not None and own.name == a.task else TaskConfig(name=a.task))
+    if a.split not in task.dataset:
+        raise UserError(f"unknown split {a.split!r}: expected one of {', '.join(task.dataset)}")
+    terms = [t for t in a.rewards.split(",") if t and not (t == "thought_gain" and cfg.mode == "none")]
+    if {"teacher_loglik", "teacher_kl"} & set(terms):
+        raise UserError("thinktok sample scores without a teacher: drop teacher_loglik/teacher_kl from "
+                        "--rewards")
+    rows = list(task.dataset[a.split])[: a.num_prompts]
+    rows = [row for row in rows for _ in range(a.num_samples)]
+    model = policy.model
+    rollouts = sample(model, mode, [policy.tokenizer(r["prompt"]).input_ids for r in rows], seed=a.seed)
+    scorer = RewardModel(RewardConfig(weights={t: 1.0 for t in terms}), task=task, tokenizer=policy.tokenizer,
+                         policy=model, mode=mode) if terms else None
+    greedy = with_sampling(mode, replace(sampling, greedy=True), model.device)
+    codes = checkpoint_codes(policy, greedy, task)
+    return annotate(rollouts, rows, a.num_samples, policy, task, scorer, codes)
 
 
 def sample_thought(a) -> tuple:

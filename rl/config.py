@@ -91,7 +91,9 @@ class TrainConfig:
     eval_every: int = 10
     eval_examples: int = 64  # validation examples (or windows) per eval
     save_every: int = 10  # steps between checkpoints (the last step is always saved)
-    samples_per_eval: int = 4  # annotated sampled rollouts written per eval (samples/step_N.html)
+    # annotated sampled rollouts written per eval (samples/step_N.html): validation problems, a group of
+    # rl.num_generations each, scored with the run's rewards when they need no teacher
+    samples_per_eval: int = 16
 
     def validate(self) -> None:
         for part in (self.task, self.thought, self.sampling, self.rewards, self.rl):

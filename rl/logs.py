@@ -12,8 +12,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from thinktok.analysis.annotate import annotate, checkpoint_codes, reward_model
 from thinktok.analysis.evaluate import evaluate_policy
-from thinktok.analysis.render import to_html, to_json, to_jsonl
+from thinktok.analysis.render import to_html, to_jsonl
 from thinktok.models.thought_config import SamplingConfig
 from thinktok.models.thought_modes import with_sampling
 
@@ -80,11 +81,15 @@ class RunLogger(TrainerCallback):
                                model.device)
         result = evaluate_policy(self.policy, greedy, self.task, "validation",
                                  limit=self.cfg.eval_examples)
-        rows = list(self.task.dataset["validation"])[: self.cfg.samples_per_eval]
+        group = self.cfg.rl.num_generations
+        rows = list(self.task.dataset["validation"])[: max(1, self.cfg.samples_per_eval // group)]
+        rows = [row for row in rows for _ in range(group)]
         rollouts = sample(model, mode, [self.policy.tokenizer(r["prompt"]).input_ids for r in rows],
                           seed=step, weight_version=step)
-        return result, [to_json(r, self.policy.tokenizer,
-                                model.get_input_embeddings().weight) for r in rollouts]
+        scorer = reward_model(self.cfg.rewards, self.policy, mode, self.task)
+        codes = checkpoint_codes(self.policy, greedy, self.task)
+        algo = self.cfg.rl.algo
+        return result, annotate(rollouts, rows, group, self.policy, self.task, scorer, codes, algo)
 
     def evaluate_parallel(self, step: int, model: nn.Module) -> tuple[dict, list[dict]]:
         """Validation windows: true-text NLL with and without thoughts (whatever the training scorer), and

@@ -23,7 +23,7 @@ def test_jsonl_schema(tmp_path, capsys):
         assert rec["prompt"] == "12 * 34 =" and rec["mode"] == "soft"
         assert len(rec["steps"]) == rec["num_text"] + rec["num_thought"]
         # <bot> is a row of the expanded vocabulary, so it carries its nearest text tokens; text does not
-        assert {"kind", "token_id", "text", "logprob", "nearest"} == rec["steps"][0].keys()
+        assert {"kind", "token_id", "text", "logprob", "prob", "nearest"} == rec["steps"][0].keys()
         assert len(rec["steps"][0]["nearest"]) == 3
         assert all("nearest" not in s for s in rec["steps"] if s["kind"] == "text")
         assert [s["kind"] for s in rec["steps"][:4]] == ["thought"] * 4  # <bot>, 2 soft thoughts, <eot>

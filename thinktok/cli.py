@@ -46,6 +46,15 @@ def add_sample(sub) -> None:
     p.add_argument("--num-thinking", type=int, default=None,
                    help="thinking tokens (default: the checkpoint's, else 64; single: 1; pause: 1)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--task", default=None,
+                   help="prompts from a task's problems (multiplication, hops, ...; a checkpoint's own task "
+                   "settings when it names the same task), each rollout annotated: right or wrong against "
+                   "the gold answer, reward terms, group advantage, and what each thinking token stands for")
+    p.add_argument("--split", default="validation", help="with --task: the split the problems come from")
+    p.add_argument("--num-prompts", type=int, default=4, help="with --task: problems (a group each)")
+    p.add_argument("--rewards", default="exact_match,thought_gain",
+                   help="with --task: comma-separated reward terms scored (weight 1 each; no teacher terms); "
+                   "thought_gain is dropped for a mode without thoughts")
     p.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32, help="real tokens per sample")
     p.add_argument("--max-thought-tokens", type=int, default=None,
