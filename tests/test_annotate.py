@@ -67,8 +67,9 @@ def page(records):
 
 
 def test_page_counts_filters_and_shows_codes(tmp_path):
-    records = sample_records(tmp_path, "--num-prompts", "2", "--num-samples", "3", "--rewards", "exact_match",
-                             "--mode", "pause", "--num-pause", "2", "--num-thinking", "1")  # thoughts for sure
+    records = sample_records(tmp_path, "--num-prompts", "2", "--num-samples", "3", "--rewards",
+                             "exact_match", "--mode", "pause", "--num-pause", "2",
+                             "--num-thinking", "1")  # pauses: thought steps for sure
     assert len(records) == 6 and all(set(r["terms"]) == {"exact_match"} for r in records)
     records[0]["correct"] = True  # one right answer, whatever the random model wrote
     thought = next(s for r in records for s in r["steps"] if s["kind"] == "thought")
