@@ -170,8 +170,9 @@ def parallel_to_json(real: torch.Tensor, thoughts: torch.Tensor, logprob: torch.
     take."""
     steps = []
     for tok, thought, lps in zip(real.tolist(), thoughts.tolist(), logprob.tolist()):
-        steps.append({"kind": "text", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None})
-        steps += [{"kind": "thought", "token_id": t, "text": tokenizer.decode([t]), "logprob": lp}
-                  for t, lp in zip(thought, lps)]
+        steps.append({"kind": "text", "token_id": tok, "text": tokenizer.decode([tok]), "logprob": None,
+                      "prob": None})
+        steps += [{"kind": "thought", "token_id": t, "text": tokenizer.decode([t]), "logprob": lp,
+                   "prob": math.exp(lp)} for t, lp in zip(thought, lps)]
     return {"prompt": "", "mode": "parallel", "steps": steps, "text_only": tokenizer.decode(real.tolist()),
             "num_text": len(real), "num_thought": thoughts.numel(), "weight_version": 0}

@@ -15,7 +15,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Tile settings. "fixed" is v1's (64x64, 32x32 in the interpreter, Triton's default warps/stages);
+# Tile settings. "fixed": 64x64 tiles (32x32 in the interpreter) with Triton's default warps/stages;
 # "autotune" lets triton.autotune pick from TUNE_SPACE per (head dim, T, L), timing each candidate on the
 # first call of a shape; a dict {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} forces one candidate (the
 # interpreter tests run every one). The switch: the `tiles` argument, else THINKTOK_TILES (default fixed).

@@ -193,7 +193,7 @@ def test_every_tune_config_matches_reference(cfg, monkeypatch):
 
 
 def test_tile_switch(monkeypatch):
-    assert tiling.resolve_tiles(None) == "fixed"  # the default: v1's tiles
+    assert tiling.resolve_tiles(None) == "fixed"  # the default: fixed tiles
     monkeypatch.setenv(tiling.TILES_ENV, "autotune")
     if not GPU:
         with pytest.raises(ValueError, match="interpreter"):
