@@ -86,7 +86,24 @@ class ThoughtGRPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs: list[dict], num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's step hook: `inputs` are the dataloader's rows (TRL's sampler repeats each prompt G
         times in a row)."""
-        return rl_step(self, model, [x["prompt"] for x in inputs])
+        loss = rl_step(self, model, [x["prompt"] for x in inputs])
+        self.average_extra_grads()
+        return loss
+
+    def average_extra_grads(self) -> None:
+        """DDP averages the model's gradients over the learner processes; the extra modules (a value head, a
+        learned sigma, a mixing head) sit outside its wrapper, so theirs are averaged here, the same way."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.extra_parameters():
+            if p.grad is None:  # every process joins every all-reduce, in the same order
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.accelerator.num_processes
+
+    def global_sum(self, *values: torch.Tensor) -> torch.Tensor:
+        """(len(values),): each scalar summed over the learner processes (normalisers of the union batch)."""
+        return self.accelerator.reduce(torch.stack([v.float() for v in values]), reduction="sum")
 
     # ---- stages 4-6 of rl_step ---------------------------------------------------------------------------
     def recompute(self, model, batch: Batch) -> Recomputed:
@@ -114,7 +131,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
                   "num_items_in_batch": self.accelerator.gather(mask.sum()).sum()}
         loss = super()._compute_loss(Precomputed(rec.logprob, rec.entropy), inputs)
         gap = ((rec.logprob.detach() - sampled).abs() * mask).max()
-        self.log_metric("logprob_mismatch", gap.item())
+        self.log_metric("logprob_mismatch", gap.item(), reduce="max")
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *_, **__):
@@ -133,7 +150,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         loss = torch.zeros((), device=self.accelerator.device)
         if self.kl_coef:
             kl = self.text_kl(rec, batch.rollouts)
-            self.log_metric("kl", kl.item())
+            self.log_metric("kl", kl.item())  # the mean over processes of each one's share: the global mean
             loss = loss + self.kl_coef * kl
         if self.latent_coef:
             nll = -gold_answer_loglik(model, self.thought_mode, batch.rollouts, batch.gold).mean()
@@ -142,29 +159,35 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         return loss
 
     def text_kl(self, rec: Recomputed, rollouts: list) -> torch.Tensor:
-        """Mean over text steps of the exact KL(pi_text || ref_text), both over the text columns at
-        temperature 1; thought steps carry none. Reads the policy's text log-probs of the recompute."""
+        """Mean over every process's text steps of the exact KL(pi_text || ref_text), both over the text
+        columns at temperature 1; thought steps carry none. Reads the policy's text log-probs of the
+        recompute. This process's sum over the global count / N: DDP's mean over N processes of the
+        gradients is then the gradient of the union batch's mean, whatever each process's count."""
         policy_lp = rec.text_logp  # (N_text, n_text), differentiable
         with torch.no_grad():
             ref_lp = recompute_logprobs(self.kl_ref, self.thought_mode, rollouts, text=True,
                                         entropy=False).text_logp
-        if policy_lp.shape[0] == 0:
-            return policy_lp.sum()
-        return (policy_lp.exp() * (policy_lp - ref_lp.float())).sum(-1).mean()
+        (count,) = self.global_sum(torch.tensor(policy_lp.shape[0], device=policy_lp.device))
+        share = count.clamp(min=1) / self.accelerator.num_processes
+        return (policy_lp.exp() * (policy_lp - ref_lp.float())).sum() / share
 
     # ---- logging, optimizer ------------------------------------------------------------------------------
     def log_step(self, batch: Batch, seconds: float) -> None:
         """The step's reward over every process's rows (as TRL logs it), its time (what the progress bar's
         samples/s read) and the collector's statistics."""
         rewards = self.accelerator.gather(batch.reward.to(self.accelerator.device))
-        self.log_metric("step_time", seconds)
-        self.log_metric("reward", rewards.mean().item())
-        self.log_metric("reward_std", rewards.std().item())
-        for k, v in batch.stats.items():
-            self.log_metric(f"rollout/{k}", v)
+        self.log_metric("step_time", seconds, reduce="max")  # the step ends when the slowest process's does
+        self._metrics["train"]["reward"].append(rewards.mean().item())  # gathered already
+        self._metrics["train"]["reward_std"].append(rewards.std().item())
+        for k, v in batch.stats.items():  # every process holds as many rows: the mean is the union's
+            self.log_metric(f"rollout/{k}", v, reduce="min" if k == "weight_version" else "mean")
 
-    def log_metric(self, name: str, value: float) -> None:
-        """One value of a training metric, averaged into TRL's log of the step."""
+    def log_metric(self, name: str, value: float, reduce: str = "mean") -> None:
+        """One value of a training metric, reduced over the learner processes (a collective: every process
+        logs the same names in the same order), averaged into TRL's log of the step."""
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(torch.tensor([float(value)], device=self.accelerator.device))
+            value = getattr(values, reduce)().item()
         self._metrics["train"][name].append(value)
 
     def extra_parameters(self) -> list[nn.Parameter]:

@@ -24,7 +24,9 @@ from .sampler import sample
 
 class RunLogger(TrainerCallback):
     """extra_modules: the learner's (the thought mode, a mixing head), which evals use with the model the
-    Trainer hands every callback. val_windows: the parallel path's validation windows (None: sequential)."""
+    Trainer hands every callback. val_windows: the parallel path's validation windows (None: sequential).
+    Under accelerate, the first process alone writes and evaluates (the others go on to the next step's
+    collectives and wait there), and a step's rollouts are every process's."""
 
     def __init__(self, cfg: TrainConfig, extra_modules: dict[str, nn.Module], policy, task,
                  val_windows: list[list[int]] | None = None):
@@ -34,20 +36,22 @@ class RunLogger(TrainerCallback):
         self.last = time.perf_counter()
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.cfg.eval_every and state.global_step == 0:  # the start of the run's start/end table
+        self.rollouts = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations * args.world_size
+        # the start of the run's start/end table
+        if self.cfg.eval_every and state.global_step == 0 and state.is_world_process_zero:
             self.evaluate(0, model)
 
     def on_step_end(self, args, state, control, model=None, **kw):
         step = state.global_step
         last = step == state.max_steps or control.should_training_stop  # WallClock runs before this
-        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or last):
+        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or last) and state.is_world_process_zero:
             self.evaluate(step, model)
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations
+        n = self.rollouts
         line = {"step": state.global_step, "examples_seen": state.global_step * n,
                 "reward_mean": logs.get("reward"),
                 "reward_std": logs.get("reward_std"),
@@ -65,9 +69,8 @@ class RunLogger(TrainerCallback):
         """One evals.jsonl line and annotated samples/step_N.{jsonl,html}."""
         run = self.evaluate_parallel if self.val_windows is not None else self.evaluate_sequential
         result, records = run(step, model)
-        n = self.cfg.rl.prompts_per_step * self.cfg.rl.num_generations  # rollouts per step
         with open(self.out / "evals.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "examples_seen": step * n, **result}) + "\n")
+            f.write(json.dumps({"step": step, "examples_seen": step * self.rollouts, **result}) + "\n")
         samples = self.out / "samples"
         samples.mkdir(exist_ok=True)
         (samples / f"step_{step}.jsonl").write_text(to_jsonl(records))
@@ -115,8 +118,9 @@ class RewardProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs and "reward" in logs:
             step_s = max(logs.get("step_time", 0.0), 1e-9)
+            rollouts = args.per_device_train_batch_size * args.world_size
             self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}",
-                                          samples_s=f"{args.per_device_train_batch_size / step_s:.1f}")
+                                          samples_s=f"{rollouts / step_s:.1f}")
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -57,14 +57,19 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         return gae(rewards, values, rec.valid, self.gamma, self.lam)
 
     def advantages(self, batch: Batch, rec: Recomputed) -> torch.Tensor:
-        """(B, S): GAE, whitened over the action steps (forced steps get 0)."""
+        """(B, S): GAE, whitened over every learner process's action steps (forced steps get 0)."""
         adv, _ = self.returns(batch, rec)
         action = padded([r.action != Action.FORCED for r in batch.rollouts]).to(adv.device) & rec.valid
-        mean, std = adv[action].mean(), adv[action].std().clamp_min(1e-6)
+        n, total, squares = self.global_sum(action.sum(), adv[action].sum(), (adv[action] ** 2).sum())
+        mean = total / n
+        std = ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt().clamp_min(1e-6)  # unbiased, as .std()
         return (adv - mean) / std * action
 
     def extra_loss(self, model, rec: Recomputed, batch: Batch) -> torch.Tensor:
         _, returns = self.returns(batch, rec)
-        value_loss = ((self.values(rec) - returns) ** 2 * rec.valid).sum() / rec.valid.sum().clamp_min(1)
+        # this process's sum over the global step count / N: DDP's mean of gradients is the union batch's
+        (steps,) = self.global_sum(rec.valid.sum())
+        share = steps.clamp_min(1) / self.accelerator.num_processes
+        value_loss = ((self.values(rec) - returns) ** 2 * rec.valid).sum() / share
         self.log_metric("value_loss", value_loss.item())
         return super().extra_loss(model, rec, batch) + self.vf_coef * 0.5 * value_loss

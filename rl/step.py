@@ -100,10 +100,12 @@ class Collector:
             self.published = version
         return self.weights_ref
 
-    def call_seed(self, version: int, chunk: int, rank: int) -> int:
-        """Depends only on (run seed, learner rank, step, chunk): a call retried after an actor death
-        resamples the same, and learner processes under accelerate draw different samples."""
-        return ((self.seed * 1_000_003 + rank) * 1_000_003 + version) * 7919 + chunk
+    def call_seed(self, version: int, first_row: int) -> int:
+        """Depends only on (run seed, step, the call's first row in the step's batch over every learner
+        process): a call retried after an actor death resamples the same, learner processes under
+        accelerate draw different samples, and N processes draw what one process with N times the workers
+        draws on the union of their rows (tests/test_multiprocess.py)."""
+        return (self.seed * 1_000_003 + version) * 1_000_003 + first_row
 
     @staticmethod
     def get_scores(futures: list, version: int) -> list:
@@ -120,13 +122,13 @@ class Collector:
 
     def __call__(self, prompts: list[str], trainer, version: int) -> Batch:
         weights = self.publish(trainer, version)
-        rank = trainer.accelerator.process_index
+        offset = trainer.accelerator.process_index * len(prompts)  # its rows' place in the global batch
         ids = [self.tokenizer(p).input_ids for p in prompts]
         rows = [self.rows[p] for p in prompts]
         every = list(range(len(prompts)))
         sampling = fan_out(self.workers.rollout, "sample", chunks(every, len(self.workers.rollout)),
-                           lambda k, part: ([ids[i] for i in part], self.call_seed(version, k, rank), weights,
-                                            version))
+                           lambda k, part: ([ids[i] for i in part], self.call_seed(version, offset + part[0]),
+                                            weights, version))
         rollouts: list[Rollout] = [r for chunk in get(sampling) for r in chunk]
         scoring = fan_out(self.workers.reward, "score", chunks(every, len(self.workers.reward)),
                           lambda k, part: ([rollouts[i] for i in part], [rows[i] for i in part], weights,

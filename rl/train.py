@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from torch import nn
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
@@ -98,14 +99,14 @@ def parallel_path(cfg: TrainConfig, policy, task, init_dir: str, teacher: str | 
 PATHS = {"sequential": sequential_path, "parallel": parallel_path}
 
 
-def ensure_teacher(cfg: TrainConfig) -> str | None:
+def ensure_teacher(cfg: TrainConfig, can_train: bool = True) -> str | None:
     """The teacher checkpoint (trained first when missing), with a warning when it is the policy's own
     start."""
     if cfg.teacher is not None and Path(cfg.teacher).resolve() == Path(cfg.policy).resolve():
         warnings.warn(f"the teacher is the policy's own starting checkpoint ({cfg.teacher}): it knows "
                       f"nothing the student does not, so teacher rewards pay for imitating it, not for "
                       f"useful thoughts", stacklevel=2)
-    return ensure_checkpoint(cfg.teacher, cfg.teacher_sft, "teacher")
+    return ensure_checkpoint(cfg.teacher, cfg.teacher_sft, "teacher", can_train)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -137,24 +138,33 @@ def build_run(cfg: TrainConfig, resume: bool = False):
     # config and run directory
     cfg.validate()
     check_libraries()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
+    # the learner processes under accelerate / torchrun (one without): the first writes the run directory
+    state = PartialState(cpu=cfg.device == "cpu")
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:
         raise UserError(f"--resume {out}: no checkpoint to resume from")
+    if resume_from is not None and step_of(resume_from) >= cfg.rl.max_steps:  # the Trainer would add a step
+        done = step_of(resume_from)
+        raise UserError(f"--resume {out}: the run finished at step {done} (rl.max_steps={cfg.rl.max_steps}); "
+                        f"pass rl.max_steps=N with N > {done} to continue it")
     if not resume and (out / "metrics.jsonl").exists():
         raise UserError(f"{out} already holds a run: pass --resume {out}, or choose another name/run_dir")
-    save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    # models: the teacher and initial policy (trained first when missing), the policy with its thinking rows
-    teacher = ensure_teacher(cfg)
-    ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy")
     thought, rl = cfg.thought, cfg.rl
     init_dir = out / "policy_init"
-    if not (init_dir / "config.json").exists():  # saved once: a resumed run and the KL reference reload it
-        start = load_policy(cfg.policy, thought.vocab_tokens, thought.markers, init=thought.init,
-                            seed=cfg.seed)
-        atomic_save(init_dir, start.save)
+    with state.main_process_first():  # the others read what the first wrote
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        # models: the teacher and initial policy (trained first when missing: one process only), the policy
+        # with its thinking rows
+        teacher = ensure_teacher(cfg, can_train=state.num_processes == 1)
+        ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy", can_train=state.num_processes == 1)
+        if not (init_dir / "config.json").exists():  # saved once: a resumed run, the KL reference reload it
+            start = load_policy(cfg.policy, thought.vocab_tokens, thought.markers, init=thought.init,
+                                seed=cfg.seed)
+            atomic_save(init_dir, start.save)
     policy = load_policy(str(init_dir), thought.vocab_tokens, thought.markers)
     if thought.mode == "pause":  # pause rows stay at their initial values, as in SFT's frozen-pause baseline
         freeze_rows(policy, list(range(policy.vocab.text_size, policy.vocab.size)))

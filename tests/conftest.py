@@ -29,8 +29,9 @@ torch.set_num_threads(1 if XDIST else 2)
 
 # pytest-xdist (--dist loadfile) hands out whole files in collection order: the longest first (measured on a
 # worker beside the other: 131, 118, 101 s, then 16-26 s each), so that the two workers finish together.
-LONGEST_FIRST = ("test_study.py", "test_train.py", "test_rollout.py", "test_content.py", "test_sft.py",
-                 "test_gpu_suite.py", "test_learner.py", "test_parallel.py", "test_cli.py")
+LONGEST_FIRST = ("test_study.py", "test_train.py", "test_multiprocess.py", "test_rollout.py",
+                 "test_content.py", "test_sft.py", "test_gpu_suite.py", "test_learner.py", "test_parallel.py",
+                 "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -281,12 +281,13 @@ def test_another_trl_version_is_refused(tmp_path, monkeypatch):
         local_trainer(tmp_path, policy, mode, lambda r: 0.0)
 
 
-def test_call_seeds_differ_across_learner_ranks():
+def test_call_seeds_differ_across_steps_rows_and_runs():
     rollouts = Collector(None, None, {}, seed=3)
-    seeds = {rollouts.call_seed(v, c, rank) for v in range(3) for c in range(4) for rank in range(4)}
-    assert len(seeds) == 3 * 4 * 4
+    seeds = {rollouts.call_seed(v, row) for v in range(3) for row in range(0, 64, 4)}
+    assert len(seeds) == 3 * 16
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)  # what torch.manual_seed takes
-    assert rollouts.call_seed(2, 3, 1) == Collector(None, None, {}, seed=3).call_seed(2, 3, 1)
+    assert rollouts.call_seed(2, 3) == Collector(None, None, {}, seed=3).call_seed(2, 3)
+    assert rollouts.call_seed(2, 3) != Collector(None, None, {}, seed=4).call_seed(2, 3)
 
 
 def test_latent_term_by_hand_and_one_update_lowers_it(tmp_path):

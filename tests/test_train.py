@@ -109,6 +109,9 @@ def test_short_run_writes_everything(whole_run, teacher):
     before = (whole / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="already holds a run"):
         run_train(config(whole, teacher, f"rl.max_steps={STEPS_WHOLE}"))
+    # resumed at its end, the Trainer would take one more step than rl.max_steps asks for
+    with pytest.raises(ValueError, match=f"finished at step {STEPS_WHOLE}.*with N > {STEPS_WHOLE}"):
+        run_train(config(whole, teacher, f"rl.max_steps={STEPS_WHOLE}"), resume=True)
     assert (whole / "metrics.jsonl").read_text() == before  # refused before touching it
 
 

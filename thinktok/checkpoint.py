@@ -141,11 +141,21 @@ class RunTrainer:
         root = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         self._save_root = str(root / ".saving")  # the Trainer writes into .saving/checkpoint-N
-        shutil.rmtree(self._save_root, ignore_errors=True)
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(self._save_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # the model from the first process, RNG states from each
         finally:
             self._save_root = None
+        self.accelerator.wait_for_everyone()  # every process's RNG state is in before the rename
+        if main:
+            self.finish_checkpoint(root, name)
+        self.accelerator.wait_for_everyone()
+
+    def finish_checkpoint(self, root: Path, name: str) -> None:
+        """What the Trainer does not write, then .saving/checkpoint-N renamed into place."""
         tmp = root / ".saving" / name
         self.vocab.save(tmp)
         torch.save(self.init_rows, tmp / INIT_ROWS_FILE)

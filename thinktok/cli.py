@@ -222,8 +222,13 @@ def run_train(a) -> None:
         raise UsageError("train needs a CONFIG (or --resume RUN_DIR)")
     extra = [f"ray.address={a.ray_address}"] if a.ray_address else []
     extra += ["ray.verbose=true"] if a.verbose else []
+    # a resumed run continues where it lies, not where its config says it was first written (a copy or a moved
+    # run would otherwise write into the original)
+    extra += [f"run_dir={a.resume}"] if a.resume else []
     cfg = load_config(TrainConfig, path, [*a.overrides, *extra])
     final = run_train(cfg, resume=bool(a.resume))
+    if int(os.environ.get("RANK", 0)):  # a learner process under accelerate other than the first
+        return
     print(f"final checkpoint: {final}")
     if cfg.rollout == "sequential" and cfg.eval_every:
         from thinktok.analysis.compare import summary

@@ -358,11 +358,13 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 
 
-def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> str | None:
+def ensure_checkpoint(path: str | None, sft_config: str | None, role: str,
+                      can_train: bool = True) -> str | None:
     """A checkpoint the run needs (teacher, initial policy), trained first from its SFT config when it is
     missing (fresh machines). A name without a folder or suffix (tiny, gpt2, a hub name) is not a path, as
     for load_policy, and passes through; a missing path the SFT config would not write is refused before
-    any training."""
+    any training, and so is one that can_train=False (an RL run's learner processes under accelerate,
+    where an SFT run inside one of them would wait for the others) would have to train."""
     if path is None or Path(path).exists() or not sft_config:
         return path
     if not (Path(path).suffix or Path(path).parent != Path(".")):
@@ -374,6 +376,9 @@ def ensure_checkpoint(path: str | None, sft_config: str | None, role: str) -> st
     if writes.resolve() != Path(path).resolve():
         raise UserError(f"{role}={path} does not exist, and {role}_sft={sft_config} writes {writes}: set "
                         f"{role}_sft=null to use another {role}, or {role}={writes}")
+    if not can_train:
+        raise UserError(f"{role}={path} does not exist: train it in one process first "
+                        f"(thinktok sft {sft_config}), then launch the learner processes")
     print(f"{role} {path} not found: training it with {sft_config} first")
     run_sft(sft)
     return path

@@ -41,7 +41,7 @@ class ThinkingRowRecorder(TrainerCallback):
 
 class WallClock(TrainerCallback):
     """Stops training once `limit` seconds (0: never) have passed since the first training step began:
-    setup (data, workers) is not counted, and a curriculum's stages share one clock."""
+    setup (data, workers) and the step-0 evals are not counted, and a curriculum's stages share one clock."""
 
     def __init__(self, limit: float):
         self.limit, self.start = limit, None
@@ -49,11 +49,16 @@ class WallClock(TrainerCallback):
     def expired(self) -> bool:
         return self.limit > 0 and self.start is not None and time.monotonic() - self.start >= self.limit
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_step_begin(self, args, state, control, **kw):
         self.start = self.start or time.monotonic()
 
     def on_step_end(self, args, state, control, **kw):
-        control.should_training_stop |= self.expired()
+        expired = self.expired()
+        if self.limit > 0 and args.world_size > 1:  # every process stops at the same step, or one would wait
+            flag = torch.tensor([float(expired)], device=args.device)  # forever in the next step's all-reduce
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            expired = bool(flag.item())
+        control.should_training_stop |= expired
 
 
 class HeldOutEvals(TrainerCallback):

@@ -33,12 +33,12 @@ class ParallelCollector(Collector):
 
     def __call__(self, prompts: list[str], trainer, version: int) -> Batch:
         weights = self.publish(trainer, version)
-        rank = trainer.accelerator.process_index
+        offset = trainer.accelerator.process_index * len(prompts)  # its rows' place in the global batch
         real = torch.tensor([self.rows[p] for p in prompts])  # (R, T)
         every = list(range(len(prompts)))
         sampling = fan_out(self.workers.rollout, "sample", chunks(every, len(self.workers.rollout)),
                            lambda k, part: (real[part], self.cfg.thought_len,
-                                            self.call_seed(version, k, rank), weights, version))
+                                            self.call_seed(version, offset + part[0]), weights, version))
         sampled = ParallelRollout.cat(get(sampling))
         scoring = fan_out(self.workers.reward, "score", chunks(every, len(self.workers.reward)),
                           lambda k, part: (sampled.rows(part), weights, version))
