@@ -95,7 +95,13 @@ class ThoughtGRPOTrainer(GRPOTrainer):
         learned sigma, a mixing head) sit outside its wrapper, so theirs are averaged here, the same way."""
         if self.accelerator.num_processes == 1:
             return
-        for p in self.extra_parameters():
+        params = self.extra_parameters()
+        # which have a gradient on some process: the others keep none (AdamW skips a None, not a zero)
+        has = self.global_sum(*[torch.tensor(float(p.grad is not None), device=self.accelerator.device)
+                                for p in params]) if params else []
+        for p, any_grad in zip(params, has):
+            if not any_grad:
+                continue
             if p.grad is None:  # every process joins every all-reduce, in the same order
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad)
@@ -113,7 +119,7 @@ class ThoughtGRPOTrainer(GRPOTrainer):
 
     def advantages(self, batch: Batch, rec) -> torch.Tensor:
         """(B,): this process's rows' `group_advantages` (by algo) of every process's rewards, gathered as
-        TRL gathers them (a prompt's group may span processes)."""
+        TRL gathers them (in the global batch's order: process k holds its k-th block of whole groups)."""
         local = batch.reward.to(self.accelerator.device)
         start = self.accelerator.process_index * len(local)
         adv = group_advantages(self.accelerator.gather(local), self.num_generations, self.algo)

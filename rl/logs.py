@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from thinktok.analysis.annotate import annotate, checkpoint_codes, reward_model
-from thinktok.analysis.evaluate import evaluate_policy
+from thinktok.analysis.evaluate import evaluate_policy, evaluate_text
 from thinktok.analysis.render import to_html, to_jsonl
 from thinktok.models.thought_config import SamplingConfig
 from thinktok.models.thought_modes import with_sampling
@@ -78,12 +78,19 @@ class RunLogger(TrainerCallback):
         model.train()
 
     def evaluate_sequential(self, step: int, model: nn.Module) -> tuple[dict, list[dict]]:
-        """Greedy accuracy on validation prompts, with the controls, and sampled rollouts."""
+        """Greedy accuracy on validation prompts, with the controls (the text task, which has no accuracy:
+        seed 004's measures against the run's teacher, reverse KL first), and sampled rollouts."""
         mode = self.extra_modules["mode"]
         greedy = with_sampling(mode, SamplingConfig(**{**vars(self.cfg.sampling), "greedy": True}),
                                model.device)
-        result = evaluate_policy(self.policy, greedy, self.task, "validation",
-                                 limit=self.cfg.eval_examples)
+        if self.cfg.task.name == "text":
+            result = evaluate_text(self.policy, greedy, self.task, "validation", self.cfg.teacher,
+                                   limit=self.cfg.eval_examples,
+                                   max_new_tokens=self.cfg.sampling.max_new_tokens)
+            del result["rollouts"]  # the samples page shows rollouts
+        else:
+            result = evaluate_policy(self.policy, greedy, self.task, "validation",
+                                     limit=self.cfg.eval_examples)
         group = self.cfg.rl.num_generations
         rows = list(self.task.dataset["validation"])[: max(1, self.cfg.samples_per_eval // group)]
         rows = [row for row in rows for _ in range(group)]

@@ -60,9 +60,11 @@ class ThoughtPPOTrainer(ThoughtGRPOTrainer):
         """(B, S): GAE, whitened over every learner process's action steps (forced steps get 0)."""
         adv, _ = self.returns(batch, rec)
         action = padded([r.action != Action.FORCED for r in batch.rollouts]).to(adv.device) & rec.valid
-        n, total, squares = self.global_sum(action.sum(), adv[action].sum(), (adv[action] ** 2).sum())
+        n, total = self.global_sum(action.sum(), adv[action].sum())
         mean = total / n
-        std = ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt().clamp_min(1e-6)  # unbiased, as .std()
+        # two passes, as .std(): one-pass sums of squares lose the spread when it is small beside the mean
+        (squares,) = self.global_sum(((adv[action] - mean) ** 2).sum())
+        std = (squares / (n - 1)).sqrt().clamp_min(1e-6)
         return (adv - mean) / std * action
 
     def extra_loss(self, model, rec: Recomputed, batch: Batch) -> torch.Tensor:

@@ -103,8 +103,9 @@ class Collector:
     def call_seed(self, version: int, first_row: int) -> int:
         """Depends only on (run seed, step, the call's first row in the step's batch over every learner
         process): a call retried after an actor death resamples the same, learner processes under
-        accelerate draw different samples, and N processes draw what one process with N times the workers
-        draws on the union of their rows (tests/test_multiprocess.py)."""
+        accelerate draw different samples, and N processes of W rollout workers draw what one process of
+        N*W workers draws on the union of their rows when the calls' rows line up, i.e. when each process's
+        rows divide evenly among its workers (or W = 1; tests/test_multiprocess.py)."""
         return (self.seed * 1_000_003 + version) * 1_000_003 + first_row
 
     @staticmethod

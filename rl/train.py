@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -139,7 +140,9 @@ def build_run(cfg: TrainConfig, resume: bool = False):
     cfg.validate()
     check_libraries()  # before any SFT warm start or Ray worker: a wrong TRL fails here, not after them
     # the learner processes under accelerate / torchrun (one without): the first writes the run directory
-    state = PartialState(cpu=cfg.device == "cpu")
+    # (with transformers' ddp_timeout, 30 min, which this state pre-empts: the first process's evals, while
+    # the others wait at the next step, may outlast NCCL's own 10 min default)
+    state = PartialState(cpu=cfg.device == "cpu", timeout=timedelta(seconds=1800))
     out = cfg.out_dir
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None:

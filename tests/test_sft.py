@@ -137,6 +137,41 @@ def test_discrete_curriculum_rewrites_steps_in_thinking_tokens(tmp_path):
                                       "curriculum.stages=0"])
 
 
+def test_partial_code_writes_the_first_step_and_leaves_the_other_slots_free(tmp_path):
+    """slot_choice=code (the discovery ladder's first rung): the first reasoning step in the discrete
+    curriculum's code in the first slots, labelled; the remaining slots uniform thinking tokens, unlabelled,
+    the same for an example on every call, other ones under another seed. Written out for one row."""
+    from thinktok.envs import load_task
+    from thinktok.sft import encode, step_codebook
+
+    over = ["thought.mode=vocab", "thought.num_thinking=16", "slots=8", "slot_choice=code",
+            "task.spaced=true", "task.reverse=true", *BASE]
+    cfg = load_config(SFTConfig, None, over)
+    policy = load_policy("tiny", 16, False)
+    task = load_task(cfg.task)
+    tok, v = policy.tokenizer, policy.vocab
+    code = step_codebook(tok, task.dataset["train"])
+    row = task.dataset["train"][0]
+    ex = encode(tok, policy, cfg, task, row, code=code)
+    prompt, answer = tok(row["prompt"]).input_ids, tok(" " + row["answer"]).input_ids
+    first = [v.think_id(code[t]) for t in tok(" " + row["steps"][0]).input_ids]
+    free = ex["input_ids"][len(prompt) + len(first) : len(prompt) + 8]
+    assert ex["input_ids"] == prompt + first + free + answer + [v.eos_id] and len(first) + len(free) == 8
+    assert all(v.think_start <= t < v.think_start + 16 for t in free)
+    assert ex["labels"] == [-100] * len(prompt) + first + [-100] * len(free) + answer + [v.eos_id]
+    assert encode(tok, policy, cfg, task, row, code=code) == ex
+    others = [encode(tok, policy, load_config(SFTConfig, None, over + [f"seed={s}"]), task, row, code=code)
+              for s in (1, 2, 3)]
+    assert any(o["input_ids"] != ex["input_ids"] for o in others)
+    with pytest.raises(ValueError, match="more than slots=2"):
+        encode(tok, policy, load_config(SFTConfig, None, over + ["slots=2"]), task, row, code=code)
+    with pytest.raises(ValueError, match="slot_choice=code chooses the tokens"):
+        load_config(SFTConfig, None, over + ["format=cot"]).validate()
+    _, ckpt = sft(tmp_path, *over[:-len(BASE)], steps=4)
+    info = (ckpt / "thinktok_run.yaml").read_text()
+    assert "mode: vocab" in info and "slots: 8" in info  # RL fills every slot, the coded ones too
+
+
 def test_label_loss_is_hf_causal_lm_loss_on_labelled_positions():
     """The head runs only where a label is predicted; the loss must still be HF's full-sequence one."""
     policy = load_policy("tiny", 4, False, seed=0)

@@ -213,3 +213,24 @@ def test_thinktok_eval_on_a_text_checkpoint(tmp_path, capsys):
         from thinktok.analysis.evaluate import evaluate
 
         evaluate(ckpt, None, limit=2, save=False)
+    # an RL run's evals on the text task: these measures on validation rows, one evals.jsonl line each
+    from thinktok.envs import load_task
+    from thinktok.models.policy import load_policy
+    from thinktok.rl.config import TrainConfig
+    from thinktok.rl.logs import RunLogger
+
+    run = load_config(TrainConfig, "configs/text_kl.yaml",
+                      [f"run_dir={tmp_path / 'rl'}", f"policy={ckpt}", f"teacher={ckpt}", "task.num_train=8",
+                       "task.num_val=4", "task.num_test=4", "thought.num_thinking=8", "thought.slots=2",
+                       "sampling.max_new_tokens=6", "eval_examples=4", "samples_per_eval=4"])
+    run.out_dir.mkdir(parents=True)
+    policy = load_policy(ckpt, 8, False)
+    logger = RunLogger(run, {"mode": make_mode(run.thought, policy.vocab, run.sampling)}, policy,
+                       load_task(run.task))
+    logger.rollouts = 32
+    logger.evaluate(3, policy.model)
+    (line,) = [json.loads(x) for x in (run.out_dir / "evals.jsonl").read_text().splitlines()]
+    assert line["step"] == 3 and line["examples_seen"] == 3 * 32 and line["num_examples"] == 4
+    assert math.isfinite(line["reverse_kl"]) and set(line["controls"]) == {"no_thoughts", "pause",
+                                                                           "shuffled_thoughts"}
+    assert "rollouts" not in line and (run.out_dir / "samples" / "step_3.html").exists()

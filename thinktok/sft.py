@@ -11,6 +11,10 @@ thinking-token arms that RL is compared against.
   * chosen slots (`slot_choice: gumbel`, mode vocab): each slot's thinking token drawn by the model itself and
     the choice trained by straight-through Gumbel-softmax from the answer loss (thinktok/gumbel_slots.py):
     the positive control for RL's discovery of a code;
+  * a partial code (`slot_choice: code`, mode vocab, the discovery ladder's first rung): the first
+    `code_steps` reasoning steps written into the first slots in the discrete curriculum's code, which the
+    model is trained to emit; the other slots hold thinking tokens drawn uniformly per example, unlabelled:
+    slots whose content nobody supervises, for RL to choose;
   * discrete (the same curriculum for a thinking vocabulary, mode vocab with format cot): stage s rewrites
     the first s reasoning steps in thinking tokens, text token t -> <think_{code(t) mod N}> with code(t) the
     index of t among the training steps' distinct ids, and trains the model to emit them. The final stage
@@ -24,6 +28,7 @@ recorded (seed 000, figures 2, 4, 5) and saved with the checkpoint for `compare`
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +108,11 @@ class SFTConfig:
     slots: int = 0  # thought slots after the prompt (vocab/single/pause)
     train_slots: bool = True  # False: slot embeddings frozen (pause-token baseline)
     # fixed: slot j holds <think_{j mod N}> (seed 000's setup) | gumbel: the model draws each slot's token
-    # from its thinking columns and learns the choice by straight-through Gumbel-softmax (mode vocab)
+    # from its thinking columns and learns the choice by straight-through Gumbel-softmax (mode vocab) |
+    # code: the first code_steps reasoning steps in the discrete curriculum's code (labelled), the other
+    # slots uniform draws (unlabelled; mode vocab)
     slot_choice: str = "fixed"
+    code_steps: int = 1  # slot_choice=code: reasoning steps written in code into the first slots
     gumbel_tau: float = 1.0  # slot_choice=gumbel: the relaxation's temperature (the backward pass only)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -140,13 +148,16 @@ class SFTConfig:
                                      "curriculum.stages >= 1")
             elif self.thought.mode != "continuous" and self.slots < 1:
                 raise UserError(f"thought mode {self.thought.mode} needs slots >= 1")
-        if self.slot_choice not in ("fixed", "gumbel"):
-            raise UserError(f"unknown slot_choice {self.slot_choice!r}: expected fixed or gumbel")
-        if self.slot_choice == "gumbel":
+        if self.slot_choice not in ("fixed", "gumbel", "code"):
+            raise UserError(f"unknown slot_choice {self.slot_choice!r}: expected fixed, gumbel or code")
+        if self.slot_choice in ("gumbel", "code"):
             th = self.thought
             if th is None or th.mode != "vocab" or self.slots < 1 or self.format != "answer":
-                raise UserError("slot_choice=gumbel chooses the tokens of thought slots: it needs "
-                                 "thought.mode vocab, slots >= 1 and format answer")
+                raise UserError(f"slot_choice={self.slot_choice} chooses the tokens of thought slots: it "
+                                 "needs thought.mode vocab, slots >= 1 and format answer")
+        if self.slot_choice == "code" and self.code_steps < 1:
+            raise UserError("slot_choice=code writes code_steps >= 1 reasoning steps into the slots")
+        if self.slot_choice == "gumbel":
             if not self.train_slots or self.gumbel_tau <= 0:
                 raise UserError("slot_choice=gumbel trains the slots' choices: train_slots must be true and "
                                  "gumbel_tau > 0")
@@ -207,8 +218,21 @@ def encode(tokenizer, policy: Policy, cfg: SFTConfig, task, row: dict, stage: in
         target = tokenizer(task.target(row, cfg.format)).input_ids
         if cfg.thought is not None:
             thought = [v.think_id(j % v.num_thinking) for j in range(cfg.slots)]
+    thought_labels = thought if emit_thought else [-100] * len(thought)
+    if cfg.slot_choice == "code":
+        thought_labels = [v.think_id(code[t] % v.num_thinking) for step in row["steps"][: cfg.code_steps]
+                          for t in tokenizer(" " + step).input_ids]
+        if len(thought_labels) > cfg.slots:
+            raise UserError(f"slot_choice=code: {cfg.code_steps} steps of {row['prompt']!r} take "
+                            f"{len(thought_labels)} thinking tokens, more than slots={cfg.slots}")
+        # the free slots: uniform draws, the same for this example in every epoch and run of this seed
+        free = torch.randint(v.num_thinking, (cfg.slots - len(thought_labels),),
+                             generator=torch.Generator().manual_seed(cfg.seed * 1_000_003
+                                                                     + zlib.crc32(row["prompt"].encode())))
+        thought = thought_labels + [v.think_id(int(k)) for k in free]
+        thought_labels = thought_labels + [-100] * len(free)
     ids = prompt + thought + target + [v.eos_id]
-    labels = [-100] * len(prompt) + (thought if emit_thought else [-100] * len(thought)) + target + [v.eos_id]
+    labels = [-100] * len(prompt) + thought_labels + target + [v.eos_id]
     latent = range(len(prompt) + 1, len(prompt) + 1 + n_latent)  # after <bot>
     if cfg.slot_choice == "gumbel":  # the placeholders above are replaced by the model's draws
         latent = range(len(prompt), len(prompt) + cfg.slots)
@@ -297,7 +321,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     recorder.record(0)
     curriculum = cfg.curriculum_stages
     stages = range(cfg.curriculum.start_stage, cfg.curriculum.stages + 1) if curriculum else [0]
-    code = step_codebook(policy.tokenizer, task.dataset["train"]) if cfg.discrete_curriculum else None
+    code = step_codebook(policy.tokenizer, task.dataset["train"]) \
+        if cfg.discrete_curriculum or cfg.slot_choice == "code" else None
     t = cfg.train
     clock, losses = WallClock(t.max_seconds), []
     slots = GumbelSlots(policy.vocab.think_start, policy.vocab.num_thinking, cfg.gumbel_tau) \
@@ -353,7 +378,7 @@ def inference_thought(cfg: SFTConfig, latents: int) -> ThoughtConfig | None:
     if cfg.discrete_curriculum:  # the policy emits its thinking tokens itself, as RL's vocab mode
         return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, max_thought_tokens=latents,
                              init=cfg.model.init)
-    if cfg.slot_choice == "gumbel":  # the policy fills its slots itself, as RL's vocab mode with slots
+    if cfg.slot_choice in ("gumbel", "code"):  # the policy fills its slots itself (RL's vocab mode, slots)
         return ThoughtConfig(mode="vocab", num_thinking=th.num_thinking, slots=cfg.slots, init=cfg.model.init)
     return ThoughtConfig(mode="pause", num_thinking=th.vocab_tokens, num_pause=cfg.slots, pause_at="prompt")
 
