@@ -223,7 +223,8 @@ def bench_head(model_name: str, batch: int, repeats: int, device: str, out: Path
     from thinktok.envs import TaskConfig, load_task
     from thinktok.models.head import restrict_head, task_text_ids
     from thinktok.rl.recompute import recompute_logprobs
-    from thinktok.sft import SFTConfig, collate, encode, label_loss
+    from thinktok.sft import collate, encode, label_loss
+    from thinktok.sft_config import SFTConfig
 
     task = load_task(TaskConfig(digits=2, spaced=True, reverse=True, num_train=batch, num_val=1, num_test=1))
     rows = list(task.dataset["train"])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from thinktok.config import ConfigError, load_config
-from thinktok.sft import SFTConfig
+from thinktok.sft_config import SFTConfig
 
 
 def write(tmp_path, text):

@@ -14,7 +14,8 @@ from thinktok.config import load_config
 from thinktok.errors import UserError
 from thinktok.gumbel_slots import GumbelSlots
 from thinktok.models.policy import load_policy
-from thinktok.sft import SFTConfig, run_sft
+from thinktok.sft import run_sft
+from thinktok.sft_config import SFTConfig
 
 PROMPT = [11, 22, 33]  # any text ids
 GOLD = [44, 55]

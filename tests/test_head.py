@@ -16,7 +16,8 @@ from thinktok.models.thought_modes import make_mode
 from thinktok.models.thoughts import Action
 from thinktok.rl.recompute import recompute_logprobs
 from thinktok.rl.sampler import sample
-from thinktok.sft import ModelConfig, SFTConfig, label_loss
+from thinktok.sft import label_loss
+from thinktok.sft_config import ModelConfig, SFTConfig
 
 TASK = TaskConfig(name="multiplication", digits=2, spaced=True, reverse=True, num_train=50, num_val=5,
                   num_test=5)

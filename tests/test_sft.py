@@ -11,8 +11,6 @@ from thinktok.envs import TaskConfig, load_task
 from thinktok.models.policy import load_policy
 from thinktok.models.thought_config import ThoughtConfig
 from thinktok.sft import (
-    CurriculumConfig,
-    SFTConfig,
     collate,
     continuous_inputs,
     encode,
@@ -20,6 +18,7 @@ from thinktok.sft import (
     run_sft,
     step_codebook,
 )
+from thinktok.sft_config import CurriculumConfig, SFTConfig
 
 BASE = ["task.num_train=64", "task.num_val=4", "task.num_test=8", "train.batch_size=16", "train.log_every=5",
         "train.lr=3e-3"]

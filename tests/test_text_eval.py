@@ -196,7 +196,8 @@ def test_thinktok_eval_on_a_text_checkpoint(tmp_path, capsys):
     from thinktok.cli import main
     from thinktok.config import load_config
     from thinktok.errors import UserError
-    from thinktok.sft import SFTConfig, run_sft
+    from thinktok.sft import run_sft
+    from thinktok.sft_config import SFTConfig
 
     cfg = load_config(SFTConfig, "configs/sft_text_student.yaml",
                       ["train.max_steps=2", "train.batch_size=4", "task.num_train=8", "task.num_val=4",

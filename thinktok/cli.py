@@ -189,7 +189,8 @@ def run_sample(a) -> None:
 
 def run_sft(a) -> None:
     from thinktok.config import load_config, save_config
-    from thinktok.sft import SFTConfig, run_sft
+    from thinktok.sft import run_sft
+    from thinktok.sft_config import SFTConfig
 
     if a.help_config:
         return print_config_help(SFTConfig)

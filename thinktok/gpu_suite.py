@@ -165,7 +165,8 @@ def parallel(out: Path) -> dict:
 def suite_teacher(out: Path, cfg) -> list[str]:
     """Overrides pointing a train config at its teacher: itself if present, else one trained briefly here."""
     from thinktok.config import load_config
-    from thinktok.sft import SFTConfig, run_sft
+    from thinktok.sft import run_sft
+    from thinktok.sft_config import SFTConfig
 
     if cfg.teacher is None or Path(cfg.teacher).exists():
         return []

@@ -63,7 +63,8 @@ def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, attempt: int = 1) -> di
     init = str(checkpoint_of(cfg.dir, next(a for a in cfg.arms if a.name == arm.init_from), seed)) \
         if arm.init_from else None
     if arm.kind == "sft":
-        from thinktok.sft import SFTConfig, run_sft
+        from thinktok.sft import run_sft
+        from thinktok.sft_config import SFTConfig
 
         over = [*cfg.sft_overrides, *arm.overrides, *([f"model.name={init}"] if init else []),
                 f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
