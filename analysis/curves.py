@@ -1,7 +1,8 @@
-"""A study's learning curves: every arm's held-out accuracy (and its shuffled-thoughts control) and, for RL
-arms, its training reward against examples seen (one example: one rollout, or one supervised example),
-mean and spread over seeds. Read from the runs' own logs: `evals.jsonl` (RL's evals; SFT's with
-train.eval_every) and `metrics.jsonl` (RL's steps), each line carrying `examples_seen`."""
+"""A study's learning curves: every arm's held-out accuracy (and its shuffled-thoughts control; on the text
+task, which has no accuracy, its reverse KL to the teacher) and, for RL arms, its training reward against
+examples seen (one example: one rollout, or one supervised example), mean and spread over seeds. Read from
+the runs' own logs: `evals.jsonl` (RL's evals; SFT's with train.eval_every) and `metrics.jsonl` (RL's
+steps), each line carrying `examples_seen`."""
 
 from __future__ import annotations
 
@@ -39,15 +40,22 @@ def rolling(points: list[tuple[float, float]], window: int) -> list[tuple[float,
     return [(points[i + window - 1][0], float(m)) for i, m in enumerate(mean)]
 
 
-def learning_curves(study: Path, arms: list[str], seeds: list[int], out: Path) -> Path | None:
-    """The figure (accuracy, and reward where any arm has one), or None when no arm logged an eval."""
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, mean, std over seeds
+
+
+def curves(study: Path, arms: list[str], seeds: list[int]) -> tuple[str, dict, dict, dict]:
+    """The measure (accuracy; reverse_kl where no run logged an accuracy: the text task) and, per arm that
+    every seed logged: its held-out curve, its shuffled-thoughts control's (accuracy only), its rolling
+    training reward, each a Curve."""
+    logged = {arm: [read_lines(study / arm / f"seed{s}" / "evals.jsonl") for s in seeds] for arm in arms}
+    text = not any("accuracy" in e for runs in logged.values() for run in runs for e in run)
+    measure = "reverse_kl" if text else "accuracy"
     acc, shuffled, reward = {}, {}, {}
     for arm in arms:
-        evals = [read_lines(study / arm / f"seed{s}" / "evals.jsonl") for s in seeds]
-        evals = [[e for e in run if "examples_seen" in e and "accuracy" in e] for run in evals]
+        evals = [[e for e in run if "examples_seen" in e and measure in e] for run in logged[arm]]
         if all(evals):
-            acc[arm] = over_seeds([[(e["examples_seen"], e["accuracy"]) for e in run] for run in evals])
-            if all("controls" in e for run in evals for e in run):
+            acc[arm] = over_seeds([[(e["examples_seen"], e[measure]) for e in run] for run in evals])
+            if not text and all("controls" in e for run in evals for e in run):
                 control = [[(e["examples_seen"], e["controls"]["shuffled_thoughts"]["accuracy"]) for e in run]
                            for run in evals]
                 shuffled[arm] = over_seeds(control)
@@ -56,19 +64,32 @@ def learning_curves(study: Path, arms: list[str], seeds: list[int], out: Path) -
                  for run in steps]
         if all(steps):
             reward[arm] = over_seeds([rolling(run, REWARD_WINDOW) for run in steps])
+    return measure, acc, shuffled, reward
+
+
+def learning_curves(study: Path, arms: list[str], seeds: list[int], out: Path) -> Path | None:
+    """The figure (the held-out measure, and reward where any arm has one), or None when no arm logged an
+    eval."""
+    measure, acc, shuffled, reward = curves(study, arms, seeds)
     if not acc:
         return None
+    text = measure == "reverse_kl"
     fig = Figure(figsize=(11 if reward else 7, 4.5))
     axes = fig.subplots(1, 2 if reward else 1, squeeze=False)[0]
     colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+    scale = 1 if text else 100
     for arm, (x, m, s) in acc.items():
-        axes[0].plot(x, 100 * m, "o-", ms=3, color=colors[arm], label=arm)
-        axes[0].fill_between(x, 100 * (m - s), 100 * (m + s), color=colors[arm], alpha=0.2)
+        axes[0].plot(x, scale * m, "o-", ms=3, color=colors[arm], label=arm)
+        axes[0].fill_between(x, scale * (m - s), scale * (m + s), color=colors[arm], alpha=0.2)
     for arm, (x, m, _) in shuffled.items():
-        axes[0].plot(x, 100 * m, "--", color=colors[arm], lw=1)
-    axes[0].set(xlabel="examples seen (rollouts, or supervised examples)",
-                ylabel="validation accuracy (%), mean ± std over seeds",
-                title="accuracy (solid) and its shuffled-thoughts control (dashed)")
+        axes[0].plot(x, scale * m, "--", color=colors[arm], lw=1)
+    if text:
+        axes[0].set(xlabel="rollouts seen", ylabel="validation reverse KL to the teacher (nats/token)",
+                    title="reverse KL(student || teacher), mean ± std over seeds")
+    else:
+        axes[0].set(xlabel="examples seen (rollouts, or supervised examples)",
+                    ylabel="validation accuracy (%), mean ± std over seeds",
+                    title="accuracy (solid) and its shuffled-thoughts control (dashed)")
     axes[0].legend(fontsize=7)
     if reward:
         for arm, (x, m, s) in reward.items():

@@ -73,9 +73,9 @@ def evaluate_policy(policy, mode, task, split: str = "test", batch_size: int = 6
 
 
 def evaluate_text(policy, mode, task, split: str, teacher: str | None, limit: int | None = None,
-                  batch_size: int = 64, max_new_tokens: int = 32) -> dict:
+                  batch_size: int = 64, max_new_tokens: int = 32, seed: int = 0) -> dict:
     """The text task's measures (analysis/text_eval.py) on the split's first `limit` rows, against the
-    `teacher` checkpoint, and their wall time."""
+    `teacher` checkpoint, and their wall time. seed: the sampled continuations' (the reverse KL's sample)."""
     if teacher is None:
         raise UserError("the text task is measured against a frozen teacher (reverse KL, surprisal): "
                         "pass --teacher CHECKPOINT")
@@ -85,19 +85,20 @@ def evaluate_text(policy, mode, task, split: str, teacher: str | None, limit: in
     start = time.perf_counter()
     with torch.no_grad():
         result = text_measures(policy, mode, task, rows, Teacher.load(teacher, policy.model.device),
-                               batch_size, max_new_tokens)
+                               batch_size, max_new_tokens, seed)
     return {**result, "wall_s": time.perf_counter() - start}
 
 
 def evaluate(path: str, task_name: str | None, split: str = "test", max_new_tokens: int = 32,
              batch_size: int = 64, device: str = "cpu", limit: int | None = None,
              task_cfg: TaskConfig | None = None, save: bool = True, policy=None,
-             content: ContentConfig | None = None, teacher: str | None = None) -> dict:
+             content: ContentConfig | None = None, teacher: str | None = None, seed: int = 0) -> dict:
     """task_cfg: evaluate on exactly this task (compare puts every run on the same one); else the run's own
     task, or a default-configured `task_name`. save: write eval_<task>_<split>.json beside the run.
     policy: the checkpoint's policy when the caller has loaded it already. content: run the content measures
     (not for parallel-thought checkpoints). teacher: the frozen teacher checkpoint the text task's measures
-    (analysis/text_eval.py) score against; the text task has no accuracy and needs it."""
+    (analysis/text_eval.py) score against; the text task has no accuracy and needs it. seed: the text task's
+    sampled continuations (another seed: another measurement of the same policy's reverse KL)."""
     ckpt = find_checkpoint(path)
     own_task, fmt, thought = load_run_info(ckpt)
     if task_cfg is None:
@@ -119,7 +120,7 @@ def evaluate(path: str, task_name: str | None, split: str = "test", max_new_toke
                                                    load_task(task_cfg), split, batch_size, limit))
     elif task_cfg.name == "text":
         result.update(evaluate_text(policy, mode.to(device), load_task(task_cfg), split, teacher, limit,
-                                    batch_size, max_new_tokens))
+                                    batch_size, max_new_tokens, seed))
     else:
         with torch.no_grad():
             result.update(evaluate_policy(policy, mode, load_task(task_cfg), split, batch_size, limit,

@@ -136,3 +136,20 @@ def test_learning_curves_average_seeds_where_every_seed_reached(tmp_path):
                                                  for s in range(3)))
     assert learning_curves(tmp_path, ["arm", "absent"], [0, 1], tmp_path / "c.png").exists()
     assert learning_curves(tmp_path, ["absent"], [0, 1], tmp_path / "d.png") is None
+
+
+def test_text_learning_curves_plot_reverse_kl(tmp_path):
+    """The text task logs no accuracy: its curve is the reverse KL, the value each seed logged."""
+    from thinktok.analysis.curves import curves, learning_curves
+
+    for seed in (0, 1):
+        run = tmp_path / "none" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "evals.jsonl").write_text("".join(json.dumps({"step": s, "examples_seen": 64 * s,
+                                                             "reverse_kl": 0.5 - 0.1 * s - 0.2 * seed}) + "\n"
+                                                 for s in range(3)))
+    measure, held_out, shuffled, _ = curves(tmp_path, ["none"], [0, 1])
+    x, mean, std = held_out["none"]
+    assert measure == "reverse_kl" and shuffled == {} and x.tolist() == [0, 64, 128]
+    assert mean.tolist() == pytest.approx([0.4, 0.3, 0.2]) and std.tolist() == pytest.approx([0.1] * 3)
+    assert learning_curves(tmp_path, ["none"], [0, 1], tmp_path / "kl.png").stat().st_size > 0

@@ -106,6 +106,9 @@ def add_eval(sub) -> None:
     p.add_argument("--teacher", default=None,
                    help="text task: the frozen teacher checkpoint its measures score against (default: the "
                         "run's own teacher, from its config.yaml)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="text task: the seed of the sampled continuations the reverse KL is estimated on "
+                        "(another seed: another measurement of the same policy, for its noise)")
 
 
 def add_compare(sub) -> None:
@@ -250,7 +253,7 @@ def run_eval(a) -> None:
 
         teacher = (yaml.safe_load(own.read_text()) or {}).get("teacher")
     print(json.dumps(evaluate(a.path, a.task, a.split, a.max_new_tokens, a.batch_size, device(a), a.limit,
-                              content=content, teacher=teacher)))
+                              content=content, teacher=teacher, seed=a.seed)))
 
 
 def run_compare(a) -> None:
