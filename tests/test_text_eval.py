@@ -212,7 +212,8 @@ def test_thinktok_eval_on_a_text_checkpoint(tmp_path, capsys):
     assert out["placement"]["num_tokens"] == 4 * 6  # 24-word continuations, cut at 6 tokens
     # --seed: another sample of continuations, another estimate of the same policy's reverse KL; the forced
     # true text's NLL does not depend on it
-    assert main(["eval", ckpt, "--limit", "4", "--max-new-tokens", "6", "--teacher", ckpt, "--seed", "1"]) == 0
+    again = ["eval", ckpt, "--limit", "4", "--max-new-tokens", "6", "--teacher", ckpt, "--seed", "1"]
+    assert main(again) == 0
     other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert other["reverse_kl"] != out["reverse_kl"] and other["nll"] == out["nll"]
     with pytest.raises(UserError, match="--teacher"):
