@@ -81,3 +81,24 @@ def test_policy_overrides_of_a_config_with_policy_sft(tmp_path, monkeypatch):
     cfg = load_config(TrainConfig, configs / "quickstart.yaml", over)
     assert sft.ensure_checkpoint(cfg.policy, cfg.policy_sft, "policy") == cfg.policy
     assert trained == [Path("runs/sft_quickstart_curriculum")]
+
+
+def test_a_study_refuses_an_arms_bad_override_before_anything_runs(tmp_path):
+    """An arm's override is checked when the study is loaded, named with the arm, whatever the arm's kind:
+    an unknown key, a wrong type and an invalid combination (parallel rollouts under PPO)."""
+    from thinktok.errors import UserError
+    from thinktok.study_config import StudyConfig
+
+    text_kl = Path(__file__).parents[1] / "configs" / "text_kl.yaml"
+    bad = {"train": f"{{name: b, kind: train, config: {text_kl}, overrides: [OVER]}}",
+           "eval": "{name: b, kind: eval, init_from: a, overrides: [OVER]}"}
+    cases = [("train", "rl.lrr=1e-4", "rl.lrr"), ("train", "rl.max_steps=many", "rl.max_steps"),
+             ("train", "rl.algo=ppo, rollout=parallel", "not ppo"), ("eval", "num_thinkin=4", "num_thinkin")]
+    for kind, override, named in cases:
+        path = tmp_path / "study.yaml"
+        path.write_text(f"arms:\n  - {{name: a, kind: train, config: {text_kl}}}\n"
+                        f"  - {bad[kind].replace('OVER', override)}\n")
+        with pytest.raises(UserError, match=f"arm b: .*{named}"):
+            load_config(StudyConfig, path)
+    path.write_text(f"arms:\n  - {{name: a, kind: train, config: {text_kl}, overrides: [rl.lr=1e-4]}}\n")
+    assert load_config(StudyConfig, path).arms[0].overrides == ["rl.lr=1e-4"]

@@ -98,9 +98,10 @@ def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, local
 
 
 def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_path, local_ray):
-    """`broken` raises (its config does not exist): failed at once, its traceback in its error.log. `killed`
+    """`broken` raises (its start checkpoint does not exist): failed at once, its traceback in its error.log.
+    `killed`
     is SIGKILLed with no attempt left: failed, the cause named. `fine` finishes; the report lists both."""
-    arms = [ArmConfig(name="broken", config=str(tmp_path / "missing.yaml")),
+    arms = [ArmConfig(name="broken", config=SFT, overrides=[f"model.name={tmp_path / 'missing'}"]),
             ArmConfig(name="killed", config=SFT), ArmConfig(name="fine", config=SFT)]
     cfg = study(tmp_path, arms, seeds=(0,), max_attempts=1, parallel_arms=3)
     thread = in_background(cfg, report=True)
@@ -109,15 +110,15 @@ def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_p
     assert not thread.is_alive()
     failed = json.loads((tmp_path / "study.json").read_text())["failed"]
     assert set(failed) == {"broken seed 0", "killed seed 0"}
-    assert failed["broken seed 0"].startswith("FileNotFoundError: ")
+    assert failed["broken seed 0"].startswith("PolicyLoadError: ")
     assert failed["killed seed 0"].startswith("worker died on attempt 1 of 1")
     log = (tmp_path / "study.log").read_text()
     assert f"broken seed 0: failed  {failed['broken seed 0']}" in log
     assert f"killed seed 0: failed  {failed['killed seed 0']}" in log and "retrying" not in log
     trace = (tmp_path / "broken" / "seed0" / "error.log").read_text()
-    assert ", in run_arm\n" in trace and "FileNotFoundError" in trace and "missing.yaml" in trace
+    assert ", in run_arm\n" in trace and "PolicyLoadError" in trace and str(tmp_path / "missing") in trace
     report = (tmp_path / "report.md").read_text()
-    assert "## Failed" in report and "- broken seed 0: FileNotFoundError" in report
+    assert "## Failed" in report and "- broken seed 0: PolicyLoadError" in report
     assert (tmp_path / "fine" / "seed0" / "result.json").exists() and "| fine | sft |" in report
 
 
@@ -185,6 +186,8 @@ def test_bad_study_configs_are_refused(tmp_path):
         study(tmp_path, [ArmConfig(name="a", kind="sft")]).validate()
     with pytest.raises(ValueError, match="teacher_sft needs teacher"):
         study(tmp_path, [ArmConfig(name="a", config=SFT)], teacher_sft=SFT).validate()
+    with pytest.raises(ValueError, match="arm a: .*missing.yaml"):  # before any arm runs, not when it does
+        study(tmp_path, [ArmConfig(name="a", config=str(tmp_path / "missing.yaml"))]).validate()
 
 
 def test_an_arm_whose_node_dies_reruns_elsewhere(tmp_path, fresh_ray):

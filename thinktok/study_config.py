@@ -72,12 +72,35 @@ class StudyConfig:
                 raise UserError(f"comparison {pair} must name two arms of this study")
         order(self.arms)  # refuses cycles
         self.content.validate()
+        for a in self.arms:  # an arm's bad override ends the study now, not hours in when the arm starts
+            check_arm(self, a)
         if self.teacher_sft and not self.teacher:
             raise UserError("teacher_sft needs teacher: the checkpoint path it writes")
 
     @property
     def dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name}")
+
+
+def check_arm(cfg: StudyConfig, arm: ArmConfig) -> None:
+    """Loads the arm's config with the overrides run_arm gives it (its own checkpoint paths aside: they are
+    written by the arms it starts from), so that an unknown key or an invalid combination is refused with the
+    arm's name before anything runs."""
+    from thinktok.config import load_config
+    from thinktok.models.thought_config import ThoughtConfig
+    from thinktok.rl.config import TrainConfig
+    from thinktok.sft_config import SFTConfig
+
+    teacher = [f"teacher={cfg.teacher}", "teacher_sft=null"] if cfg.teacher else []
+    cls, path, over = {
+        "sft": (SFTConfig, arm.config, [*cfg.sft_overrides, *arm.overrides]),
+        "train": (TrainConfig, arm.config, [*cfg.train_overrides, *teacher, *arm.overrides]),
+        "eval": (ThoughtConfig, None, list(arm.overrides)),
+    }[arm.kind]
+    try:
+        load_config(cls, path, over)
+    except (UserError, OSError) as e:  # ConfigError is a UserError
+        raise UserError(f"arm {arm.name}: {e}") from None
 
 
 def order(arms: list[ArmConfig]) -> list[ArmConfig]:
