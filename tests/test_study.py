@@ -99,8 +99,8 @@ def test_a_killed_arm_is_retried_at_once_and_nothing_else_reruns(tmp_path, local
 
 def test_failed_arms_are_recorded_with_their_cause_while_the_others_finish(tmp_path, local_ray):
     """`broken` raises (its start checkpoint does not exist): failed at once, its traceback in its error.log.
-    `killed`
-    is SIGKILLed with no attempt left: failed, the cause named. `fine` finishes; the report lists both."""
+    `killed` is SIGKILLed with no attempt left: failed, the cause named. `fine` finishes; the report lists
+    both."""
     arms = [ArmConfig(name="broken", config=SFT, overrides=[f"model.name={tmp_path / 'missing'}"]),
             ArmConfig(name="killed", config=SFT), ArmConfig(name="fine", config=SFT)]
     cfg = study(tmp_path, arms, seeds=(0,), max_attempts=1, parallel_arms=3)

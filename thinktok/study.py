@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from thinktok.config import load_config, save_config
+from thinktok.config import save_config
 
-from .study_config import ArmConfig, StudyConfig, order
+from .study_config import ArmConfig, StudyConfig, load_arm, order
 
 WORKER = "worker.json"  # in each (arm, seed)'s directory: the node, pid and attempt of its latest task
 ERROR_LOG = "error.log"  # in each (arm, seed)'s directory: every failed attempt's full text
@@ -64,22 +64,16 @@ def run_arm(cfg: StudyConfig, arm: ArmConfig, seed: int, attempt: int = 1) -> di
         if arm.init_from else None
     if arm.kind == "sft":
         from thinktok.sft import run_sft
-        from thinktok.sft_config import SFTConfig
 
-        over = [*cfg.sft_overrides, *arm.overrides, *([f"model.name={init}"] if init else []),
-                f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
-        sft = load_config(SFTConfig, arm.config, over)
+        sft = load_arm(cfg, arm, [*([f"model.name={init}"] if init else []), f"seed={seed}", f"run_dir={out}",
+                                  f"name={arm.name}"])
         save_config(sft, out / "config.yaml")
         run_sft(sft)
     elif arm.kind == "train":
-        from thinktok.rl.config import TrainConfig
         from thinktok.rl.train import run_train
 
-        own_teacher = [f"teacher={cfg.teacher}", "teacher_sft=null"] if cfg.teacher else []
-        over = [*cfg.train_overrides, *own_teacher, *arm.overrides,
-                *([f"policy={init}", "policy_sft=null"] if init else []),
-                f"seed={seed}", f"run_dir={out}", f"name={arm.name}"]
-        train = load_config(TrainConfig, arm.config, over)
+        train = load_arm(cfg, arm, [*([f"policy={init}", "policy_sft=null"] if init else []), f"seed={seed}",
+                                    f"run_dir={out}", f"name={arm.name}"])
         resume = (out / "metrics.jsonl").exists() and any((out / "trainer").glob("checkpoint-*"))
         if (out / "metrics.jsonl").exists() and not resume:  # died before its first checkpoint: start over
             shutil.rmtree(out / "trainer", ignore_errors=True)
@@ -108,12 +102,12 @@ def measure(cfg: StudyConfig, arm: ArmConfig, seed: int, init: str | None) -> di
     from thinktok.envs import load_task
     from thinktok.models.head import head_columns
     from thinktok.models.policy import load_policy
-    from thinktok.models.thought_config import SamplingConfig, ThoughtConfig
+    from thinktok.models.thought_config import SamplingConfig
     from thinktok.models.thought_modes import make_mode
 
     if arm.kind == "eval":  # training-free: the checkpoint decoded under other thought settings
         task_cfg = load_run_info(init)[0]
-        thought = load_config(ThoughtConfig, None, list(arm.overrides))
+        thought = load_arm(cfg, arm)
         policy = load_policy(init, thought.vocab_tokens, thought.markers, init=thought.init, seed=seed)
         mode = make_mode(thought, policy.vocab, SamplingConfig(greedy=True), head_columns(policy.model))
         if task_cfg.name == "text":  # e.g. fresh thinking rows on a text checkpoint: the before-RL baseline

@@ -73,7 +73,7 @@ class StudyConfig:
         order(self.arms)  # refuses cycles
         self.content.validate()
         for a in self.arms:  # an arm's bad override ends the study now, not hours in when the arm starts
-            check_arm(self, a)
+            load_arm(self, a)  # (without its start checkpoint: the arm it starts from writes that)
         if self.teacher_sft and not self.teacher:
             raise UserError("teacher_sft needs teacher: the checkpoint path it writes")
 
@@ -82,10 +82,10 @@ class StudyConfig:
         return Path(self.out_dir or f"runs/{self.name}")
 
 
-def check_arm(cfg: StudyConfig, arm: ArmConfig) -> None:
-    """Loads the arm's config with the overrides run_arm gives it (its own checkpoint paths aside: they are
-    written by the arms it starts from), so that an unknown key or an invalid combination is refused with the
-    arm's name before anything runs."""
+def load_arm(cfg: StudyConfig, arm: ArmConfig, extra: list[str] = ()):
+    """The arm's config (SFTConfig, TrainConfig, or an eval arm's ThoughtConfig) with the study's overrides,
+    the study's teacher and the arm's own, then `extra` (run_arm's start checkpoint, seed and run directory),
+    loaded and checked; a failure names the arm."""
     from thinktok.config import load_config
     from thinktok.models.thought_config import ThoughtConfig
     from thinktok.rl.config import TrainConfig
@@ -98,7 +98,7 @@ def check_arm(cfg: StudyConfig, arm: ArmConfig) -> None:
         "eval": (ThoughtConfig, None, list(arm.overrides)),
     }[arm.kind]
     try:
-        load_config(cls, path, over)
+        return load_config(cls, path, [*over, *extra])
     except (UserError, OSError) as e:  # ConfigError is a UserError
         raise UserError(f"arm {arm.name}: {e}") from None
 
